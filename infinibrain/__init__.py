@@ -1,0 +1,38 @@
+"""infinibrain: a ZeroMQ distributed inference cluster runtime (Infini-Brain SDK API).
+
+The host API is ``infinibrain.inference.AICluster`` with ``CoprocessorHandler``
+(``infinibrain.coprocessor``) and ``ContainerHandler`` (``infinibrain.container``); inside
+containers, ``infinibrain.containers`` gives ``Connector`` and the log functions. Every
+data class and exception is importable from here too.
+"""
+__version__ = "0.1.0"
+
+from .errors import *  # noqa: F401,F403 - the exception classes are part of the public API
+from .errors import __all__ as _error_names
+from .types import (
+    ContainerConfig,
+    ContainerDistributionStatus,
+    ContainerStatus,
+    CoprocessorImages,
+    InferenceModulesConfig,
+    InferenceResponse,
+    QueueInfo,
+)
+from .container import ContainerHandler  # noqa: E402
+from .coprocessor import CoprocessorHandler  # noqa: E402
+from .inference import AICluster  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AICluster",
+    "CoprocessorHandler",
+    "ContainerHandler",
+    "ContainerConfig",
+    "ContainerDistributionStatus",
+    "ContainerStatus",
+    "CoprocessorImages",
+    "InferenceModulesConfig",
+    "InferenceResponse",
+    "QueueInfo",
+    *[n for n in _error_names if n.endswith("Exception")],
+]

@@ -1,0 +1,395 @@
+"""The client core behind AICluster: sockets, one I/O thread, one callback thread.
+
+Every call, sync or ``_async``, becomes a ``Pending`` (a request number and a
+``concurrent.futures.Future``). The sync facade waits on the future; the ``_async`` facade
+returns the request number at once and its callback runs on the callback thread when the
+future completes. Nothing here knows which API is being served.
+
+Guarantees:
+- every pending call ends: with its answer, or a numbered error when the manager does not
+  acknowledge it (402/111), does not answer in the time it announced (401), or is lost
+  (heartbeat silence or a manager restart: 402 for inference, 111 for management);
+- keepalive: loss and recovery of the manager reach the manage callback as 112 and 113,
+  and the client reconnects by itself;
+- a user callback that raises is logged; the threads go on.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol as P
+from .errors import InfinibrainException, error_from_code, format_message, make_error
+from .types import InferenceResponse
+
+log = logging.getLogger("infinibrain.client")
+
+ACK_TIMEOUT = 5.0  # a manager that is alive acknowledges within milliseconds
+ANSWER_GRACE = 2.0  # beyond the deadline the manager announced, before we give up ourselves
+COMMAND_TIMEOUT = 3600.0  # bound on a management command once acknowledged
+LIVENESS = 4  # heartbeats missed before the manager counts as lost
+
+_request_numbers = itertools.count(1)
+
+
+def next_request_no() -> str:
+    """Request acceptance numbers: unique within this process (together with the pid, cluster-wide)."""
+    return str(next(_request_numbers))
+
+
+Callback = Callable[[int, str, Any, Any], None]
+
+
+@dataclass
+class Pending:
+    rid: str
+    kind: str  # "infer" or "cmd"
+    deadline: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    on_done: Callable[[int, str, Any, Any], None] | None = None  # (code, message, result, response)
+    acked: bool = False
+    inference: str = ""
+    tid: int = 0
+    sent: float = 0.0
+
+    def wait(self) -> Any:
+        """The answer, or its numbered exception (bounded even if the I/O thread died)."""
+        try:
+            return self.future.result(timeout=max(self.deadline - time.monotonic(), 0) + COMMAND_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise make_error(401, detail=f"no answer to request {self.rid}") from None
+
+
+class ClusterClient:
+    def __init__(self, host: str, port: int, connect_timeout: float, logger: logging.Logger | None = None) -> None:
+        self.host, self.port = host, port
+        self.logger = logger or log
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        self.pid = os.getpid()
+        self.connect_timeout = connect_timeout
+        self.manage_callback: Callable | None = None  # (code, message, cmd, result)
+        self.infer_callback: Callable | None = None  # (code, message, result, response)
+        self.connected = False
+        self.manager_id: str | None = None
+        self.hb_interval = 0.5
+        self._acked_paths: set[str] = set()
+        self._last_heard = 0.0
+        self._next_beat = 0.0
+        self._next_hello = 0.0
+        self._closed = False
+        self._pending: dict[str, Pending] = {}
+        self._send_lock = threading.Lock()
+        self._link = threading.Condition()
+        self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
+        self._open_sockets()
+        self._io = threading.Thread(target=self._io_loop, name=f"infinibrain-io-{self.id}", daemon=True)
+        self._cb = threading.Thread(target=self._callback_loop, name=f"infinibrain-cb-{self.id}", daemon=True)
+        self._io.start()
+        self._cb.start()
+
+    # ---- sockets -------------------------------------------------------------------
+
+    def _open_sockets(self) -> None:
+        self._ctx = zmq.Context()
+        base = f"tcp://{self.host}:"
+
+        def pub(offset: int) -> zmq.Socket:
+            s = self._ctx.socket(zmq.PUB)
+            s.linger = 0
+            s.sndhwm = 0  # never drop silently; the manager's queue bound answers with 305
+            s.connect(base + str(self.port + offset))
+            return s
+
+        self._paths = {"infer": pub(P.INFER_IN), "mgmt": pub(P.MGMT_IN)}
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.rcvhwm = 0
+        for topic in (P.client_topic(self.id), P.TOPIC_HEARTBEAT, P.TOPIC_EVENT):
+            self._sub.subscribe(topic)
+        self._sub.connect(base + str(self.port + P.CLIENT_OUT))
+        self._wake_r, self._wake_w = os.pipe()
+
+    def _send(self, path: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
+        header.setdefault("cid", self.id)
+        header.setdefault("pid", self.pid)
+        frames = P.encode(P.TOPIC_MANAGER, kind, header, payload)
+        with self._send_lock:
+            if self._closed:
+                raise make_error(111, detail="this AICluster was released")
+            self._paths[path].send_multipart(frames, copy=False)
+
+    # ---- connection ------------------------------------------------------------------
+
+    def handshake(self, timeout: float | None = None) -> None:
+        """Prove both paths to the manager work (110 if neither does, 111 if one fails)."""
+        timeout = self.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._link:
+            self._acked_paths.clear()
+        while time.monotonic() < deadline:
+            for path in ("infer", "mgmt"):
+                if path not in self._acked_paths:
+                    self._send(path, P.HELLO, {"path": path})
+            with self._link:
+                self._link.wait_for(lambda: len(self._acked_paths) == 2, timeout=0.05)
+                if len(self._acked_paths) == 2:
+                    return
+        with self._link:
+            acked = set(self._acked_paths)
+        where = f"manager at {self.host}:{self.port}"
+        if not acked:
+            raise make_error(110, detail=f"no answer from the {where} within {timeout:g} s")
+        missing = ({"infer", "mgmt"} - acked).pop()
+        port = self.port + (P.INFER_IN if missing == "infer" else P.MGMT_IN)
+        raise make_error(111, detail=f"{'inference' if missing == 'infer' else 'management'} port {port} of the {where} did not answer")
+
+    def check_connected(self) -> None:
+        if self._closed:
+            raise make_error(111, detail="this AICluster was released")
+        if not self.connected:
+            raise make_error(111, detail=f"not connected to the manager at {self.host}:{self.port}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._send_lock:
+            self._closed = True
+        os.write(self._wake_w, b"x")
+        self._io.join(timeout=5)
+        self._fail_all(111, "this AICluster was released")
+        self._callbacks.put(None)
+        if threading.current_thread() is not self._cb:
+            self._cb.join(timeout=5)
+        for s in (*self._paths.values(), self._sub):
+            s.close(linger=0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- calls ------------------------------------------------------------------------
+
+    def command(self, cmd: str, args: dict, on_done: Callable | None = None) -> Pending:
+        self.check_connected()
+        p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done)
+        self._pending[p.rid] = p
+        try:
+            self._send("mgmt", P.COMMAND, {"rid": p.rid, "cmd": cmd, "args": args})
+        except BaseException:
+            self._pending.pop(p.rid, None)
+            raise
+        return p
+
+    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None) -> Pending:
+        self.check_connected()
+        tid = threading.get_native_id()
+        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid)
+        sent = P.now()
+        p.sent = sent
+        header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", sent]]}
+        self._pending[p.rid] = p
+        try:
+            self._send("infer", P.REQUEST, header, [payload])
+        except BaseException:
+            self._pending.pop(p.rid, None)
+            raise
+        return p
+
+    def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None) -> None:
+        if code == 0:
+            p.future.set_result((result, response) if p.kind == "infer" else result)
+        else:
+            exc = error_from_code(code, message)
+            exc.response = response  # type: ignore[attr-defined]
+            p.future.set_exception(exc)
+        if p.on_done is not None:
+            self._callbacks.put((p.on_done, (code, message, result if code == 0 else None, response)))
+
+    def _fail_all(self, infer_code: int, why: str) -> None:
+        for rid in list(self._pending):
+            p = self._pending.pop(rid, None)
+            if p is not None:
+                code = infer_code if p.kind == "infer" else 111
+                self._finish(p, code, format_message(code, detail=why), response=self._bare_response(p))
+
+    def _bare_response(self, p: Pending) -> InferenceResponse | None:
+        if p.kind != "infer":
+            return None
+        return InferenceResponse(pid=self.pid, tid=p.tid, request_no=p.rid, inference_name=p.inference)
+
+    # ---- the I/O thread -------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._closed:
+            try:
+                ready = dict(poller.poll(50))
+                if self._sub in ready:
+                    self._drain()
+                self._timers()
+            except Exception as exc:  # the I/O thread must outlive any single bad message
+                if self._closed:
+                    return
+                self.logger.exception("client I/O loop error: %s", exc)
+
+    def _drain(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as exc:
+                self.logger.warning("dropped malformed message from the manager: %s", exc)
+                continue
+            self._last_heard = time.monotonic()
+            handler = self._handlers.get(msg.kind)
+            if handler is not None:
+                handler(self, msg)
+
+    def _on_hello_ack(self, msg: P.Message) -> None:
+        h = msg.header
+        self.hb_interval = float(h.get("hb") or 0.5)
+        with self._link:
+            self._acked_paths.add(h.get("path"))
+            if len(self._acked_paths) == 2 and not self.connected:
+                recovered = self.manager_id is not None
+                self.manager_id = h.get("mid")
+                self.connected = True
+                self._link.notify_all()
+                if recovered:
+                    self.logger.info("connection to the manager restored")
+                    self._event(113, format_message(113), "keepalive", None)
+            self._link.notify_all()
+
+    def _on_heartbeat(self, msg: P.Message) -> None:
+        mid = msg.header.get("mid")
+        if self.connected and self.manager_id is not None and mid != self.manager_id:
+            self._lost("the manager restarted")
+
+    def _on_ack(self, msg: P.Message) -> None:
+        p = self._pending.get(str(msg.header.get("rid")))
+        if p is not None and not p.acked:
+            p.acked = True
+            timeout = msg.header.get("timeout")
+            p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
+
+    def _on_result(self, msg: P.Message) -> None:
+        h = msg.header
+        p = self._pending.pop(str(h.get("rid")), None)
+        if p is None:
+            return
+        code = int(h.get("code") or 0)
+        response = self._response(p, h.get("resp"))
+        result = None
+        if code == 0:
+            try:
+                result = P.unpack_value(msg.payload[0]) if msg.payload else None
+            except P.ProtocolError as exc:
+                code, h["msg"] = 999, format_message(999, detail=f"result could not be decoded: {exc}")
+        self._finish(p, code, h.get("msg") or "", result, response)
+
+    def _on_reply(self, msg: P.Message) -> None:
+        h = msg.header
+        p = self._pending.pop(str(h.get("rid")), None)
+        if p is None:
+            return
+        code = int(h.get("code") or 0)
+        result = P.unpack_value(msg.payload[0]) if (code == 0 and msg.payload) else None
+        self._finish(p, code, h.get("msg") or "", result)
+
+    def _on_event(self, msg: P.Message) -> None:
+        h = msg.header
+        if h.get("what") == "result":
+            if self.infer_callback is not None:
+                result = P.unpack_value(msg.payload[0]) if msg.payload else None
+                response = InferenceResponse.from_dict(h.get("resp"))
+                self._callbacks.put((self.infer_callback, (0, "", result, response)))
+        else:
+            self._event(int(h.get("code") or 0), h.get("msg") or "", h.get("what") or "", h.get("info"))
+
+    _handlers: dict[str, Callable[["ClusterClient", P.Message], None]] = {
+        P.HELLO_ACK: _on_hello_ack,
+        P.HEARTBEAT: _on_heartbeat,
+        P.ACK: _on_ack,
+        P.RESULT: _on_result,
+        P.REPLY: _on_reply,
+        P.EVENT: _on_event,
+    }
+
+    def _response(self, p: Pending, data: Any) -> InferenceResponse:
+        resp = InferenceResponse.from_dict(data if isinstance(data, dict) else {})
+        resp.pid, resp.tid, resp.request_no = self.pid, p.tid, p.rid
+        resp.inference_name = resp.inference_name or p.inference
+        resp.time_stamp = [list(s) for s in resp.time_stamp] + [["client_receive", P.now()]]
+        stamps = resp.time_stamp
+        resp.elapsed_time = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
+        if stamps:
+            resp.elapsed_time.append(["total", stamps[-1][1] - stamps[0][1]])
+        return resp
+
+    def _event(self, code: int, message: str, cmd: str, result: Any) -> None:
+        if self.manage_callback is not None:
+            self._callbacks.put((self.manage_callback, (code, message, cmd, result)))
+
+    def _timers(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        for p in list(self._pending.values()):
+            if p.deadline <= now and self._pending.pop(p.rid, None) is not None:
+                if not p.acked:
+                    code = 402 if p.kind == "infer" else 111
+                    why = f"the manager did not acknowledge request {p.rid}"
+                else:
+                    code, why = (401, f"no answer to request {p.rid} in time") if p.kind == "infer" else (111, f"no reply to command {p.rid}")
+                self._finish(p, code, format_message(code, detail=why), response=self._bare_response(p))
+        if self.manager_id is None:
+            return  # still in the first handshake
+        if self.connected:
+            if now - self._last_heard > LIVENESS * self.hb_interval:
+                self._lost(f"no heartbeat for {now - self._last_heard:.1f} s")
+            elif now >= self._next_beat:
+                self._next_beat = now + self.hb_interval
+                self._send("mgmt", P.HEARTBEAT, {})
+        elif now >= self._next_hello:
+            self._next_hello = now + min(self.hb_interval, 0.5)
+            for path in ("infer", "mgmt"):
+                self._send(path, P.HELLO, {"path": path})
+
+    def _lost(self, why: str) -> None:
+        self.logger.warning("connection to the manager lost: %s", why)
+        with self._link:
+            self.connected = False
+            self._acked_paths.clear()
+        self._fail_all(402, f"connection to the manager lost ({why})")
+        self._event(112, format_message(112), "keepalive", None)
+        self._next_hello = 0.0
+
+    # ---- the callback thread -------------------------------------------------------------
+
+    def _callback_loop(self) -> None:
+        while True:
+            item = self._callbacks.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:  # an application's callback must not stop the SDK
+                self.logger.exception("callback %s raised", getattr(fn, "__name__", fn))
+
+
+__all__ = ["ClusterClient", "Pending", "InfinibrainException", "next_request_no"]

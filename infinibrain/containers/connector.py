@@ -1,0 +1,169 @@
+"""Connector: what an inference program inside a container uses (reference chapter 5).
+
+Inside a deployed container ``Connector()`` needs no arguments: the manager puts the
+connection details in the environment (``INFINIBRAIN_HOST``, ``INFINIBRAIN_PUB_PORT``,
+``INFINIBRAIN_SUB_PORT``, ``INFINIBRAIN_CONTAINER``, ``INFINIBRAIN_SUB_NAME``). Explicit
+arguments override them. ``sub_name`` selects the module of the container whose requests
+this Connector receives; several Connectors (one per module, each in its own thread) may
+share one container.
+
+An image arrives as a read-only numpy array over the received message (no copy); call
+``.copy()`` before changing it in place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .. import protocol as P
+from ..errors import RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, argument_error, format_message
+from ..types import InferenceResponse
+
+log = logging.getLogger("infinibrain.containers")
+
+
+class Connector:
+    """Receives inference requests for one module and sends its results back."""
+
+    def __init__(self, context: zmq.Context | None = None, sub_name: str | None = None, host_ip: str | None = None,
+                 pub_port: str | int | None = None, sub_port: str | int | None = None) -> None:
+        env = os.environ
+        if context is not None and not isinstance(context, zmq.Context):
+            raise argument_error("context", "must be a zmq.Context")
+        sub_name = sub_name if sub_name is not None else env.get("INFINIBRAIN_SUB_NAME")
+        host_ip = host_ip or env.get("INFINIBRAIN_HOST")
+        self.container_id = env.get("INFINIBRAIN_CONTAINER", "")
+        if not isinstance(sub_name, str) or not sub_name or "/" in sub_name:
+            raise argument_error("sub_name", "" if not sub_name else "must be a name without '/'")
+        if not isinstance(host_ip, str) or not host_ip:
+            raise argument_error("host_ip")
+        pub = _port(pub_port or env.get("INFINIBRAIN_PUB_PORT"), "pub_port")
+        sub = _port(sub_port or env.get("INFINIBRAIN_SUB_PORT"), "sub_port")
+        if not self.container_id or "/" in self.container_id:
+            raise argument_error("INFINIBRAIN_CONTAINER", "set it to the container's suffix_name (the manager does so in deployed containers)")
+        self.sub_name = sub_name
+        self._ctx = context or zmq.Context.instance()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.rcvhwm = 0
+        self._sub.subscribe(P.container_topic(self.container_id, sub_name))
+        self._sub.connect(f"tcp://{host_ip}:{sub}")
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.linger = 1000  # let a last result leave before the program exits
+        self._pub.sndhwm = 0
+        self._pub.connect(f"tcp://{host_ip}:{pub}")
+        self._hello()
+
+    def close(self) -> None:
+        """Close the sockets (the manager sees the container leave)."""
+        self._sub.close()
+        self._pub.close()
+
+    def _send(self, kind: str, header: dict, payload: list | tuple = ()) -> None:
+        header["cont"] = self.container_id
+        self._pub.send_multipart(P.encode(P.TOPIC_MANAGER, kind, header, payload), copy=False)
+
+    def _hello(self) -> None:
+        self._send(P.HELLO, {"sub": self.sub_name})
+
+    def _receive(self, timeout: float) -> tuple[P.Message, InferenceResponse]:
+        """The next request (answering the manager's pings meanwhile)."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise argument_error("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._sub.poll(wait):
+                raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401)
+            frames = self._sub.recv_multipart(copy=False)
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as exc:
+                log.warning("dropped malformed message: %s", exc)
+                continue
+            if msg.kind == P.PING:
+                self._hello()
+            elif msg.kind == P.REQUEST:
+                return msg, self._response(msg)
+
+    def _response(self, msg: P.Message) -> InferenceResponse:
+        h = msg.header
+        stamp = ["container_receive", P.now()]
+        noreply = bool(h.get("noreply"))
+        if noreply:  # output=None: the request is done once taken
+            self._send(P.TAKEN, {"mkey": h.get("mkey"), "ts": [stamp]})
+        return InferenceResponse(
+            pid=int(h.get("pid") or 0),
+            tid=int(h.get("tid") or 0),
+            request_no=str(h.get("rid") or ""),
+            inference_name=h.get("inf") or "",
+            metadata=h.get("param") or {},
+            metadata_sys={"mkey": h.get("mkey"), "container": self.container_id, "noreply": noreply, "arr": h.get("arr")},
+            sub_inference_name=h.get("sub") or self.sub_name,
+            time_stamp=[stamp],
+        )
+
+    def receive_request_image(self, timeout: int = 0) -> tuple[np.ndarray, dict, InferenceResponse]:
+        """Wait for an image request (``timeout`` seconds, 0 = no limit).
+
+        Returns (image, additional information, InferenceResponse); 401 on timeout.
+        """
+        msg, response = self._receive(timeout)
+        frame = msg.payload[0] if msg.payload else b""
+        meta = msg.header.get("arr")
+        try:
+            image = P.array_from(meta, frame) if meta else np.frombuffer(P.frame_buffer(frame), dtype=np.uint8)
+        except P.ProtocolError as exc:
+            log.warning("request %s carries a bad image: %s", response.request_no, exc)
+            image = np.frombuffer(P.frame_buffer(frame), dtype=np.uint8)
+        return image, response.metadata, response
+
+    def receive_request(self, timeout: int = 0) -> tuple[bytes, dict, InferenceResponse]:
+        """Wait for a request (``timeout`` seconds, 0 = no limit).
+
+        Returns (data bytes, additional information, InferenceResponse); 401 on timeout.
+        """
+        msg, response = self._receive(timeout)
+        data = msg.payload[0].bytes if msg.payload and hasattr(msg.payload[0], "bytes") else bytes(msg.payload[0] if msg.payload else b"")
+        return data, response.metadata, response
+
+    def send_response(self, result: Any, response: InferenceResponse) -> None:
+        """Send ``result`` (list, tuple, dict, str, int, float, bool; numpy values are made
+        plain) back for the request ``response`` came with.
+
+        A program whose inference has ``input=None`` and ``output='Main'`` produces results
+        on its own: it passes a new ``InferenceResponse()``, and the result goes to every
+        AICluster's infer callback.
+        """
+        meta = response.metadata_sys or {}
+        if meta.get("noreply"):
+            return
+        code, message = 0, ""
+        try:
+            packed = P.pack_value(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            code, message = 999, format_message(999, detail=f"the inference's result cannot be sent: {exc}")
+            packed = P.pack_value(None)
+        stamps = [list(s) for s in (response.time_stamp or [])] + [["container_send", P.now()]]
+        header = {"mkey": meta.get("mkey"), "code": code, "msg": message, "ts": stamps}
+        if meta.get("mkey") is None:
+            header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
+        self._send(P.RESULT, header, [packed])
+
+
+def _port(value: Any, name: str) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise argument_error(name, "" if value is None else f"must be a port number, got {value!r}") from None
+    if not 0 < port < 65536:
+        raise argument_error(name, f"must be a port number, got {value!r}")
+    return port
+
+
+__all__ = ["Connector"]

@@ -1,0 +1,210 @@
+"""The numbered errors of the reference, as one table used by the SDK and the manager.
+
+Class tree::
+
+    InfinibrainException                      (.code, .message)
+    ├── InvalidArgumentException              100 101 200 201 203 205 206 207 301 302
+    ├── SocketConnectionException             110
+    ├── ConnectionFailedException             111
+    ├── ClusterDisconnectedException          112  (keepalive, reaches manage_callback only)
+    ├── ClusterConnectedException             113  (keepalive, reaches manage_callback only)
+    ├── InferenceUnsubscribeException         114  (reaches manage_callback only)
+    ├── InferenceNameNotFoundException        300 400
+    ├── InvalidOperationException             303
+    ├── CoprocessorNotFoundException          304
+    ├── SendQueueFullException                305
+    ├── SendQueueTimeoutException             306
+    ├── ContainerNotFoundException            307
+    ├── PermissionException                   308
+    ├── APIConflictException                  309
+    ├── ContainerReceiveTimeoutException      401
+    ├── ContainerDisconnectException          402
+    ├── InvalidInferenceNameException         403
+    ├── SSHConnectionException                500
+    ├── NotImplementedException               900
+    └── UnknownException                      999  (no code in the reference; ours)
+
+A code travels on the wire as an int with a message; ``error_from_code`` turns it back
+into the right class on the other side, so a code raised and a code passed to a callback
+are always the same number.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class InfinibrainException(Exception):
+    """Base of every exception the SDK raises. ``code`` is the reference's number."""
+
+    code: int = 999
+
+    def __init__(self, message: str = "", code: int | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.message = message or MESSAGES.get(self.code, "")
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.code))
+
+
+class InvalidArgumentException(InfinibrainException):
+    code = 100
+
+
+class SocketConnectionException(InfinibrainException):
+    code = 110
+
+
+class ConnectionFailedException(InfinibrainException):
+    code = 111
+
+
+class ClusterDisconnectedException(InfinibrainException):
+    code = 112
+
+
+class ClusterConnectedException(InfinibrainException):
+    code = 113
+
+
+class InferenceUnsubscribeException(InfinibrainException):
+    code = 114
+
+
+class InferenceNameNotFoundException(InfinibrainException):
+    code = 300
+
+
+class InvalidOperationException(InfinibrainException):
+    code = 303
+
+
+class CoprocessorNotFoundException(InfinibrainException):
+    code = 304
+
+
+class SendQueueFullException(InfinibrainException):
+    code = 305
+
+
+class SendQueueTimeoutException(InfinibrainException):
+    code = 306
+
+
+class ContainerNotFoundException(InfinibrainException):
+    code = 307
+
+
+class PermissionException(InfinibrainException):
+    code = 308
+
+
+class APIConflictException(InfinibrainException):
+    code = 309
+
+
+class ContainerReceiveTimeoutException(InfinibrainException):
+    code = 401
+
+
+class ContainerDisconnectException(InfinibrainException):
+    code = 402
+
+
+class InvalidInferenceNameException(InfinibrainException):
+    code = 403
+
+
+class SSHConnectionException(InfinibrainException):
+    code = 500
+
+
+class NotImplementedException(InfinibrainException):
+    code = 900
+
+
+class UnknownException(InfinibrainException):
+    code = 999
+
+
+# code -> (class, message as printed in the reference, typos included)
+ERROR_TABLE: dict[int, tuple[type[InfinibrainException], str]] = {
+    100: (InvalidArgumentException, "argument {} is required"),
+    101: (InvalidArgumentException, "invalid key : {}"),
+    110: (SocketConnectionException, "socket connection establishment failed"),
+    111: (ConnectionFailedException, "socket connection disconnected"),
+    112: (ClusterDisconnectedException, "socket connection disconnected"),
+    113: (ClusterConnectedException, "socket connection connected"),
+    114: (InferenceUnsubscribeException, "Inference {} became unsubscribe state"),
+    200: (InvalidArgumentException, "Not conform to JSON Format"),
+    201: (InvalidArgumentException, "No Required Key"),
+    203: (InvalidArgumentException, "Tag version has changed from {} into {}"),
+    205: (InvalidArgumentException, "Inference config file not found"),
+    206: (InvalidArgumentException, "Inference config file JSON format error"),
+    207: (InvalidArgumentException, "Inference config file mismatch"),
+    300: (InferenceNameNotFoundException, "Specified InferenceName dose not exist"),
+    301: (InvalidArgumentException, "Can not open configure file"),
+    302: (InvalidArgumentException, "Specified Param Error"),
+    303: (InvalidOperationException, "There are still processes in use"),
+    304: (CoprocessorNotFoundException, "Specified CoprocessorName dose not exist"),
+    305: (SendQueueFullException, "Send Wait Queue Full"),
+    306: (SendQueueTimeoutException, "Send Wait Queue TimeOut"),
+    307: (ContainerNotFoundException, "Specified Container dose not exist"),
+    308: (PermissionException, "Can not delete queue (permission error)"),
+    309: (APIConflictException, "{} is used by other process. Please retry a little later."),
+    400: (InferenceNameNotFoundException, "Unregistered InferenceName"),
+    401: (ContainerReceiveTimeoutException, "Response TimeOut Error"),
+    402: (ContainerDisconnectException, "Response Disconnect Error"),
+    403: (InvalidInferenceNameException, "{} does not accept data."),
+    500: (SSHConnectionException, "SSH error"),
+    900: (NotImplementedException, "not support this command"),
+    999: (UnknownException, "unknown error"),
+}
+
+MESSAGES: dict[int, str] = {code: text for code, (_, text) in ERROR_TABLE.items()}
+
+# Message of the Connector's receive timeout, which shares 401 with the host side.
+RECEIVE_TIMEOUT_MESSAGE = "receive timeout"
+
+
+def format_message(code: int, *fields: Any, detail: str = "") -> str:
+    """The reference's message for ``code`` with its ``{}`` fields filled, plus a detail.
+
+    The detail names what is wrong (the argument, the key, the board) after the verbatim
+    text, so that the reference's wording stays searchable.
+    """
+    text = MESSAGES.get(code, MESSAGES[999])
+    if "{}" in text:
+        fields = fields or ("",) * text.count("{}")
+        text = text.format(*fields)
+    return f"{text}: {detail}" if detail else text
+
+
+def make_error(code: int, *fields: Any, detail: str = "") -> InfinibrainException:
+    """Build the exception for ``code`` with the reference's message."""
+    return error_from_code(code, format_message(code, *fields, detail=detail))
+
+
+def error_from_code(code: int, message: str) -> InfinibrainException:
+    """Turn a (code, message) pair received from the wire back into its exception."""
+    cls = ERROR_TABLE.get(code, (UnknownException, ""))[0]
+    return cls(message, code)
+
+
+def argument_error(name: str, why: str = "") -> InvalidArgumentException:
+    """100 naming the argument (and why it is refused)."""
+    return make_error(100, name, detail=why)  # type: ignore[return-value]
+
+
+__all__ = [name for name in dir() if name.endswith("Exception")] + [
+    "ERROR_TABLE",
+    "MESSAGES",
+    "argument_error",
+    "error_from_code",
+    "format_message",
+    "make_error",
+]

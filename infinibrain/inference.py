@@ -1,0 +1,379 @@
+"""AICluster: the host application's view of the cluster (reference chapter 2)."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _api
+from . import protocol as P
+from ._api import Call
+from ._client import ClusterClient, Pending
+from .container import ContainerHandler
+from .coprocessor import CoprocessorHandler
+from .errors import InfinibrainException, argument_error, make_error
+from .types import ContainerConfig, ContainerStatus, CoprocessorImages, InferenceResponse, QueueInfo, _plain
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5570
+FILE_INFO_KEYS = ("script", "model", "file", "To")
+
+
+class AICluster:
+    """Controls the whole cluster: registers inferences, runs them, inspects and manages.
+
+    ``AICluster()`` connects to a manager started with the embedded default on this host
+    (or to ``$INFINIBRAIN_MANAGER``, "host:port"); ``AICluster(host_ip, port)`` names
+    another. The constructor proves both the inference and the management path before it
+    returns: SocketConnectionException (110) when the manager cannot be reached within
+    ``timeout`` seconds, ConnectionFailedException (111) when only one path works.
+    """
+
+    def __init__(self, host_ip: str | None = None, port: int | None = None, timeout: float = 5.0,
+                 logger: logging.Logger | None = None) -> None:
+        env_host, env_port = _manager_from_env()
+        host = host_ip or env_host or DEFAULT_HOST
+        port = port if port is not None else (env_port or DEFAULT_PORT)
+        if not isinstance(port, int) or not 0 < port < 65536 - P.PORT_COUNT:
+            raise argument_error("port", f"must be a TCP port number, got {port!r}")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise argument_error("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        self._logger = logger or logging.getLogger("infinibrain.inference")
+        self._client = ClusterClient(host, port, float(timeout), self._logger)
+        try:
+            self._client.handshake()
+        except BaseException:
+            self._client.close()
+            raise
+
+    def __repr__(self) -> str:
+        state = "connected" if self._client.connected else "disconnected"
+        return f"AICluster({self._client.host}:{self._client.port}, {state})"
+
+    def _connected_client(self) -> ClusterClient:
+        self._client.check_connected()
+        return self._client
+
+    def _run(self, call: Call) -> Any:
+        return _api.run(self._connected_client(), call)
+
+    def _run_async(self, call: Call, func: Callable | None) -> str:
+        return _api.run_async(self._connected_client(), call, func)
+
+    def _handlers(self, rows: list) -> list[ContainerHandler]:
+        return [ContainerHandler(self, **row) for row in rows]
+
+    # ---- 2.1 callbacks, 2.3 release, 2.10/2.11 logger, 2.17 connection ---------------
+
+    def set_callback(self, infer_callback: Callable | None = None, manage_callback: Callable | None = None) -> None:
+        """Set the common callbacks: ``infer_callback(code, message, result, response)`` and
+        ``manage_callback(code, message, cmd, result)``. They run on an SDK thread."""
+        self._client.infer_callback = infer_callback
+        self._client.manage_callback = manage_callback
+
+    def release(self) -> None:
+        """Release the communication resources; pending calls end with 111."""
+        self._client.close()
+
+    def get_logger(self) -> logging.Logger:
+        """The logger AICluster uses."""
+        return self._logger
+
+    def set_logger(self, logger: logging.Logger) -> None:
+        """Use ``logger`` from now on."""
+        if not isinstance(logger, logging.Logger):
+            raise argument_error("logger", "must be a logging.Logger")
+        self._logger = logger
+        self._client.logger = logger
+
+    def connect_aicluster(self) -> None:
+        """Check the connection to the cluster; SocketConnectionException (110) if it fails."""
+        if self._client._closed:
+            raise make_error(110, detail="this AICluster was released")
+        try:
+            self._client.handshake()
+        except InfinibrainException as exc:
+            raise make_error(110, detail=exc.message) from None
+
+    # ---- 2.2 load_inference --------------------------------------------------------------
+
+    def _load(self, container_config: Any, coprocessor_name: Any) -> Call:
+        single_config = not isinstance(container_config, (list, tuple))
+        configs = [container_config] if single_config else list(container_config)
+        if container_config is None or not configs or any(c is None for c in configs):
+            raise argument_error("container_config")
+        wire = []
+        for c in configs:
+            if isinstance(c, ContainerConfig):
+                wire.append(c.to_dict())
+            elif isinstance(c, (dict, str)):
+                wire.append(_plain(c))
+            else:
+                raise argument_error("container_config", f"must be a ContainerConfig, got {type(c).__name__}")
+        if isinstance(coprocessor_name, (list, tuple)):
+            boards: Any = [_api.require_str(b, "coprocessor_name") for b in coprocessor_name]
+            if not boards:
+                raise argument_error("coprocessor_name")
+        else:
+            boards = _api.require_str(coprocessor_name, "coprocessor_name")
+        single = single_config and isinstance(boards, str) and boards != "all"
+
+        def convert(rows: list) -> Any:
+            handlers = self._handlers(rows)
+            return handlers[0] if single and len(handlers) == 1 else handlers
+
+        return Call("load_inference", "load_inference", {"configs": wire, "boards": boards}, convert)
+
+    def load_inference(self, container_config: Any, coprocessor_name: Any) -> Any:
+        """Register inference container(s) on board(s) ("all" = every board) and start them.
+
+        Returns the ContainerHandler (one config on one named board) or a list of them.
+        """
+        return self._run(self._load(container_config, coprocessor_name))
+
+    def load_inference_async(self, container_config: Any, coprocessor_name: Any, func: Callable | None = None) -> str:
+        """load_inference; the handlers go to ``func`` or the manage callback."""
+        return self._run_async(self._load(container_config, coprocessor_name), func)
+
+    # ---- 2.4 unload_inference ---------------------------------------------------------------
+
+    def _unload(self, inference_name: str, coprocessor_name: str, delete_image: bool) -> Call:
+        args = {
+            "inference_name": _api.require_str(inference_name, "inference_name", allow_empty=True),
+            "coprocessor_name": _api.require_str(coprocessor_name, "coprocessor_name", allow_empty=True),
+            "delete_image": bool(delete_image),
+        }
+        return Call("unload_inference", "unload_inference", args, self._handlers)
+
+    def unload_inference(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True) -> list[ContainerHandler]:
+        """Delete the inference's containers ("" = every inference, every board).
+
+        Returns the containers that remain afterwards.
+        """
+        return self._run(self._unload(inference_name, coprocessor_name, delete_image))
+
+    def unload_inference_async(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True,
+                               func: Callable | None = None) -> str:
+        """unload_inference; the remaining containers go to ``func`` or the manage callback."""
+        return self._run_async(self._unload(inference_name, coprocessor_name, delete_image), func)
+
+    # ---- 2.5 - 2.8 queries -----------------------------------------------------------------------
+
+    def _query(self, api: str, inference_name: str, convert: Callable) -> Call:
+        name = _api.require_str(inference_name, "inference_name", allow_empty=True)
+        return Call(api, api, {"inference_name": name}, convert)
+
+    def _coprocessors(self, rows: list) -> list[CoprocessorHandler]:
+        return [CoprocessorHandler(self, r["name"], r["ip"]) for r in rows]
+
+    def get_coprocessor_handler(self, inference_name: str = "") -> list[CoprocessorHandler]:
+        """The boards the inference is registered on ("" = every board)."""
+        return self._run(self._query("get_coprocessor_handler", inference_name, self._coprocessors))
+
+    def get_coprocessor_handler_async(self, inference_name: str = "", func: Callable | None = None) -> str:
+        """get_coprocessor_handler, to ``func`` or the manage callback."""
+        return self._run_async(self._query("get_coprocessor_handler", inference_name, self._coprocessors), func)
+
+    def get_coprocessor_images(self, inference_name: str = "") -> list[CoprocessorImages]:
+        """The images of the boards the inference is on ("" = every board)."""
+        return self._run(self._query("get_coprocessor_images", inference_name, _images))
+
+    def get_coprocessor_images_async(self, inference_name: str = "", func: Callable | None = None) -> str:
+        """get_coprocessor_images, to ``func`` or the manage callback."""
+        return self._run_async(self._query("get_coprocessor_images", inference_name, _images), func)
+
+    def get_container_handler(self, inference_name: str = "") -> list[ContainerHandler]:
+        """The inference's containers ("" = every container)."""
+        return self._run(self._query("get_container_handler", inference_name, self._handlers))
+
+    def get_container_handler_async(self, inference_name: str = "", func: Callable | None = None) -> str:
+        """get_container_handler, to ``func`` or the manage callback."""
+        return self._run_async(self._query("get_container_handler", inference_name, self._handlers), func)
+
+    def get_container_status(self, inference_name: str = "") -> list[ContainerStatus]:
+        """Status and figures of the inference's containers ("" = every container)."""
+        return self._run(self._query("get_container_status", inference_name, _statuses))
+
+    def get_container_status_async(self, inference_name: str = "", func: Callable | None = None) -> str:
+        """get_container_status, to ``func`` or the manage callback."""
+        return self._run_async(self._query("get_container_status", inference_name, _statuses), func)
+
+    # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
+
+    def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None) -> Pending:
+        client = self._connected_client()
+        name = _api.require_str(inference_name, "inference_name")
+        what = "image_data" if image else "in_data"
+        if data is None:
+            raise argument_error(what)
+        if image:
+            if not isinstance(data, np.ndarray):
+                raise argument_error(what, f"must be a numpy.ndarray, got {type(data).__name__}")
+            if data.dtype.hasobject:
+                raise argument_error(what, "an array of Python objects cannot be sent")
+            array = np.ascontiguousarray(data)
+            payload, arr = array, P.array_meta(array)
+        else:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise argument_error(what, f"must be bytes, got {type(data).__name__}")
+            payload, arr = data, None
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done)
+
+    def _infer_callback(self, func: Callable | None) -> Callable:
+        callback = func or self._client.infer_callback
+        if callback is None or not callable(callback):
+            raise argument_error("func", "no callback given and no infer_callback set with set_callback")
+        return callback
+
+    def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
+        """Run the inference on an image; returns what the container sent back."""
+        result, _response = self._submit(inference_name, image_data, param, True, None).wait()
+        return result
+
+    def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
+        """Run the inference on an image; ``func(code, message, result, response)`` or the
+        infer callback gets the outcome. Do not change the array until then."""
+        self._connected_client()
+        callback = self._infer_callback(func)
+        return self._submit(inference_name, image_data, param, True, callback).rid
+
+    def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
+        """Run the inference on bytes; returns (result, InferenceResponse)."""
+        result, response = self._submit(inference_name, in_data, param, False, None).wait()
+        return result, response
+
+    def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
+        """Run the inference on bytes; the outcome goes to ``func`` or the infer callback."""
+        self._connected_client()
+        callback = self._infer_callback(func)
+        return self._submit(inference_name, in_data, param, False, callback).rid
+
+    def infer_voice(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: NotImplementedException (900)."""
+        raise make_error(900, detail="infer_voice")
+
+    def infer_voice_async(self, *args: Any, **kwargs: Any) -> str:
+        """Not supported: NotImplementedException (900)."""
+        raise make_error(900, detail="infer_voice_async")
+
+    def infer_text(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: NotImplementedException (900)."""
+        raise make_error(900, detail="infer_text")
+
+    def infer_text_async(self, *args: Any, **kwargs: Any) -> str:
+        """Not supported: NotImplementedException (900)."""
+        raise make_error(900, detail="infer_text_async")
+
+    # ---- 2.13 put_file -------------------------------------------------------------------------------
+
+    def _put(self, inference_name: str, file_info: Any) -> Call:
+        name = _api.require_str(inference_name, "inference_name")
+        if file_info is None or (isinstance(file_info, dict) and not file_info):
+            raise argument_error("file_info")
+        if not isinstance(file_info, dict):
+            raise argument_error("file_info", "must be a dict such as {'model': '/path/to/file'}")
+        return Call("put_file", "put_file", {"inference_name": name, "file_info": dict(file_info)}, lambda _r: None)
+
+    @staticmethod
+    def _bad_key(file_info: dict) -> InfinibrainException | None:
+        bad = [k for k in file_info if k not in FILE_INFO_KEYS]
+        return make_error(101, bad[0], detail=f"file_info keys are {', '.join(FILE_INFO_KEYS)}") if bad else None
+
+    def put_file(self, inference_name: str, file_info: dict) -> None:
+        """Send files to the inference's containers.
+
+        ``file_info``: ``{"script"|"model"|"file": path or [paths], "To": folder in the
+        container (default: its working folder)}``. Files are replaced atomically.
+        """
+        call = self._put(inference_name, file_info)
+        error = self._bad_key(file_info)
+        if error is not None:
+            raise error
+        return self._run(call)
+
+    def put_file_async(self, inference_name: str, file_info: dict, func: Callable | None = None) -> str:
+        """put_file; the outcome goes to ``func`` or the manage callback (101 too)."""
+        client = self._connected_client()
+        call = self._put(inference_name, file_info)
+        error = self._bad_key(file_info)
+        if error is not None:
+            return _api.report_async(client, "put_file", error, func)
+        return self._run_async(call, func)
+
+    # ---- 2.14 / 2.15 queues ------------------------------------------------------------------------------
+
+    def _queue(self, api: str, inference_name: str, request_no: Any, pid: Any, **extra: Any) -> Call:
+        args = {
+            "inference_name": _api.require_str(inference_name, "inference_name", allow_empty=True),
+            "request_no": _api.require_int(int(request_no) if isinstance(request_no, str) and request_no.isdigit() else request_no, "request_no"),
+            "pid": _api.require_int(pid, "pid"),
+            **extra,
+        }
+        return Call(api, api, args, lambda rows: [QueueInfo.from_dict(r) for r in rows])
+
+    def get_queue_info(self, inference_name: str = "", request_no: int = 0, pid: int = 0) -> list[QueueInfo]:
+        """Requests waiting in send-wait queues (0 / "" = all)."""
+        return self._run(self._queue("get_queue_info", inference_name, request_no, pid))
+
+    def get_queue_info_async(self, inference_name: str = "", request_no: int = 0, pid: int = 0, func: Callable | None = None) -> str:
+        """get_queue_info, to ``func`` or the manage callback."""
+        return self._run_async(self._queue("get_queue_info", inference_name, request_no, pid), func)
+
+    def delete_queue(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False) -> list[QueueInfo]:
+        """Cancel waiting requests; returns the queues afterwards.
+
+        Without ``force_delete`` only this process's requests are deleted, and naming
+        another process's pid is PermissionException (308). A deleted request ends with 306.
+        """
+        return self._run(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)))
+
+    def delete_queue_async(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False,
+                           func: Callable | None = None) -> str:
+        """delete_queue, to ``func`` or the manage callback."""
+        return self._run_async(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)), func)
+
+    # ---- 2.16 reload_inference --------------------------------------------------------------------------
+
+    def _reload(self, inference_name: str) -> Call:
+        name = _api.require_str(inference_name, "inference_name")
+        return Call("reload_inference", "reload_inference", {"inference_name": name},
+                    lambda rows: _api.one_or_list(self._handlers(rows)))
+
+    def reload_inference(self, inference_name: str) -> Any:
+        """Start the inference's containers again from its inference config file."""
+        return self._run(self._reload(inference_name))
+
+    def reload_inference_async(self, inference_name: str, func: Callable | None = None) -> str:
+        """reload_inference, to ``func`` or the manage callback."""
+        return self._run_async(self._reload(inference_name), func)
+
+    # ---- beyond the reference -------------------------------------------------------------------------------
+
+    def get_container_logs(self, suffix_name: str, coprocessor_name: str, lines: int = 100) -> str:
+        """The last ``lines`` lines a container wrote (not in the reference)."""
+        args = {"suffix_name": suffix_name, "board": coprocessor_name, "lines": _api.require_int(lines, "lines")}
+        return self._run(Call("logs", "logs", args))
+
+
+def _images(rows: list) -> list[CoprocessorImages]:
+    return [CoprocessorImages.from_dict(r) for r in rows]
+
+
+def _statuses(rows: list) -> list[ContainerStatus]:
+    return [ContainerStatus.from_dict(r) for r in rows]
+
+
+def _manager_from_env() -> tuple[str | None, int | None]:
+    value = os.environ.get("INFINIBRAIN_MANAGER", "")
+    if not value:
+        return None, None
+    host, _, port = value.rpartition(":")
+    try:
+        return host or None, int(port)
+    except ValueError:
+        raise argument_error("INFINIBRAIN_MANAGER", f"must be host:port, got {value!r}") from None
+
+
+__all__ = ["AICluster"]

@@ -1,0 +1,171 @@
+"""The wire protocol shared by the SDK, the manager and the Connector (docs/PROTOCOL.md).
+
+Every message is a multipart ZeroMQ message ``[topic, header, *payload]``:
+
+- ``topic``: who it is for (the SUB side filters on it);
+- ``header``: a msgpack map with at least ``v`` (protocol version) and ``k`` (kind);
+- ``payload``: raw frames (image pixels, bytes, an encoded result), never re-encoded,
+  sent and received zero-copy.
+
+Encoding and decoding live here and nowhere else. ``decode`` raises ProtocolError for
+anything that is not a well-formed message of this version; callers count, log and drop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+
+# Port offsets from the manager's base port. The manager binds all of them.
+INFER_IN = 0  # clients' PUB -> manager SUB: inference requests
+MGMT_IN = 1  # clients' PUB -> manager SUB: hello, heartbeat, management commands
+CLIENT_OUT = 2  # manager PUB -> clients' SUB: acks, results, replies, heartbeats, events
+CONTAINER_OUT = 3  # manager XPUB -> containers' SUB: requests, pings
+CONTAINER_IN = 4  # containers' PUB -> manager SUB: hello, results
+PORT_COUNT = 5
+
+# Message kinds (header "k").
+HELLO = "hello"  # client or container -> manager: prove the path works
+HELLO_ACK = "hello_ack"  # manager -> client
+HEARTBEAT = "hb"  # both ways between manager and clients
+REQUEST = "req"  # inference request (client -> manager -> container)
+ACK = "ack"  # manager -> client: request accepted, with its deadline
+RESULT = "res"  # inference result or error (container -> manager -> client)
+TAKEN = "taken"  # container -> manager: request taken (inference with output=None)
+COMMAND = "cmd"  # client -> manager: management command
+REPLY = "reply"  # manager -> client: outcome of a management command
+EVENT = "ev"  # manager -> all clients: 114 and produced results
+PING = "ping"  # manager -> container: please say hello on your response path
+
+# Topics.
+TOPIC_HEARTBEAT = b"hb"
+TOPIC_EVENT = b"ev"
+TOPIC_MANAGER = b"m"  # everything sent to the manager's SUB sockets
+
+
+def client_topic(client_id: str) -> bytes:
+    return b"c/" + client_id.encode()
+
+
+def container_topic(container_id: str, sub_name: str) -> bytes:
+    return f"q/{container_id}/{sub_name}".encode()
+
+
+def parse_container_topic(topic: bytes) -> tuple[str, str] | None:
+    """(container id, sub name) of a container subscription topic, or None."""
+    try:
+        text = topic.decode()
+    except UnicodeDecodeError:
+        return None
+    parts = text.split("/", 2)
+    if len(parts) != 3 or parts[0] != "q" or not parts[1]:
+        return None
+    return parts[1], parts[2]
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a message of this protocol version."""
+
+
+@dataclass
+class Message:
+    topic: bytes
+    header: dict
+    payload: list
+
+    @property
+    def kind(self) -> str:
+        return self.header["k"]
+
+
+def encode(topic: bytes, kind: str, header: dict | None = None, payload: Sequence[Any] = ()) -> list:
+    """Frames of one message, ready for ``send_multipart(copy=False)``."""
+    head = {"v": VERSION, "k": kind}
+    if header:
+        head.update(header)
+    return [topic, msgpack.packb(head, use_bin_type=True), *payload]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse frames received with ``recv_multipart(copy=False)`` or as bytes."""
+    if len(frames) < 2:
+        raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
+    topic = _as_bytes(frames[0])
+    try:
+        header = msgpack.unpackb(_as_bytes(frames[1]), raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated classes
+        raise ProtocolError(f"header is not msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}")
+    if not isinstance(header.get("k"), str):
+        raise ProtocolError("header has no kind")
+    return Message(topic, header, list(frames[2:]))
+
+
+def _as_bytes(frame: Any) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def frame_buffer(frame: Any) -> memoryview:
+    """The bytes of a received frame without copying them."""
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+# ---- payloads -------------------------------------------------------------------
+
+
+def array_meta(array: np.ndarray) -> dict:
+    return {"dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+def array_from(meta: Any, frame: Any) -> np.ndarray:
+    """A read-only ndarray over a received frame (no copy)."""
+    if not isinstance(meta, dict):
+        raise ProtocolError("array description missing")
+    try:
+        dtype = np.dtype(meta["dtype"])
+        shape = tuple(int(n) for n in meta["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad array description: {exc}") from None
+    if dtype.hasobject:
+        raise ProtocolError("object arrays are not accepted")
+    buf = frame_buffer(frame)
+    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if buf.nbytes != expected:
+        raise ProtocolError(f"array frame has {buf.nbytes} bytes, shape {shape} {dtype} needs {expected}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _result_default(value: Any) -> Any:
+    # Inference code returns numpy values all the time; send them as plain numbers/lists.
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(f"a result of type {type(value).__name__} cannot be encoded")
+
+
+def pack_value(value: Any) -> bytes:
+    """Encode a result or a management answer (JSON-like values, numpy made plain)."""
+    return msgpack.packb(value, use_bin_type=True, default=_result_default)
+
+
+def unpack_value(frame: Any) -> Any:
+    try:
+        return msgpack.unpackb(_as_bytes(frame), raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"value frame is not msgpack: {exc}") from None
+
+
+def now() -> float:
+    """Wall-clock time stamp for InferenceResponse.time_stamp (comparable across processes)."""
+    return time.time()

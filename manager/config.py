@@ -1,0 +1,164 @@
+"""The manager's configuration: one TOML file, or the embedded default.
+
+Unknown keys and bad values are refused at start-up with a message naming the key, so a
+typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The configuration file is unusable; the message names the key."""
+
+
+@dataclass
+class BoardConfig:
+    name: str
+    transport: str = "local"  # "local" (this host) or "ssh"
+    address: str = "127.0.0.1"  # the board's own address (reported as CoprocessorHandler.ip)
+    manager_address: str = ""  # where this board's containers reach the manager; "" = [manager] host
+    ssh_port: int = 22
+    ssh_user: str = ""
+    ssh_key: str = ""
+    work_dir: str = ""  # where containers' working directories live; "" = under state_dir
+
+
+@dataclass
+class ManagerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5570
+    state_dir: str = ""
+    heartbeat_interval_ms: int = 500
+    send_queue_size: int = 256  # per inference; a request beyond it gets 305
+    default_send_timeout_ms: int = 10_000  # ContainerConfig.send_timeout=None
+    default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None
+    default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
+    container_start_timeout_ms: int = 30_000  # how long a load waits for its container to connect
+    container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this
+    client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
+    log_level: str = "INFO"
+    boards: list[BoardConfig] = field(default_factory=list)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "infinibrain")
+
+
+def embedded_default() -> ManagerConfig:
+    """One board named ``local`` on this host, bound to 127.0.0.1, state per user."""
+    return _finish(ManagerConfig(boards=[BoardConfig(name="local")]))
+
+
+def load_config(path: str | os.PathLike | None) -> ManagerConfig:
+    if path is None:
+        return embedded_default()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> ManagerConfig:
+    _refuse_unknown(data, {"manager", "coprocessor"}, "top level")
+    manager = data.get("manager", {})
+    if not isinstance(manager, dict):
+        raise ConfigError("[manager] must be a table")
+    cfg = ManagerConfig(**_typed(manager, ManagerConfig, "manager", skip={"boards"}))
+    boards = data.get("coprocessor", [])
+    if not isinstance(boards, list) or not boards:
+        raise ConfigError("at least one [[coprocessor]] table is required")
+    for i, board in enumerate(boards):
+        where = f"coprocessor[{i}]"
+        if not isinstance(board, dict) or "name" not in board:
+            raise ConfigError(f"{where}.name is required")
+        cfg.boards.append(BoardConfig(**_typed(board, BoardConfig, where)))
+    return _finish(cfg)
+
+
+def _typed(table: dict, cls: type, where: str, skip: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    _refuse_unknown(table, set(known), f"[{where}]")
+    out = {}
+    for key, value in table.items():
+        expected = known[key].type  # a string: annotations are postponed
+        if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+        if expected == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
+
+
+def _finish(cfg: ManagerConfig) -> ManagerConfig:
+    if not cfg.state_dir:
+        cfg.state_dir = default_state_dir()
+    cfg.state_dir = os.path.abspath(os.path.expanduser(cfg.state_dir))
+    _check_address(cfg.host, "manager.host")
+    if not 1 <= cfg.port <= 65535 - 8:
+        raise ConfigError(f"manager.port must be between 1 and 65527, got {cfg.port}")
+    for key in (
+        "heartbeat_interval_ms",
+        "send_queue_size",
+        "default_send_timeout_ms",
+        "default_wait_queue_timeout_ms",
+        "default_max_send_num",
+        "container_start_timeout_ms",
+        "container_stop_timeout_ms",
+        "client_timeout_ms",
+    ):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"manager.log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+    seen: set[str] = set()
+    for board in cfg.boards:
+        where = f"coprocessor {board.name!r}"
+        if not NAME_RE.match(board.name) or board.name == "all":
+            raise ConfigError(f"{where}: name must be letters, digits, '.', '_' or '-' (and not 'all')")
+        if board.name in seen:
+            raise ConfigError(f"{where}: name is used twice")
+        seen.add(board.name)
+        if board.transport not in ("local", "ssh"):
+            raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
+        board.manager_address = board.manager_address or cfg.host
+        _check_address(board.manager_address, f"{where}.manager_address")
+        if board.transport == "ssh" and not board.ssh_user:
+            raise ConfigError(f"{where}: ssh_user is required for transport 'ssh'")
+    return cfg
+
+
+def _check_address(value: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if value != "localhost":
+            raise ConfigError(f"{key} must be an IP address, got {value!r}") from None

@@ -1,0 +1,95 @@
+"""``infinibrain-manager``: the cluster manager daemon, in the foreground.
+
+It stops cleanly on SIGINT or SIGTERM: the loop ends, the containers it runs as processes
+are stopped (the registry keeps wanting them, so the next start brings them back), and the
+sockets close. Killed with SIGKILL, it leaves its containers running; the next start
+adopts them.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import signal
+import sys
+import threading
+
+import zmq
+
+from . import __version__
+from .boards import make_boards
+from .commands import Commands
+from .config import ConfigError, ManagerConfig, load_config
+from .deployer import Deployer
+from .registry import Registry
+from .router import Router
+
+log = logging.getLogger("infinibrain.manager")
+
+
+class Manager:
+    """The daemon's parts wired together: router, deployer, commands, boards."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.boards = make_boards(config)
+        self.registry = Registry(config.state_dir)
+        self.router = Router(config)
+        self.deployer = Deployer(self.router, self.boards, self.registry, config)
+        self.commands = Commands(self.router, self.deployer, self.boards)
+        self.router.commands = self.commands
+        self.deployer.restore(self.commands.pool)
+
+    def run(self) -> None:
+        try:
+            self.router.run()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        stoppers = [c for c in self.router.containers.values() if c.running and c.runtime.kind != "other"]
+        for c in stoppers:
+            c.stopping = True
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda c: c.runtime.stop(c.spec), stoppers))
+        self.commands.close()
+        self.deployer.close()
+        self.router.close()
+        log.info("manager stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infinibrain-manager", description="infinibrain cluster manager daemon")
+    parser.add_argument("--config", help="TOML configuration file (default: one local board on 127.0.0.1:5570)")
+    parser.add_argument("--version", action="version", version=__version__)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"infinibrain-manager: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        manager = Manager(config)
+    except zmq.ZMQError as exc:
+        log.error("cannot bind %s:%d-%d: %s", config.host, config.port, config.port + 4, exc)
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        manager.router.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    log.info("state in %s; boards: %s", config.state_dir, ", ".join(manager.boards))
+    manager.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

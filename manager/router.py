@@ -1,0 +1,492 @@
+"""The router: one poll loop that owns every socket and every piece of routing state.
+
+It accepts requests from clients, keeps them in per-inference send-wait queues, hands them
+to containers that are connected, distributing and have credit (``max_send_num``), and
+forwards answers back. Every request ends in a result or a numbered error: 305 at once when
+the queue is full, 306 when it waited too long to be sent, 401 when its answer is late,
+402 when its container went away.
+
+Slow management work (deploying, stopping, copying files) runs on worker threads that
+reach this state only through ``call`` / ``call_soon``, so the loop never waits on it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import time
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from infinibrain import protocol as P
+from infinibrain.errors import format_message
+
+from .config import ManagerConfig
+from .registry import Registration
+from .state import Client, Container, Request
+from .validate import default_sub_name, module_list
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # messages taken from one socket per pass, so no socket starves the others
+TICK = 0.05  # seconds between timer passes
+PING_INTERVAL = 0.2
+EXIT_CHECK_INTERVAL = 0.5
+
+
+class Router:
+    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.instance = uuid.uuid4().hex[:12]
+        self.ctx = ctx or zmq.Context.instance()
+        self.registrations: dict[str, Registration] = {}
+        self.containers: dict[str, Container] = {}
+        self.queues: dict[str, deque[Request]] = {}
+        self.clients: dict[str, Client] = {}
+        self.commands: Any = None  # set by the daemon (manager.commands.Commands)
+        self.dropped_frames = 0
+        self._mkeys = itertools.count(1)
+        self._rr = itertools.count()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop = False
+        self._next_tick = 0.0
+        self._next_beat = 0.0
+        self._next_exit_check = 0.0
+        self.hb_interval = config.heartbeat_interval_ms / 1000
+        self._bind()
+
+    # ---- sockets -------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        host, base = self.config.host, self.config.port
+
+        def sock(kind: int, offset: int) -> zmq.Socket:
+            s = self.ctx.socket(kind)
+            s.linger = 0
+            s.bind(f"tcp://{host}:{base + offset}")
+            return s
+
+        self.infer_in = sock(zmq.SUB, P.INFER_IN)
+        self.mgmt_in = sock(zmq.SUB, P.MGMT_IN)
+        self.container_in = sock(zmq.SUB, P.CONTAINER_IN)
+        for s in (self.infer_in, self.mgmt_in, self.container_in):
+            s.rcvhwm = 0  # flow is bounded by queues and credits, not by silent drops
+            s.subscribe(b"")
+        self.client_out = sock(zmq.PUB, P.CLIENT_OUT)
+        self.client_out.sndhwm = 100_000
+        self.container_out = self.ctx.socket(zmq.XPUB)
+        self.container_out.linger = 0
+        self.container_out.sndhwm = 0
+        # Every subscribe and unsubscribe reaches us: that is how containers are seen to
+        # come and go. Heartbeats make a silent dead peer visible too.
+        self.container_out.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.container_out.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.container_out.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.container_out.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.container_out.bind(f"tcp://{host}:{base + P.CONTAINER_OUT}")
+
+    def close(self) -> None:
+        for s in (self.infer_in, self.mgmt_in, self.container_in, self.client_out, self.container_out):
+            s.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- cross-thread entry points -----------------------------------------------
+
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the router thread (from any thread)."""
+        self._calls.put((fn, args, None))
+        self._wake()
+
+    def call(self, fn: Callable, *args: Any, timeout: float = 30.0) -> Any:
+        """Run ``fn(*args)`` on the router thread and return its result (from a worker)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, args, fut))
+        self._wake()
+        return fut.result(timeout)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is awake anyway
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn, args, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed back to the worker, or logged
+                if fut is None:
+                    log.exception("router call %s failed", getattr(fn, "__name__", fn))
+                else:
+                    fut.set_exception(exc)
+            else:
+                if fut is not None:
+                    fut.set_result(result)
+
+    # ---- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        handlers = {
+            self.infer_in: self._on_client_frames,
+            self.mgmt_in: self._on_client_frames,
+            self.container_in: self._on_container_frames,
+            self.container_out: self._on_subscription,
+        }
+        for s in handlers:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        log.info("router %s serving on %s:%d-%d", self.instance, self.config.host, self.config.port, self.config.port + P.PORT_COUNT - 1)
+        while not self._stop:
+            timeout = max(0.0, self._next_tick - time.monotonic())
+            for sock, _ in poller.poll(timeout * 1000):
+                if sock == self._wake_r:
+                    self._run_calls()
+                else:
+                    self._drain(sock, handlers[sock])
+            if time.monotonic() >= self._next_tick:
+                self._timers()
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception as exc:  # one bad message must never stop the loop
+                self.dropped_frames += 1
+                log.warning("dropped a message that could not be handled: %s: %s", type(exc).__name__, exc)
+                log.debug("handler failure", exc_info=True)
+
+    def _decode(self, frames: list) -> P.Message | None:
+        try:
+            return P.decode(frames)
+        except P.ProtocolError as exc:
+            self.dropped_frames += 1
+            level = logging.WARNING if self.dropped_frames <= 10 or self.dropped_frames % 1000 == 0 else logging.DEBUG
+            log.log(level, "dropped malformed message (%d so far): %s", self.dropped_frames, exc)
+            return None
+
+    # ---- clients -------------------------------------------------------------------
+
+    def _on_client_frames(self, frames: list) -> None:
+        msg = self._decode(frames)
+        if msg is None:
+            return
+        h = msg.header
+        cid = h.get("cid")
+        if not isinstance(cid, str) or not cid:
+            raise P.ProtocolError("client message without client id")
+        client = self.clients.get(cid)
+        if client is None:
+            client = self.clients[cid] = Client(cid, int(h.get("pid") or 0), time.monotonic())
+        client.last_seen = time.monotonic()
+        kind = msg.kind
+        if kind == P.REQUEST:
+            self._on_request(client, msg)
+        elif kind == P.HEARTBEAT:
+            pass
+        elif kind == P.COMMAND:
+            self.send_client(cid, P.ACK, {"rid": h["rid"]})
+            self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
+        elif kind == P.HELLO:
+            self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval})
+        else:
+            raise P.ProtocolError(f"unknown client message kind {kind!r}")
+
+    def send_client(self, cid: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
+        self.client_out.send_multipart(P.encode(P.client_topic(cid), kind, header, payload), copy=False)
+
+    def fail(self, cid: str, rid: str, code: int, *fields: Any, detail: str = "") -> None:
+        """End request ``rid`` of client ``cid`` with a numbered error."""
+        message = format_message(code, *fields, detail=detail)
+        self.send_client(cid, P.RESULT, {"rid": rid, "code": code, "msg": message})
+
+    def _on_request(self, client: Client, msg: P.Message) -> None:
+        h = msg.header
+        rid, name = str(h["rid"]), h.get("inf")
+        reg = self.registrations.get(name) if isinstance(name, str) else None
+        if reg is None:
+            return self.fail(client.id, rid, 400, detail=f"inference {name!r} is not registered")
+        cfg = reg.config
+        if cfg["input"] is None:
+            return self.fail(client.id, rid, 403, name)
+        param = h.get("param")
+        sub = param.get("sub_inference_name") if isinstance(param, dict) else None
+        if sub:
+            known = [m["sub_inference_name"] for m in module_list(cfg)] or [name]
+            if sub not in known:
+                return self.fail(client.id, rid, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(known)})")
+        waiting = self.queues.setdefault(name, deque())
+        if len(waiting) >= self.config.send_queue_size:
+            return self.fail(client.id, rid, 305, detail=f"{len(waiting)} requests wait for {name!r}")
+        now = time.monotonic()
+        send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
+        answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000
+        stamps = list(h.get("ts") or [])
+        stamps.append(["manager_receive", P.now()])
+        req = Request(
+            mkey=next(self._mkeys),
+            client=client.id,
+            rid=rid,
+            pid=int(h.get("pid") or client.pid),
+            tid=int(h.get("tid") or 0),
+            inference=name,
+            sub=sub or default_sub_name(cfg),
+            param=param if isinstance(param, dict) else {},
+            arr=h.get("arr"),
+            payload=msg.payload,
+            time_stamp=stamps,
+            queued_at=now,
+            queued_wall=time.time(),
+            send_deadline=now + send_timeout,
+            answer_timeout=answer_timeout,
+        )
+        waiting.append(req)
+        self.send_client(client.id, P.ACK, {"rid": rid, "timeout": send_timeout + answer_timeout})
+        self.pump(name)
+
+    # ---- distribution --------------------------------------------------------------
+
+    def pump(self, name: str) -> None:
+        """Send waiting requests of inference ``name`` to containers that can take them."""
+        waiting = self.queues.get(name)
+        while waiting:
+            container = self._pick(name, waiting[0].sub)
+            if container is None:
+                return
+            self._dispatch(container, waiting.popleft())
+
+    def _pick(self, name: str, sub: str) -> Container | None:
+        reg = self.registrations.get(name)
+        if reg is None:
+            return None
+        limit = reg.config["max_send_num"] or self.config.default_max_send_num
+        best: list[Container] = []
+        least = limit
+        for c in self.containers.values():
+            if c.inference != name or c.stopping or not c.connected or sub not in c.subs:
+                continue
+            placement = reg.boards.get(c.board)
+            if placement is None or placement.distribution != "on":
+                continue
+            load = len(c.in_flight)
+            if load < least:
+                best, least = [c], load
+            elif load == least:
+                best.append(c)
+        if not best:
+            return None
+        return best[next(self._rr) % len(best)]
+
+    def _dispatch(self, c: Container, req: Request) -> None:
+        reg = self.registrations[req.inference]
+        req.time_stamp.append(["manager_send", P.now()])
+        header = {
+            "mkey": req.mkey,
+            "rid": req.rid,
+            "pid": req.pid,
+            "tid": req.tid,
+            "inf": req.inference,
+            "sub": req.sub,
+            "param": req.param,
+            "arr": req.arr,
+            "ts": req.time_stamp,
+            "noreply": reg.config["output"] is None,
+        }
+        self.container_out.send_multipart(
+            P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload), copy=False
+        )
+        req.container = c.id
+        req.answer_deadline = time.monotonic() + req.answer_timeout
+        c.in_flight[req.mkey] = req
+        c.tx_bytes += req.nbytes
+
+    # ---- containers ----------------------------------------------------------------
+
+    def _on_subscription(self, frames: list) -> None:
+        data = frames[0].bytes
+        if not data or data[0] not in (0, 1):
+            return
+        parsed = P.parse_container_topic(data[1:])
+        if parsed is None:
+            return
+        cid, sub = parsed
+        c = self.containers.get(cid)
+        if c is None:
+            log.debug("subscription from unknown container %r", cid)
+            return
+        if data[0] == 1:
+            c.subs.add(sub)
+            if not c.hello:
+                self._ping(c)
+            elif c.connected:
+                self.pump(c.inference)
+        else:
+            c.subs.discard(sub)
+            if not c.subs:
+                self.container_lost(c.id, "its connection closed")
+
+    def _ping(self, c: Container) -> None:
+        c.last_ping = time.monotonic()
+        for sub in c.subs:
+            self.container_out.send_multipart(P.encode(P.container_topic(c.id, sub), P.PING, {"mid": self.instance}))
+
+    def _on_container_frames(self, frames: list) -> None:
+        msg = self._decode(frames)
+        if msg is None:
+            return
+        h = msg.header
+        c = self.containers.get(h.get("cont"))
+        if c is None:
+            log.debug("message from unknown container %r", h.get("cont"))
+            return
+        kind = msg.kind
+        if kind == P.HELLO:
+            if not c.hello:
+                c.hello = True
+                log.info("container %s connected", c.id)
+            if c.connected:
+                c.connected_event.set()
+                self.pump(c.inference)
+        elif kind in (P.RESULT, P.TAKEN):
+            self._on_answer(c, msg)
+        else:
+            raise P.ProtocolError(f"unknown container message kind {kind!r}")
+
+    def _on_answer(self, c: Container, msg: P.Message) -> None:
+        h = msg.header
+        mkey = h.get("mkey")
+        if mkey is None:
+            return self._on_produced(c, msg)
+        req = c.in_flight.pop(mkey, None)
+        if req is None:
+            log.debug("late or duplicate answer %r from %s dropped", mkey, c.id)
+            return
+        c.rx_bytes += sum(len(f) for f in msg.payload)
+        stamps = req.time_stamp
+        stamps.extend(h.get("ts") or [])
+        stamps.append(["manager_result", P.now()])
+        if msg.kind == P.TAKEN:
+            header = {"rid": req.rid, "code": 0, "msg": "", "resp": self._response(c, req, stamps)}
+            self.send_client(req.client, P.RESULT, header, [P.pack_value(None)])
+        else:
+            code = int(h.get("code") or 0)
+            header = {"rid": req.rid, "code": code, "msg": h.get("msg") or "", "resp": self._response(c, req, stamps)}
+            self.send_client(req.client, P.RESULT, header, msg.payload[:1])
+        self.pump(c.inference)
+
+    def _response(self, c: Container, req: Request, stamps: list) -> dict:
+        return {
+            "pid": req.pid,
+            "tid": req.tid,
+            "request_no": req.rid,
+            "inference_name": req.inference,
+            "metadata": req.param,
+            "metadata_sys": {"board": c.board, "container": c.id},
+            "sub_inference_name": req.sub,
+            "time_stamp": stamps,
+        }
+
+    def _on_produced(self, c: Container, msg: P.Message) -> None:
+        """A result nobody asked for (input=None, output='Main'): to every client."""
+        reg = self.registrations.get(c.inference)
+        if reg is None or reg.config["output"] is None:
+            return
+        resp = dict(msg.header.get("resp") or {})
+        resp.update(inference_name=c.inference, metadata_sys={"board": c.board, "container": c.id})
+        self.client_out.send_multipart(
+            P.encode(P.TOPIC_EVENT, P.EVENT, {"code": 0, "msg": "", "what": "result", "resp": resp}, msg.payload[:1]),
+            copy=False,
+        )
+
+    def container_lost(self, cid: str, why: str) -> None:
+        """Container ``cid`` is gone: its requests end with 402, and 114 is announced."""
+        c = self.containers.get(cid)
+        if c is None:
+            return
+        was_connected = c.connected
+        c.hello = False
+        c.subs.clear()
+        c.connected_event.clear()
+        for req in list(c.in_flight.values()):
+            self.fail(req.client, req.rid, 402, detail=f"container {cid} went away while serving it ({why})")
+        c.in_flight.clear()
+        if was_connected and not c.stopping:
+            log.warning("container %s of %s disconnected: %s", cid, c.inference, why)
+            self.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": cid, "coprocessor": c.board})
+
+    def announce(self, code: int, *fields: Any, info: dict | None = None) -> None:
+        """An event for every client's manage callback (114)."""
+        header = {"code": code, "msg": format_message(code, *fields), "what": "unsubscribe", "info": info or {}}
+        self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, header))
+
+    # ---- timers ----------------------------------------------------------------------
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        self._next_tick = now + TICK
+        if now >= self._next_beat:
+            self._next_beat = now + self.hb_interval
+            self.client_out.send_multipart(P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
+        for name, waiting in self.queues.items():
+            while waiting and waiting[0].send_deadline <= now:
+                req = waiting.popleft()
+                self.fail(req.client, req.rid, 306, detail=f"no container of {name!r} took it in time")
+        for c in self.containers.values():
+            late = [r for r in c.in_flight.values() if r.answer_deadline <= now]
+            for req in late:
+                del c.in_flight[req.mkey]
+                self.fail(req.client, req.rid, 401, detail=f"container {c.id} did not answer in {req.answer_timeout:g} s")
+            if late:
+                self.pump(c.inference)
+            if c.subs and not c.hello and now - c.last_ping >= PING_INTERVAL:
+                self._ping(c)
+        if now >= self._next_exit_check:
+            self._next_exit_check = now + EXIT_CHECK_INTERVAL
+            self._check_exits()
+            self._forget_silent_clients(now)
+
+    def _check_exits(self) -> None:
+        for c in self.containers.values():
+            if c.running and not c.stopping:
+                code = c.runtime.exited(c.spec)
+                if code is not None:
+                    c.running = False
+                    log.warning("container %s exited with status %s", c.id, code)
+                    self.container_lost(c.id, f"its process exited with status {code}")
+
+    def _forget_silent_clients(self, now: float) -> None:
+        limit = self.config.client_timeout_ms / 1000
+        for cid in [cid for cid, cl in self.clients.items() if now - cl.last_seen > limit]:
+            del self.clients[cid]
+            for waiting in self.queues.values():
+                kept = [r for r in waiting if r.client != cid]
+                if len(kept) != len(waiting):
+                    log.info("dropped %d queued requests of silent client %s", len(waiting) - len(kept), cid)
+                    waiting.clear()
+                    waiting.extend(kept)

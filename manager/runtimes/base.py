@@ -1,0 +1,64 @@
+"""The runtime seam: how a container of one implementation type runs on one board.
+
+A runtime is small on purpose (prepare, start, adopt, stop, exited, stats, put_file,
+remove, logs); the router and the commands never know which one they talk to. The Docker
+and SSH runtimes slot in here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..config import BoardConfig
+
+
+@dataclass
+class ContainerSpec:
+    """Everything a runtime needs to run one container of an inference on a board."""
+
+    container_id: str  # also ContainerHandler.suffix_name
+    inference: str
+    board: BoardConfig
+    config: dict  # the normalized ContainerConfig
+    work_dir: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunInfo:
+    pid: int | None
+    pid_start: int | None
+    created: str
+
+
+class Runtime(Protocol):
+    kind: str
+
+    def prepare(self, spec: ContainerSpec) -> None:
+        """Put the container's files in place (may be slow; never called on the router thread)."""
+
+    def start(self, spec: ContainerSpec) -> RunInfo:
+        """Start the container; raise a numbered error if it cannot start."""
+
+    def adopt(self, spec: ContainerSpec, pid: int | None, pid_start: int | None) -> bool:
+        """Take over a container left running by an earlier manager; False if it is gone."""
+
+    def stop(self, spec: ContainerSpec) -> None:
+        """Stop the container (politely, then by force); no error if it is not running."""
+
+    def exited(self, spec: ContainerSpec) -> int | None:
+        """The exit status if the container has ended, else None."""
+
+    def stats(self, spec: ContainerSpec) -> dict:
+        """cpu_proc, mem_usage, mem_proc, block_io, status: the runtime's own figures."""
+
+    def put_file(self, spec: ContainerSpec, source: str, target_dir: str) -> str:
+        """Replace one file in the running container atomically; return where it went."""
+
+    def remove(self, spec: ContainerSpec) -> None:
+        """Delete what prepare made."""
+
+    def logs(self, spec: ContainerSpec, lines: int) -> str:
+        """The last lines the container wrote."""

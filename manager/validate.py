@@ -1,0 +1,187 @@
+"""Checks of a ContainerConfig as the manager receives it (codes 200, 201, 302).
+
+``normalize_config`` returns the plain dict that the registry stores; every refusal names
+the attribute and what is wrong with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import Any
+
+from infinibrain.errors import make_error
+
+from .config import NAME_RE
+
+IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
+MAX_SEND_NUM_LIMIT = 1024
+
+CONFIG_KEYS = (
+    "name",
+    "implementation_type",
+    "input",
+    "output",
+    "send_timeout",
+    "wait_queue_timeout",
+    "force_update",
+    "max_send_num",
+    "script_path",
+    "inference_modules",
+    "image_path",
+    "image_filename",
+    "image_tag",
+    "run_command",
+    "run_option",
+    "copy",
+)
+
+
+def param_error(detail: str) -> Exception:
+    return make_error(302, detail=detail)
+
+
+def check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise param_error(f"{what} must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, got {value!r}")
+    return value
+
+
+def normalize_config(raw: Any) -> dict:
+    """Validate one container configuration and return its stored form."""
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise make_error(200, detail=f"container_config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise make_error(200, detail=f"container_config must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise param_error(f"unknown attribute {unknown[0]!r}")
+    cfg = {key: raw.get(key) for key in CONFIG_KEYS}
+    if not cfg["name"]:
+        raise make_error(201, detail="name")
+    check_name(cfg["name"], "name")
+
+    kind = cfg["implementation_type"] or "docker"
+    if not isinstance(kind, str) or kind.lower() not in IMPLEMENTATION_TYPES:
+        raise param_error(f"implementation_type must be one of docker, nvidia, process, Loop, other; got {kind!r}")
+    cfg["implementation_type"] = IMPLEMENTATION_TYPES[kind.lower()]
+
+    for key in ("input", "output"):
+        cfg[key] = _main_or_none(cfg[key], key)
+    for key in ("send_timeout", "wait_queue_timeout"):
+        cfg[key] = _optional_int(cfg[key], key, 1, 24 * 3600 * 1000)
+    cfg["max_send_num"] = _optional_int(cfg["max_send_num"], "max_send_num", 1, MAX_SEND_NUM_LIMIT)
+    if not isinstance(cfg["force_update"], (bool, type(None))):
+        raise param_error(f"force_update must be True or False, got {cfg['force_update']!r}")
+    cfg["force_update"] = bool(cfg["force_update"])
+    for key in ("script_path", "image_path", "image_filename", "image_tag", "run_command", "run_option"):
+        if cfg[key] is not None and not isinstance(cfg[key], str):
+            raise param_error(f"{key} must be a string, got {type(cfg[key]).__name__}")
+        if cfg[key] == "":
+            cfg[key] = None
+    cfg["inference_modules"] = _modules(cfg["inference_modules"])
+    cfg["copy"] = _copy_entries(cfg["copy"])
+    if cfg["run_command"] is not None:
+        try:
+            if not shlex.split(cfg["run_command"]):
+                raise ValueError("it is empty")
+        except ValueError as exc:
+            raise param_error(f"run_command cannot be parsed: {exc}") from None
+    if cfg["script_path"] is not None:
+        if not os.path.isabs(cfg["script_path"]):
+            raise param_error(f"script_path must be an absolute path, got {cfg['script_path']!r}")
+        if not os.path.isdir(cfg["script_path"]):
+            raise param_error(f"script_path {cfg['script_path']!r} is not a directory on the main board")
+    return cfg
+
+
+def _main_or_none(value: Any, key: str) -> str | None:
+    if value is None or value == "None" or value == "":
+        return None
+    if isinstance(value, str) and value.lower() == "main":
+        return "Main"
+    raise param_error(f"{key} must be 'Main' or None, got {value!r}")
+
+
+def _optional_int(value: Any, key: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise param_error(f"{key} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _modules(value: Any) -> Any:
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        return None
+    out, seen = [], set()
+    for item in items:
+        if not isinstance(item, dict):
+            raise param_error("inference_modules must be an InferenceModulesConfig or a list of them")
+        if not item.get("sub_inference_name"):
+            raise make_error(201, detail="inference_modules.sub_inference_name")
+        sub = check_name(item["sub_inference_name"], "inference_modules.sub_inference_name")
+        if sub in seen:
+            raise param_error(f"inference_modules: sub_inference_name {sub!r} is given twice")
+        seen.add(sub)
+        module = {
+            "sub_inference_name": sub,
+            "script_tag": item.get("script_tag"),
+            "model_tag": item.get("model_tag"),
+            "script": item.get("script"),
+            "model": item.get("model"),
+        }
+        for key in ("script", "model"):
+            files = module[key]
+            if files is not None and not (
+                isinstance(files, str) or (isinstance(files, list) and all(isinstance(f, str) for f in files))
+            ):
+                raise param_error(f"inference_modules.{key} must be a file name or a list of them")
+        out.append(module)
+    return out[0] if not isinstance(value, list) else out
+
+
+def module_list(cfg: dict) -> list[dict]:
+    mods = cfg.get("inference_modules")
+    if mods is None:
+        return []
+    return mods if isinstance(mods, list) else [mods]
+
+
+def default_sub_name(cfg: dict) -> str:
+    """The module a request goes to when its param names none: the first one."""
+    mods = module_list(cfg)
+    return mods[0]["sub_inference_name"] if mods else cfg["name"]
+
+
+def _copy_entries(value: Any) -> Any:
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, dict):
+            raise param_error("copy must be a dict {'From': ..., 'To': ...} or a list of them")
+        for key in ("From", "To"):
+            if key not in item:
+                raise make_error(201, detail=f"copy.{key}")
+            if not isinstance(item[key], str) or not item[key]:
+                raise param_error(f"copy.{key} must be a non-empty path")
+        extra = sorted(set(item) - {"From", "To"})
+        if extra:
+            raise param_error(f"copy: unknown key {extra[0]!r}")
+        if not os.path.exists(item["From"]):
+            raise param_error(f"copy.From {item['From']!r} does not exist on the main board")
+    return value
+
+
+def copy_list(cfg: dict) -> list[dict]:
+    value = cfg.get("copy")
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
