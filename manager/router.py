@@ -295,6 +295,8 @@ class Router:
             if placement is None or placement.distribution != "on":
                 continue
             load = len(c.in_flight)
+            if load >= limit:
+                continue
             if load < least:
                 best, least = [c], load
             elif load == least:

@@ -1,0 +1,43 @@
+"""Test inference: echoes what it receives, with knobs in param.
+
+param: {"sleep": seconds} waits first; {"crash": true} exits at once (mid-request);
+{"bad_result": true} returns something that cannot be encoded.
+Every answer says which process and module served it, and how many requests it was
+serving at the same time (to check max_send_num).
+"""
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+from infinibrain.containers import Connector, info, log_setting
+
+log_setting("echo")
+sub = os.environ.get("ECHO_SUB") or None
+conn = Connector(sub_name=sub)
+info(f"echo ready as {conn.sub_name}", code=0)
+while True:
+    image, param, response = conn.receive_request_image()
+    if param.get("crash"):
+        os._exit(3)
+    if param.get("sleep"):
+        time.sleep(float(param["sleep"]))
+    if param.get("bad_result"):
+        conn.send_response(object(), response)
+        continue
+    conn.send_response(
+        {
+            "pid": os.getpid(),
+            "sub": conn.sub_name,
+            "shape": list(image.shape),
+            "dtype": str(image.dtype),
+            "sum": int(image.astype(np.int64).sum()) if image.size < 10_000_000 else -1,
+            "param": param,
+            "request_no": response.request_no,
+            "board": os.environ.get("INFINIBRAIN_BOARD"),
+            "cwd_files": sorted(os.listdir(".")),
+        },
+        response,
+    )
