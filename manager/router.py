@@ -349,9 +349,10 @@ class Router:
             elif c.connected:
                 self.pump(c.inference)
         else:
+            was_connected = c.connected
             c.subs.discard(sub)
             if not c.subs:
-                self.container_lost(c.id, "its connection closed")
+                self.container_lost(c.id, "its connection closed", was_connected)
 
     def _ping(self, c: Container) -> None:
         c.last_ping = time.monotonic()
@@ -426,12 +427,13 @@ class Router:
             copy=False,
         )
 
-    def container_lost(self, cid: str, why: str) -> None:
+    def container_lost(self, cid: str, why: str, was_connected: bool | None = None) -> None:
         """Container ``cid`` is gone: its requests end with 402, and 114 is announced."""
         c = self.containers.get(cid)
         if c is None:
             return
-        was_connected = c.connected
+        if was_connected is None:
+            was_connected = c.connected
         c.hello = False
         c.subs.clear()
         c.connected_event.clear()
