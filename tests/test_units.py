@@ -1,0 +1,93 @@
+"""The manager's parts on their own: configuration, registry files, validation, paths."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from infinibrain.errors import InfinibrainException
+from infinibrain.manager.config import ConfigError, embedded_default, load_config, parse_config
+from infinibrain.manager.registry import Placement, Registration, Registry
+from infinibrain.manager.runtimes.process import safe_join
+from infinibrain.manager.validate import normalize_config
+
+
+def test_embedded_default_is_one_local_board_on_loopback():
+    cfg = embedded_default()
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 5570)
+    assert [b.name for b in cfg.boards] == ["local"] and cfg.boards[0].transport == "local"
+    assert cfg.state_dir.endswith("infinibrain")
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[manager]\nprot = 1\n[[coprocessor]]\nname='a'\n", "'prot'"),
+        ("[manager]\nport = 'x'\n[[coprocessor]]\nname='a'\n", "manager.port"),
+        ("[manager]\nhost = 'my-host'\n[[coprocessor]]\nname='a'\n", "manager.host"),
+        ("[manager]\nsend_queue_size = 0\n[[coprocessor]]\nname='a'\n", "send_queue_size"),
+        ("[manager]\n", "coprocessor"),
+        ("[[coprocessor]]\nname='a'\ncolour='red'\n", "'colour'"),
+        ("[[coprocessor]]\nname='a'\n[[coprocessor]]\nname='a'\n", "used twice"),
+        ("[[coprocessor]]\nname='a'\ntransport='telnet'\n", "transport"),
+        ("[[coprocessor]]\nname='a'\ntransport='ssh'\n", "ssh_user"),
+        ("[[coprocessor]]\nname='all'\n", "name"),
+        ("[manager\n", "TOML"),
+    ],
+)
+def test_bad_configuration_names_the_key(tmp_path, text, needle):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+
+
+def test_good_configuration(tmp_path):
+    cfg = parse_config({"manager": {"port": 7000, "state_dir": str(tmp_path)}, "coprocessor": [
+        {"name": "cop1", "transport": "ssh", "address": "127.0.0.2", "ssh_user": "root", "ssh_port": 2222}]})
+    assert cfg.port == 7000 and cfg.boards[0].ssh_port == 2222 and cfg.boards[0].manager_address == "127.0.0.1"
+
+
+def test_registry_round_trip_is_atomic_and_private(tmp_path):
+    reg = Registry(tmp_path / "state")
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+    config = normalize_config({"name": "cam", "implementation_type": "process", "run_command": "python x.py"})
+    reg.save(Registration("cam", config, {"local": Placement(distribution="off", pid=12)}))
+    assert [p.name for p in (tmp_path / "state" / "inferences").iterdir()] == ["cam.json"]  # no temp files left
+    back = reg.read("cam")
+    assert back.config == config and back.boards["local"].distribution == "off" and back.boards["local"].pid == 12
+    assert list(reg.load_all()) == ["cam"]
+    (tmp_path / "state" / "inferences" / "junk.json").write_text("{")
+    assert list(reg.load_all()) == ["cam"]  # a broken file is skipped, not fatal
+    codes = []
+    for name in ("missing", "junk"):
+        with pytest.raises(InfinibrainException) as err:
+            reg.read(name)
+        codes.append(err.value.code)
+    assert codes == [205, 206]
+
+
+def test_validation_normalizes():
+    cfg = normalize_config({"name": "a", "implementation_type": "LOOP", "input": "main", "output": "None"})
+    assert (cfg["implementation_type"], cfg["input"], cfg["output"]) == ("Loop", "Main", None)
+    with pytest.raises(InfinibrainException) as err:
+        normalize_config({"name": "a", "colour": 1})
+    assert err.value.code == 302 and "colour" in err.value.message
+    with pytest.raises(InfinibrainException) as err:
+        normalize_config({"name": "a", "inference_modules": {"script": "x.py"}})
+    assert err.value.code == 201 and "sub_inference_name" in err.value.message
+    with pytest.raises(InfinibrainException) as err:
+        normalize_config(json.dumps([1]))
+    assert err.value.code == 200
+
+
+def test_paths_stay_inside_the_container(tmp_path):
+    assert safe_join(tmp_path, "/etc/cop/") == tmp_path / "etc/cop"
+    assert safe_join(tmp_path, "a/../b") == tmp_path / "b"
+    assert safe_join(tmp_path, "/") == tmp_path / "."
+    for bad in ("..", "../x", "/a/../../x"):
+        with pytest.raises(InfinibrainException):
+            safe_join(tmp_path, bad)
