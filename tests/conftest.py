@@ -52,8 +52,8 @@ class ManagerProcess:
         self.state_dir = tmp / "state"
         self.config_path = tmp / "manager.toml"
         self.log_path = tmp / "manager.log"
-        lines = ["[manager]", f"port = {self.port}", f'state_dir = "{self.state_dir}"', 'log_level = "DEBUG"']
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in manager.items()]
+        settings = {"port": self.port, "state_dir": str(self.state_dir), "log_level": "DEBUG", **manager}
+        lines = ["[manager]"] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in settings.items()]
         for b in boards:
             lines += ["[[coprocessor]]", f'name = "{b}"']
         self.config_path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,31 @@
+# infinibrain: make demo (set up, run the quick start), make test (run the tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+examples/models/classifier/weights.npz: examples/models/make_weights.py examples/models/classifier/model.py | setup
+	$(PY) examples/models/make_weights.py
+
+demo: setup examples/models/classifier/weights.npz
+	PY=$(PY) scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_infer.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache build *.egg-info examples/models/classifier/weights.npz

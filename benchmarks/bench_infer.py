@@ -1,0 +1,223 @@
+"""infer_image through the manager against a raw pyzmq two-hop baseline, same payloads.
+
+Baseline: client DEALER -> broker (a Python poll loop, ROUTER in / DEALER out) -> worker
+DEALER, and back; every payload frame zero-copy, the worker answers a small msgpack map,
+exactly what our ``Loop`` container answers. Ours: AICluster -> manager -> ``Loop``
+container, and back. Both run here, on 127.0.0.1, one after the other, with the same
+images. For each payload it reports p50/p99 latency of one request at a time, and the
+throughput with WINDOW requests in flight, then the ratios (ours / baseline).
+
+    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--json PATH]
+
+Every loop is bounded in count and in time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import ManagerProcess  # noqa: E402  (the same real-manager harness as the tests)
+
+from infinibrain import AICluster, ContainerConfig  # noqa: E402
+
+PAYLOADS = {"224x224x3": (224, 224, 3), "1920x1080x3": (1080, 1920, 3)}
+WINDOW = 8
+
+
+# ---- the baseline ---------------------------------------------------------------------
+
+
+def baseline_broker(front: int, back: int, stop_after: float) -> None:
+    ctx = zmq.Context()
+    fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    fe.bind(f"tcp://127.0.0.1:{front}")
+    be.bind(f"tcp://127.0.0.1:{back}")
+    poller = zmq.Poller()
+    poller.register(fe, zmq.POLLIN)
+    poller.register(be, zmq.POLLIN)
+    deadline = time.monotonic() + stop_after
+    while time.monotonic() < deadline:
+        for sock, _ in poller.poll(100):
+            frames = sock.recv_multipart(copy=False)
+            (be if sock is fe else fe).send_multipart(frames, copy=False)
+
+
+def baseline_worker(back: int, stop_after: float) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{back}")
+    deadline = time.monotonic() + stop_after
+    while time.monotonic() < deadline:
+        if not s.poll(100):
+            continue
+        frames = s.recv_multipart(copy=False)
+        ident, header, payload = frames[0], msgpack.unpackb(frames[1].bytes), frames[2]
+        answer = {"bytes": len(payload), "shape": header["shape"], "dtype": header["dtype"], "param": {}, "sub_inference_name": "x"}
+        s.send_multipart([ident, frames[1], msgpack.packb(answer)], copy=False)
+
+
+class Baseline:
+    def __init__(self, port: int, stop_after: float) -> None:
+        self.procs = [
+            mp.Process(target=baseline_broker, args=(port, port + 1, stop_after), daemon=True),
+            mp.Process(target=baseline_worker, args=(port + 1, stop_after), daemon=True),
+        ]
+        for p in self.procs:
+            p.start()
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+        time.sleep(0.5)
+
+    def send(self, image: np.ndarray, n: int) -> None:
+        header = msgpack.packb({"n": n, "shape": list(image.shape), "dtype": image.dtype.str})
+        self.sock.send_multipart([header, image], copy=False)
+
+    def recv(self) -> dict:
+        frames = self.sock.recv_multipart(copy=False)
+        return msgpack.unpackb(frames[1].bytes)
+
+    def one(self, image: np.ndarray) -> dict:
+        self.send(image, 0)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+        for p in self.procs:
+            p.terminate()
+            p.join(5)
+
+
+# ---- measurement --------------------------------------------------------------------------
+
+
+def latency(call, image: np.ndarray, count: int, seconds: float) -> dict:
+    for _ in range(min(20, count)):  # warm up
+        call(image)
+    samples = []
+    deadline = time.monotonic() + seconds
+    while len(samples) < count and time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        call(image)
+        samples.append(time.perf_counter() - t0)
+    ms = np.array(samples) * 1000
+    return {"n": len(samples), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def throughput_baseline(b: Baseline, image: np.ndarray, count: int, seconds: float) -> dict:
+    sent = done = 0
+    deadline = time.monotonic() + seconds
+    t0 = time.perf_counter()
+    while done < count and time.monotonic() < deadline:
+        while sent - done < WINDOW and sent < count:
+            b.send(image, sent)
+            sent += 1
+        if b.sock.poll(1000):
+            b.recv()
+            done += 1
+    while done < sent and b.sock.poll(2000):  # drain what is still in flight
+        b.recv()
+        done += 1
+    elapsed = time.perf_counter() - t0
+    return {"n": done, "req_s": done / elapsed, "MB_s": done * image.nbytes / elapsed / 1e6}
+
+
+def throughput_ours(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> dict:
+    import threading
+
+    slots = threading.Semaphore(WINDOW)
+    finished = threading.Event()
+    state = {"done": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def on_result(code, message, result, response):
+        with lock:
+            state["done"] += 1
+            state["errors"] += code != 0
+            if state["done"] == sent_total[0] and stop[0]:
+                finished.set()
+        slots.release()
+
+    sent_total, stop = [0], [False]
+    deadline = time.monotonic() + seconds
+    t0 = time.perf_counter()
+    while sent_total[0] < count and time.monotonic() < deadline:
+        if not slots.acquire(timeout=5):
+            break
+        cluster.infer_image_async(name, image, func=on_result)
+        sent_total[0] += 1
+    with lock:
+        stop[0] = True
+        if state["done"] == sent_total[0]:
+            finished.set()
+    finished.wait(30)
+    elapsed = time.perf_counter() - t0
+    done = state["done"] - state["errors"]
+    return {"n": done, "errors": state["errors"], "req_s": done / elapsed, "MB_s": done * image.nbytes / elapsed / 1e6}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (large images: a tenth)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time bound per measurement")
+    parser.add_argument("--json", help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ib-bench-"))
+    manager = ManagerProcess(tmp, boards=("local",), log_level="WARNING").start()
+    cluster = manager.client()
+    cluster.load_inference(ContainerConfig(name="bench", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "local")
+    from conftest import free_base_port
+
+    baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds)
+    report = {"window": WINDOW, "payloads": {}}
+    try:
+        rng = np.random.default_rng(0)
+        for label, shape in PAYLOADS.items():
+            image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            count = args.requests if image.nbytes < 1_000_000 else max(50, args.requests // 10)
+            assert baseline.one(image)["bytes"] == image.nbytes
+            assert cluster.infer_image("bench", image)["bytes"] == image.nbytes
+            row = {
+                "baseline": {**latency(baseline.one, image, count, args.seconds), **throughput_baseline(baseline, image, count, args.seconds)},
+                "ours": {**latency(lambda im: cluster.infer_image("bench", im), image, count, args.seconds),
+                         **throughput_ours(cluster, "bench", image, count, args.seconds)},
+            }
+            b, o = row["baseline"], row["ours"]
+            row["ratio"] = {
+                "p50": o["p50_ms"] / b["p50_ms"],
+                "p99": o["p99_ms"] / b["p99_ms"],
+                "throughput": o["MB_s"] / b["MB_s"],
+            }
+            report["payloads"][label] = row
+            print(f"{label:>12}  {'':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'MB/s':>9}")
+            for who in ("baseline", "ours"):
+                r = row[who]
+                print(f"{'':>12}  {who:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['req_s']:9.1f} {r['MB_s']:9.1f}")
+            ratio = row["ratio"]
+            print(f"{'':>12}  ratio    p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline\n")
+    finally:
+        baseline.close()
+        cluster.unload_inference("bench")
+        cluster.release()
+        manager.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork" if sys.platform == "linux" else "spawn")
+    sys.exit(main())
