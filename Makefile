@@ -22,7 +22,8 @@ demo: setup examples/models/classifier/weights.npz
 	PY=$(PY) scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$status
 
 bench: setup
 	$(PY) benchmarks/bench_infer.py
