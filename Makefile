@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'

@@ -295,3 +295,22 @@ def test_loop_and_other_implementation_types(cluster, manager, name):
         proc.kill()
         proc.wait()
     cluster.unload_inference(other)
+
+
+def test_a_slow_deployment_does_not_hold_up_requests(cluster, name):
+    cluster.load_inference(echo_config(name), "local")
+    loaded = threading.Event()
+    outcome = []
+    cluster.load_inference_async(echo_config(name + "s", run_command="python slowstart.py"), "local",
+                                 func=lambda code, msg, cmd, result: (outcome.append(code), loaded.set()))
+    served_while_loading = 0
+    deadline = time.monotonic() + 30
+    while not loaded.is_set() and time.monotonic() < deadline:
+        assert cluster.infer(name, b"x")[0]["shape"] == [1]
+        served_while_loading += 1 if not loaded.is_set() else 0
+    assert loaded.wait(30) and outcome == [0]
+    # The load took three seconds; requests to the other inference went on meanwhile.
+    assert served_while_loading >= 10
+    assert cluster.infer(name + "s", b"y")[0] == "slow ready"
+    cluster.unload_inference(name + "s")
+    cluster.unload_inference(name)

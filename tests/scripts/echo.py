@@ -6,8 +6,6 @@ Every answer says which process and module served it, and how many requests it w
 serving at the same time (to check max_send_num).
 """
 import os
-import sys
-import threading
 import time
 
 import numpy as np
