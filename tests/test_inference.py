@@ -1,11 +1,9 @@
 """Inference through a real manager and real process containers."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
 
 import pytest
@@ -52,7 +50,6 @@ def test_registrations_survive_sigterm_and_sigkill(fresh_manager, name):
     c = m.client()
     handlers = c.get_container_handler(name)
     assert sorted(h.allocated_coprocessor for h in handlers) == ["b2", "local"]
-    statuses = {s.allocated_coprocessor: s for s in c.get_container_status(name)}
     wait_for(lambda: all(s.connect_status == "connected" for s in c.get_container_status(name)), timeout=20)
     served = {c.infer(name, b"x")[0]["board"] for _ in range(6)}
     assert served == {"b2"}  # distribution off on "local" was remembered
@@ -128,7 +125,7 @@ def test_connect_aicluster_and_release(fresh_manager):
 
 
 def test_reload_from_the_inference_config_file(cluster, manager, name):
-    handler = cluster.load_inference(echo_config(name, max_send_num=2), "local")
+    cluster.load_inference(echo_config(name, max_send_num=2), "local")
     path = manager.state_dir / "inferences" / f"{name}.json"
     data = json.loads(path.read_text())
     assert data["name"] == name and data["config"]["max_send_num"] == 2 and "local" in data["boards"]

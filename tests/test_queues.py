@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -101,7 +100,7 @@ def test_delete_queue_own_other_and_forced(cluster, manager, name):
     handler = cluster.load_inference(echo_config(name), "local")
     handler.stop_distribution()  # everything waits
     got, cb = collector()
-    mine = [cluster.infer_async(name, b"x", func=cb) for _ in range(2)]
+    [cluster.infer_async(name, b"x", func=cb) for _ in range(2)]
     child = subprocess.Popen([sys.executable, "-c", QUEUER, str(manager.port), name], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "queued"

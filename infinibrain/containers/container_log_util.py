@@ -32,7 +32,6 @@ def log_setting(logger_name: str, level: int = logging.DEBUG) -> None:
 
 
 def _get() -> logging.Logger:
-    global _logger
     if _logger is None:
         log_setting(DEFAULT_NAME, logging.DEBUG)
     assert _logger is not None
