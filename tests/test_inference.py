@@ -242,3 +242,28 @@ def test_two_client_processes_at_once(cluster, manager, name):
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert outs == ["50", "50"]
     cluster.unload_inference(name)
+
+
+def test_set_logger_routes_the_sdks_logging(cluster, name):
+    import logging
+
+    assert isinstance(cluster.get_logger(), logging.Logger)
+    records = []
+    mine = logging.getLogger(f"app.{name}")
+    mine.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+    cluster.set_logger(mine)
+    assert cluster.get_logger() is mine
+    with pytest.raises(InvalidArgumentException):
+        cluster.set_logger("not a logger")
+    cluster.load_inference(echo_config(name), "local")
+    done = threading.Event()
+
+    def bad(*args):
+        done.set()
+        raise RuntimeError("application bug")
+
+    cluster.infer_async(name, b"x", func=bad)
+    assert done.wait(10)
+    wait_for(lambda: records)
+    assert "raised" in records[0].getMessage() and records[0].exc_info[0] is RuntimeError
+    cluster.unload_inference(name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -155,3 +156,42 @@ def test_reload_from_the_inference_config_file(cluster, manager, name):
         cluster.reload_inference(name)
     assert err.value.code == 205
     cluster.unload_inference(name)
+
+
+def test_one_dead_path_is_111_naming_it():
+    """A peer that answers the management path's hello but not the inference path's."""
+    import zmq
+
+    from conftest import free_base_port
+    from infinibrain import AICluster
+    from infinibrain import protocol as P
+
+    port = free_base_port()
+    ctx = zmq.Context()
+    mgmt = ctx.socket(zmq.SUB)
+    mgmt.subscribe(b"")
+    mgmt.bind(f"tcp://127.0.0.1:{port + P.MGMT_IN}")
+    out = ctx.socket(zmq.PUB)
+    out.bind(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
+    stop = threading.Event()
+
+    def half_manager() -> None:  # the inference port (port+0) is never bound
+        while not stop.is_set():
+            if mgmt.poll(50):
+                msg = P.decode(mgmt.recv_multipart())
+                if msg.kind == P.HELLO:
+                    out.send_multipart(P.encode(P.client_topic(msg.header["cid"]), P.HELLO_ACK,
+                                                {"path": msg.header["path"], "mid": "half", "hb": 0.5}))
+
+    t = threading.Thread(target=half_manager, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ConnectionFailedException) as err:
+            AICluster(port=port, timeout=1.5)
+        assert err.value.code == 111 and f"inference port {port}" in err.value.message
+    finally:
+        stop.set()
+        t.join(5)
+        mgmt.close(0)
+        out.close(0)
+        ctx.term()
