@@ -266,7 +266,8 @@ class Commands:
 
     def _unregister(self, name: str) -> concurrent.futures.Future:
         self.router.registrations.pop(name, None)
-        self.router.queues.pop(name, None)
+        for req in self.router.queues.pop(name, ()):  # nothing may be left unanswered
+            self.router.fail(req.client, req.rid, 400, detail=f"inference {name!r} was unloaded while the request waited")
         for cid in [c.id for c in self.router.containers.values() if c.inference == name]:
             self.router.containers.pop(cid, None)
         return self.deployer.persist(name)

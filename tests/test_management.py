@@ -314,3 +314,19 @@ def test_a_slow_deployment_does_not_hold_up_requests(cluster, name):
     assert cluster.infer(name + "s", b"y")[0] == "slow ready"
     cluster.unload_inference(name + "s")
     cluster.unload_inference(name)
+
+
+
+def test_requests_waiting_for_a_load_that_fails_are_answered(cluster, name):
+    outcome = []
+    loaded = threading.Event()
+    answered = threading.Event()
+    cluster.load_inference_async(echo_config(name, run_command="python slowfail.py", send_timeout=60000), "local",
+                                 func=lambda code, msg, cmd, result: (outcome.append((code, msg)), loaded.set()))
+    wait_for(lambda: name in [h.name for h in cluster.get_container_handler()], timeout=10)
+    got = []
+    cluster.infer_async(name, b"x", func=lambda code, msg, result, resp: (got.append((code, msg)), answered.set()))
+    assert loaded.wait(30) and answered.wait(30)
+    assert outcome[0][0] == 302 and "exited with status 5" in outcome[0][1]
+    assert got == [(400, got[0][1])] and "unloaded" in got[0][1]
+    assert name not in [h.name for h in cluster.get_container_handler()]
