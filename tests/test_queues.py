@@ -30,7 +30,7 @@ def collector():
 def test_credits_hold_requests_in_the_manager(cluster, name):
     cluster.load_inference(echo_config(name, max_send_num=1), "local")
     got, cb = collector()
-    rids = [cluster.infer_async(name, b"x", {"sleep": 0.4}, func=cb) for _ in range(4)]
+    rids = [cluster.infer_async(name, b"x", {"sleep": 1.0}, func=cb) for _ in range(4)]
     time.sleep(0.2)
     status = cluster.get_container_status(name)[0]
     assert status.send_data_num == 1 and status.queue_num == 3 and status.operate == "Busy"
