@@ -56,7 +56,7 @@ def report_async(client: "ClusterClient", name: str, error: InfinibrainException
     from ._client import next_request_no
 
     callback = manage_callback_for(client, func)
-    client._callbacks.put((callback, (error.code, error.message, name, None)))
+    client.deliver(callback, error.code, error.message, name, None)
     return next_request_no()
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol as P
-from .errors import InfinibrainException, error_from_code, format_message, make_error
+from .errors import error_from_code, format_message, make_error
 from .types import InferenceResponse
 
 log = logging.getLogger("infinibrain.client")
@@ -204,6 +204,10 @@ class ClusterClient:
             raise
         return p
 
+    def deliver(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the callback thread."""
+        self._callbacks.put((fn, args))
+
     def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None) -> None:
         if code == 0:
             p.future.set_result((result, response) if p.kind == "infer" else result)
@@ -212,7 +216,7 @@ class ClusterClient:
             exc.response = response  # type: ignore[attr-defined]
             p.future.set_exception(exc)
         if p.on_done is not None:
-            self._callbacks.put((p.on_done, (code, message, result if code == 0 else None, response)))
+            self.deliver(p.on_done, code, message, result if code == 0 else None, response)
 
     def _fail_all(self, infer_code: int, why: str) -> None:
         for rid in list(self._pending):
@@ -316,7 +320,7 @@ class ClusterClient:
             if self.infer_callback is not None:
                 result = P.unpack_value(msg.payload[0]) if msg.payload else None
                 response = InferenceResponse.from_dict(h.get("resp"))
-                self._callbacks.put((self.infer_callback, (0, "", result, response)))
+                self.deliver(self.infer_callback, 0, "", result, response)
         else:
             self._event(int(h.get("code") or 0), h.get("msg") or "", h.get("what") or "", h.get("info"))
 
@@ -342,7 +346,7 @@ class ClusterClient:
 
     def _event(self, code: int, message: str, cmd: str, result: Any) -> None:
         if self.manage_callback is not None:
-            self._callbacks.put((self.manage_callback, (code, message, cmd, result)))
+            self.deliver(self.manage_callback, code, message, cmd, result)
 
     def _timers(self) -> None:
         if self._closed:
@@ -392,4 +396,4 @@ class ClusterClient:
                 self.logger.exception("callback %s raised", getattr(fn, "__name__", fn))
 
 
-__all__ = ["ClusterClient", "Pending", "InfinibrainException", "next_request_no"]
+__all__ = ["ClusterClient", "Pending", "next_request_no"]

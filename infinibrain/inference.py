@@ -14,11 +14,10 @@ from ._client import ClusterClient, Pending
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
 from .errors import InfinibrainException, argument_error, make_error
-from .types import ContainerConfig, ContainerStatus, CoprocessorImages, InferenceResponse, QueueInfo, _plain
+from .types import FILE_INFO_KEYS, ContainerConfig, ContainerStatus, CoprocessorImages, InferenceResponse, QueueInfo, _plain
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5570
-FILE_INFO_KEYS = ("script", "model", "file", "To")
 
 
 class AICluster:

@@ -179,6 +179,9 @@ class ContainerDistributionStatus(_Wire):
     distribution: str = "on"
 
 
+# The keys put_file's file_info may have (the reference leaves them open; docs/DECISIONS.md).
+FILE_INFO_KEYS = ("script", "model", "file", "To")
+
 # Attributes of ContainerHandler (§7.5), shared with the manager's container records.
 CONTAINER_HANDLER_FIELDS = (
     "name",
@@ -210,4 +213,5 @@ __all__ = [
     "InferenceResponse",
     "QueueInfo",
     "CONTAINER_HANDLER_FIELDS",
+    "FILE_INFO_KEYS",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException, format_message, make_error
-from infinibrain.types import CONTAINER_HANDLER_FIELDS
+from infinibrain.types import CONTAINER_HANDLER_FIELDS, FILE_INFO_KEYS
 
 from .boards import Board
 from .deployer import Deployer, container_id
@@ -27,8 +27,6 @@ from .state import Client, Container
 from .validate import normalize_config
 
 log = logging.getLogger(__name__)
-
-FILE_INFO_KEYS = ("script", "model", "file", "To")
 
 
 @dataclass

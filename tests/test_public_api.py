@@ -115,12 +115,8 @@ def test_handler_attributes():
                                  "allocated_coprocessor", "max_send_num", "host_location", "implementation_type", "input",
                                  "output", "send_timeout", "wait_queue_timeout", "script_path", "inference_modules", "copy"]
     assert CoprocessorHandler(None, "b", "1.2.3.4").to_dict() == {"name": "b", "ip": "1.2.3.4"}
-    assert ContainerConfig_defaults() == ("docker", False, None)
-
-
-def ContainerConfig_defaults():
-    c = infinibrain.ContainerConfig(name="x")
-    return c.implementation_type, c.force_update, c.max_send_num
+    config = infinibrain.ContainerConfig(name="x")
+    assert (config.implementation_type, config.force_update, config.max_send_num) == ("docker", False, None)
 
 
 CODES = {
