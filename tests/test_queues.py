@@ -81,7 +81,6 @@ def test_answer_timeout_is_401_and_the_container_goes_on(cluster, name):
         cluster.infer(name, b"x", {"sleep": 1.5})
     assert err.value.code == 401 and time.monotonic() - started < 1.4
     # The container finishes the late request on its own time; then it serves again.
-    wait_for(lambda: cluster.get_container_status(name)[0].operate == "Free")
 
     def served() -> bool:
         try:
