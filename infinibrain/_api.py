@@ -42,6 +42,15 @@ def run_async(client: "ClusterClient", call: Call, func: Callable | None) -> str
     return client.command(call.cmd, call.args, on_done=done).rid
 
 
+def attached_client(cluster: Any, what: str) -> "ClusterClient":
+    """The connected client of the AICluster a handler came from (111 if none)."""
+    if cluster is None:
+        from .errors import make_error
+
+        raise make_error(111, detail=f"this {what} is not attached to an AICluster")
+    return cluster._connected_client()
+
+
 def manage_callback_for(client: "ClusterClient", func: Callable | None) -> Callable:
     callback = func or client.manage_callback
     if callback is None:

@@ -43,11 +43,7 @@ class ContainerHandler:
         return Call(name, f"container_{name}", self._where(), ContainerStatus.from_dict)
 
     def _client(self):
-        if self._cluster is None:
-            from .errors import make_error
-
-            raise make_error(111, detail="this ContainerHandler is not attached to an AICluster")
-        return self._cluster._connected_client()
+        return _api.attached_client(self._cluster, "ContainerHandler")
 
     def start_distribution(self, inference_name: str = "") -> ContainerDistributionStatus:
         """Enable distribution of requests to this container."""

@@ -27,11 +27,7 @@ class CoprocessorHandler:
         return {"name": self.name, "ip": self.ip}
 
     def _client(self):
-        if self._cluster is None:
-            from .errors import make_error
-
-            raise make_error(111, detail="this CoprocessorHandler is not attached to an AICluster")
-        return self._cluster._connected_client()
+        return _api.attached_client(self._cluster, "CoprocessorHandler")
 
     def _distribution(self, name: str, inference_name: str, on: bool) -> Call:
         _api.require_str(inference_name, "inference_name", allow_empty=True)

@@ -264,8 +264,9 @@ class Commands:
 
     def _unregister(self, name: str) -> concurrent.futures.Future:
         self.router.registrations.pop(name, None)
-        for req in self.router.queues.pop(name, ()):  # nothing may be left unanswered
+        for req in self.router.take_waiting(lambda r: True, name):
             self.router.fail(req.client, req.rid, 400, detail=f"inference {name!r} was unloaded while the request waited")
+        self.router.queues.pop(name, None)
         for cid in [c.id for c in self.router.containers.values() if c.inference == name]:
             self.router.containers.pop(cid, None)
         return self.deployer.persist(name)
@@ -467,12 +468,7 @@ class Commands:
                 raise make_error(308, detail=f"the queue of pid {pid} belongs to another process; use force_delete=True")
             matches = [r for r in matches if r.pid == client.pid]
         doomed = set(map(id, matches))
-        for name, waiting in self.router.queues.items():
-            kept = [r for r in waiting if id(r) not in doomed]
-            if len(kept) != len(waiting):
-                waiting.clear()
-                waiting.extend(kept)
-        for r in matches:
+        for r in self.router.take_waiting(lambda r: id(r) in doomed):
             self.router.fail(r.client, r.rid, 306, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
         return self._queue_info([r for w in self.router.queues.values() for r in w])
 

@@ -261,8 +261,6 @@ class Router:
             arr=h.get("arr"),
             payload=msg.payload,
             time_stamp=stamps,
-            queued_at=now,
-            queued_wall=time.time(),
             send_deadline=now + send_timeout,
             answer_timeout=answer_timeout,
         )
@@ -271,6 +269,21 @@ class Router:
         self.pump(name)
 
     # ---- distribution --------------------------------------------------------------
+
+    def take_waiting(self, keep_out: Callable[[Request], bool], name: str = "") -> list[Request]:
+        """Remove and return the waiting requests (of inference ``name``, "" = all) that
+        ``keep_out`` selects. The caller answers them: nothing may be left unanswered."""
+        taken: list[Request] = []
+        for n, waiting in self.queues.items():
+            if name and n != name:
+                continue
+            chosen = [r for r in waiting if keep_out(r)]
+            if chosen:
+                kept = [r for r in waiting if not keep_out(r)]
+                waiting.clear()
+                waiting.extend(kept)
+                taken.extend(chosen)
+        return taken
 
     def pump(self, name: str) -> None:
         """Send waiting requests of inference ``name`` to containers that can take them."""
@@ -348,11 +361,10 @@ class Router:
                 self._ping(c)
             elif c.connected:
                 self.pump(c.inference)
+        elif c.subs == {sub}:  # its last subscription: the container is gone
+            self.container_lost(c.id, "its connection closed")
         else:
-            was_connected = c.connected
             c.subs.discard(sub)
-            if not c.subs:
-                self.container_lost(c.id, "its connection closed", was_connected)
 
     def _ping(self, c: Container) -> None:
         c.last_ping = time.monotonic()
@@ -427,13 +439,12 @@ class Router:
             copy=False,
         )
 
-    def container_lost(self, cid: str, why: str, was_connected: bool | None = None) -> None:
+    def container_lost(self, cid: str, why: str) -> None:
         """Container ``cid`` is gone: its requests end with 402, and 114 is announced."""
         c = self.containers.get(cid)
         if c is None:
             return
-        if was_connected is None:
-            was_connected = c.connected
+        was_connected = c.connected
         c.hello = False
         c.subs.clear()
         c.connected_event.clear()
@@ -488,9 +499,6 @@ class Router:
         limit = self.config.client_timeout_ms / 1000
         for cid in [cid for cid, cl in self.clients.items() if now - cl.last_seen > limit]:
             del self.clients[cid]
-            for waiting in self.queues.values():
-                kept = [r for r in waiting if r.client != cid]
-                if len(kept) != len(waiting):
-                    log.info("dropped %d queued requests of silent client %s", len(waiting) - len(kept), cid)
-                    waiting.clear()
-                    waiting.extend(kept)
+            dropped = self.take_waiting(lambda r: r.client == cid)  # nobody is left to answer
+            if dropped:
+                log.info("dropped %d queued requests of silent client %s", len(dropped), cid)

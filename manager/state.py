@@ -27,12 +27,15 @@ class Request:
     arr: Any  # array description, or None for bytes
     payload: list
     time_stamp: list
-    queued_at: float  # monotonic
-    queued_wall: float
     send_deadline: float
     answer_timeout: float
     answer_deadline: float = 0.0
     container: str | None = None
+
+    @property
+    def queued_wall(self) -> float:
+        """When the manager accepted it (wall clock), from its time stamps."""
+        return next(t for stage, t in self.time_stamp if stage == "manager_receive")
 
     @property
     def nbytes(self) -> int:
