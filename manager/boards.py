@@ -1,6 +1,6 @@
 """Boards: where containers run. A board is its configuration plus one runtime per
 implementation type; the transport ("local" now, "ssh" for remote boards) decides which
-runtimes it can offer.
+runtimes it can offer. Boards on one Docker engine share one ``Engine``.
 """
 from __future__ import annotations
 
@@ -9,28 +9,30 @@ import logging
 from infinibrain.errors import make_error
 
 from .config import BoardConfig, ManagerConfig
-from .runtimes.external import ExternalRuntime, UnavailableRuntime
+from .runtimes.docker_runtime import DockerRuntime
+from .runtimes.engine import Engine
+from .runtimes.external import ExternalRuntime
 from .runtimes.process import LoopRuntime, ProcessRuntime
 
 log = logging.getLogger(__name__)
 
 
 class Board:
-    def __init__(self, config: BoardConfig, manager: ManagerConfig) -> None:
+    def __init__(self, config: BoardConfig, manager: ManagerConfig, engine: Engine | None) -> None:
         self.config = config
         self.name = config.name
+        self.engine = engine
         stop_timeout = manager.container_stop_timeout_ms / 1000
+        self.runtimes = {}
         if config.transport == "local":
-            engine = "this build has no Docker runtime yet; use implementation_type 'process'"
             self.runtimes = {
                 "process": ProcessRuntime(stop_timeout),
                 "Loop": LoopRuntime(stop_timeout),
                 "other": ExternalRuntime(stop_timeout),
-                "docker": UnavailableRuntime("docker", engine),
-                "nvidia": UnavailableRuntime("nvidia", engine),
             }
-        else:
-            self.runtimes = {}
+        if engine is not None:
+            self.runtimes["docker"] = DockerRuntime("docker", engine, stop_timeout)
+            self.runtimes["nvidia"] = DockerRuntime("nvidia", engine, stop_timeout)
 
     @property
     def ip(self) -> str:
@@ -44,4 +46,17 @@ class Board:
 
 
 def make_boards(config: ManagerConfig) -> dict[str, Board]:
-    return {b.name: Board(b, config) for b in config.boards}
+    engines: dict[str, Engine] = {}
+    boards = {}
+    for b in config.boards:
+        engine = None
+        if b.transport == "local":
+            probe = Engine(b.docker_host, str(config.port), config.engine_timeout_ms / 1000)
+            engine = engines.setdefault(probe.url, probe)
+        boards[b.name] = Board(b, config, engine)
+    return boards
+
+
+def close_boards(boards: dict[str, Board]) -> None:
+    for engine in {id(b.engine): b.engine for b in boards.values() if b.engine is not None}.values():
+        engine.close()

@@ -228,27 +228,40 @@ class Commands:
         name = cfg["name"]
         for board in boards:  # refuse early what a board cannot run
             self.boards[board].runtime(cfg["implementation_type"])
-        created, written = self.router.call(self._register, cfg, boards)
+        created, replaced, written = self.router.call(self._register, cfg, boards)
         written.result(30)
+        if replaced:  # new settings: the containers made from the old ones go first
+            for board in replaced:
+                self.deployer.halt(container_id(name, board))
+            boards = list(dict.fromkeys([*replaced, *boards]))
         try:
             for board in boards:
                 self.deployer.launch(name, board, rebuild=True)
         except BaseException:
             if created:  # leave nothing half-made behind
-                for board in boards:
-                    self.deployer.halt(container_id(name, board), remove_files=True, forget=True)
-                self.router.call(self._unregister, name).result(30)
+                self._roll_back(name, boards)
             raise
         return self.router.call(self._handlers, name)
 
-    def _register(self, cfg: dict, boards: list[str]) -> tuple[bool, concurrent.futures.Future]:
-        """Router thread: record the registration; (is it new, its write)."""
+    def _roll_back(self, name: str, boards: list[str]) -> None:
+        """Undo a new registration whose load failed, as far as the boards let us."""
+        for board in boards:
+            try:
+                self.deployer.halt(container_id(name, board), remove_files=True, forget=True)
+            except Exception as exc:  # e.g. the board's engine is down: nothing was made there
+                log.warning("rolling back %s on %s: %s", name, board, exc)
+        self.router.call(self._unregister, name).result(30)
+
+    def _register(self, cfg: dict, boards: list[str]) -> tuple[bool, list[str], concurrent.futures.Future]:
+        """Router thread: record the registration; (is it new, the boards whose containers
+        run on replaced settings, its write)."""
         name = cfg["name"]
         existing = self.router.registrations.get(name)
         if existing is None:
             self.router.registrations[name] = Registration(name, cfg, {b: Placement() for b in boards})
-            return True, self.deployer.persist(name)
+            return True, [], self.deployer.persist(name)
         old = existing.config
+        replaced: list[str] = []
         if old.get("image_tag") != cfg.get("image_tag") and not cfg["force_update"]:
             raise make_error(203, old.get("image_tag"), cfg.get("image_tag"))
         if _settings(old) != _settings(cfg):
@@ -258,9 +271,10 @@ class Commands:
             if busy:
                 raise make_error(303, detail=busy)
             existing.config = cfg
+            replaced = [b for b, p in existing.boards.items() if p.running]
         for board in boards:
             existing.boards.setdefault(board, Placement())
-        return False, self.deployer.persist(name)
+        return False, replaced, self.deployer.persist(name)
 
     def _unregister(self, name: str) -> concurrent.futures.Future:
         self.router.registrations.pop(name, None)
@@ -275,9 +289,26 @@ class Commands:
         targets = self.router.call(self._unload_targets, args)
         for name, boards in targets.items():
             for board in boards:
-                self.deployer.halt(container_id(name, board), remove_files=bool(args.get("delete_image", True)), forget=True)
+                c = self.router.call(self.router.containers.get, container_id(name, board))
+                self.deployer.halt(container_id(name, board), remove_files=True, forget=True)
+                if c is not None and args.get("delete_image", True):
+                    self._delete_image(c)
             self.router.call(self._drop_placements, name, boards).result(30)
         return self.router.call(self._handlers)
+
+    def _delete_image(self, gone: Container) -> None:
+        """Remove ``gone``'s image unless another inference on the same engine still uses it."""
+        tag = gone.spec.config.get("image_tag")
+        engine = self.boards[gone.board].engine
+
+        def used_elsewhere() -> bool:
+            return any(
+                c is not gone and c.spec.config.get("image_tag") == tag and self.boards[c.board].engine is engine
+                for c in self._containers_of()
+            )
+
+        if tag and engine is not None and not self.router.call(used_elsewhere):
+            gone.runtime.remove_image(gone.spec)
 
     def _unload_targets(self, args: dict) -> dict[str, list[str]]:
         """Router thread: inference -> boards to unload it from; 303 if that would cut requests."""
@@ -408,9 +439,22 @@ class Commands:
         return [self._images(board)]
 
     def _images(self, board: Board) -> dict:
-        """A board's images. A process container's image is its working directory."""
+        """A board's images: its Docker engine's, and the working directory of each
+        process container (which is what such a container is made from)."""
+        containers = self.router.call(self._containers_of, "", board.name)
         images = []
-        for c in self.router.call(self._containers_of, "", board.name):
+        uses_engine = any(c.runtime.kind in ("docker", "nvidia") for c in containers)
+        if board.engine is not None:
+            try:
+                with board.engine.errors(f"board {board.name!r}: listing images"):
+                    images = board.engine.images()
+            except InfinibrainException as exc:
+                if uses_engine or exc.code != 500:
+                    raise
+                log.debug("board %s has no Docker engine (%s); listing its process containers only", board.name, exc.message)
+        for c in containers:
+            if c.runtime.kind in ("docker", "nvidia"):
+                continue
             cfg = c.spec.config
             images.append(
                 {

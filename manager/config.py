@@ -35,6 +35,7 @@ class BoardConfig:
     ssh_user: str = ""
     ssh_key: str = ""
     work_dir: str = ""  # where containers' working directories live; "" = under state_dir
+    docker_host: str = ""  # the board's Docker engine; "" = $DOCKER_HOST or the local socket
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ManagerConfig:
     default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
     container_start_timeout_ms: int = 30_000  # how long a load waits for its container to connect
     container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this
+    engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
     log_level: str = "INFO"
     boards: list[BoardConfig] = field(default_factory=list)
@@ -133,6 +135,7 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         "default_max_send_num",
         "container_start_timeout_ms",
         "container_stop_timeout_ms",
+        "engine_timeout_ms",
         "client_timeout_ms",
     ):
         if getattr(cfg, key) <= 0:

@@ -17,7 +17,7 @@ import threading
 import zmq
 
 from . import __version__
-from .boards import make_boards
+from .boards import close_boards, make_boards
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, load_config
 from .deployer import Deployer
@@ -55,6 +55,7 @@ class Manager:
         self.commands.close()
         self.deployer.close()
         self.router.close()
+        close_boards(self.boards)
         log.info("manager stopped")
 
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The Docker SDK's HTTP requests (a poll every half second) would drown our own lines.
+    for noisy in ("urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         manager = Manager(config)
     except zmq.ZMQError as exc:

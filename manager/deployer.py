@@ -108,15 +108,22 @@ class Deployer:
     # ---- slow work (worker threads) --------------------------------------------------------
 
     def launch(self, name: str, board_name: str, rebuild: bool = True) -> Container:
-        """Prepare and start ``name`` on ``board_name``; wait until it connects."""
+        """Prepare (when ``rebuild`` or never prepared) and start ``name`` on ``board_name``;
+        wait until it connects. A container made here that fails to start is removed again."""
         c: Container = self.router.call(self.record, name, board_name)
         if c.running and c.runtime.exited(c.spec) is None:
             return c
-        if rebuild or not c.spec.work_dir.exists():
+        made = rebuild or not c.runtime.prepared(c.spec)
+        if made:
             c.runtime.prepare(c.spec)
-        info = c.runtime.start(c.spec)
-        self.router.call(self._mark_started, c, info).result(30)
-        self._wait_connected(c)
+        try:
+            info = c.runtime.start(c.spec)
+            self.router.call(self._mark_started, c, info).result(30)
+            self._wait_connected(c)
+        except BaseException:
+            if made:
+                c.runtime.remove(c.spec)
+            raise
         return c
 
     def _wait_connected(self, c: Container) -> None:
@@ -164,7 +171,12 @@ class Deployer:
                 except Exception as exc:
                     log.error("cannot restore %s on %s: %s", name, board_name, exc)
                     continue
-                if c.runtime.adopt(c.spec, placement.pid, placement.pid_start):
+                try:
+                    adopted = c.runtime.adopt(c.spec, placement.pid, placement.pid_start)
+                except Exception as exc:  # e.g. the board's engine is down: try to start it later
+                    log.error("cannot look for %s on %s: %s", name, board_name, exc)
+                    adopted = False
+                if adopted:
                     c.running = placement.running = True
                 elif placement.running:
                     pool.submit(self._restart_logged, name, board_name)

@@ -13,6 +13,7 @@ from typing import Any
 from infinibrain.errors import make_error
 
 from .config import NAME_RE
+from .runtimes.run_options import parse_run_option
 
 IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
 MAX_SEND_NUM_LIMIT = 1024
@@ -90,12 +91,23 @@ def normalize_config(raw: Any) -> dict:
                 raise ValueError("it is empty")
         except ValueError as exc:
             raise param_error(f"run_command cannot be parsed: {exc}") from None
+    if cfg["implementation_type"] in ("docker", "nvidia"):
+        _check_docker(cfg)
     if cfg["script_path"] is not None:
         if not os.path.isabs(cfg["script_path"]):
             raise param_error(f"script_path must be an absolute path, got {cfg['script_path']!r}")
         if not os.path.isdir(cfg["script_path"]):
             raise param_error(f"script_path {cfg['script_path']!r} is not a directory on the main board")
     return cfg
+
+
+def _check_docker(cfg: dict) -> None:
+    """What a Docker container needs that can be checked without an engine."""
+    if not cfg["image_tag"]:
+        raise param_error(f"image_tag is required for implementation_type {cfg['implementation_type']!r}")
+    parse_run_option(cfg["run_option"])
+    if cfg["image_filename"] and cfg["image_path"] and not os.path.isabs(cfg["image_path"]):
+        raise param_error(f"image_path must be an absolute path, got {cfg['image_path']!r}")
 
 
 def _main_or_none(value: Any, key: str) -> str | None:

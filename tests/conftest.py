@@ -45,7 +45,7 @@ def free_base_port(count: int = 5) -> int:
 class ManagerProcess:
     """A real ``infinibrain-manager`` in a subprocess, with its own config and state."""
 
-    def __init__(self, tmp: Path, boards: tuple[str, ...] = ("local", "b2"), **manager: object) -> None:
+    def __init__(self, tmp: Path, boards: tuple[str, ...] = ("local", "b2"), board_settings: dict | None = None, **manager: object) -> None:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_base_port()
@@ -56,6 +56,7 @@ class ManagerProcess:
         lines = ["[manager]"] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in settings.items()]
         for b in boards:
             lines += ["[[coprocessor]]", f'name = "{b}"']
+            lines += [f"{k} = {v!r}".replace("'", '"') for k, v in (board_settings or {}).get(b, {}).items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
@@ -96,6 +97,11 @@ class ManagerProcess:
     def client(self, **kw) -> AICluster:
         return AICluster(port=self.port, **kw)
 
+    def cleanup(self) -> None:
+        """Remove what a stopped or killed manager left: container processes, Docker containers."""
+        kill_leftovers(self.state_dir)
+        remove_containers(self.port)
+
 
 def kill_leftovers(state_dir: Path) -> None:
     """Stop container processes a killed manager left behind (their pids are in the registry)."""
@@ -120,7 +126,7 @@ def manager(tmp_path_factory):
     m = ManagerProcess(tmp_path_factory.mktemp("manager")).start()
     yield m
     m.stop()
-    kill_leftovers(m.state_dir)
+    m.cleanup()
 
 
 @pytest.fixture
@@ -136,7 +142,7 @@ def fresh_manager(tmp_path):
     yield make
     for m in made:
         m.stop()
-        kill_leftovers(m.state_dir)
+        m.cleanup()
 
 
 @pytest.fixture
@@ -175,3 +181,90 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+# ---- Docker -------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_DOCKER = os.environ.get("INFINIBRAIN_REQUIRE_DOCKER") == "1"  # set by .ci/run: no skips
+
+
+def _docker_client():
+    import docker
+
+    client = docker.from_env(version="auto", timeout=300)
+    client.ping()
+    return client
+
+
+def _unavailable(reason: str):
+    if REQUIRE_DOCKER:
+        pytest.fail(f"Docker is required here (INFINIBRAIN_REQUIRE_DOCKER=1): {reason}")
+    pytest.skip(reason)
+
+
+class DockerKit:
+    """A Docker engine with infinibrain's images, and a ``docker save`` tar of the example
+    image under a tag of this test session's own (so loading it from the tar is real)."""
+
+    def __init__(self, client, folder: Path) -> None:
+        self.client = client
+        self.tag = f"ib-test/classifier:{uuid.uuid4().hex[:8]}"
+        image = client.images.get("infinibrain/example-classifier:latest")
+        image.tag(*self.tag.split(":"))
+        self.tar = folder / "classifier.tar"
+        with open(self.tar, "wb") as fh:
+            for chunk in client.images.get(self.tag).save(named=True):
+                fh.write(chunk)
+        client.images.remove(self.tag)  # the first load must come from the tar
+
+    def has_image(self, tag: str) -> bool:
+        import docker
+
+        try:
+            self.client.images.get(tag)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    def containers(self, manager: "ManagerProcess") -> list:
+        return self.client.containers.list(all=True, filters={"label": f"infinibrain.manager={manager.port}"})
+
+
+@pytest.fixture(scope="session")
+def docker_kit(tmp_path_factory):
+    """Install and start an engine if needed (scripts/engine.sh), build the images
+    (containers/build.py); skip with the reason where that cannot be done."""
+    started_here = False
+    try:
+        client = _docker_client()
+    except Exception:
+        out = subprocess.run([str(ROOT / "scripts" / "engine.sh"), "start"], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            _unavailable(f"no Docker engine and none could be started: {out.stderr.strip() or out.stdout.strip()}")
+        started_here = "starting dockerd" in out.stdout
+        try:
+            client = _docker_client()
+        except Exception as exc:
+            _unavailable(f"the Docker engine does not answer: {exc}")
+    build = subprocess.run([sys.executable, str(ROOT / "containers" / "build.py")], capture_output=True, text=True, timeout=1200)
+    if build.returncode != 0:
+        _unavailable(f"the images could not be built: {build.stderr.strip()[-1000:]}")
+    kit = DockerKit(client, tmp_path_factory.mktemp("images"))
+    yield kit
+    if kit.has_image(kit.tag):
+        client.images.remove(kit.tag)
+    client.close()
+    if started_here:
+        subprocess.run([str(ROOT / "scripts" / "engine.sh"), "stop"], timeout=60)
+
+
+def remove_containers(port: int) -> None:
+    """Remove the Docker containers of the manager on ``port`` (if there is an engine)."""
+    try:
+        client = _docker_client()
+    except Exception:
+        return
+    for c in client.containers.list(all=True, filters={"label": f"infinibrain.manager={port}"}):
+        c.remove(force=True)
+    client.close()

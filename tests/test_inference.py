@@ -134,7 +134,7 @@ def test_output_none_completes_when_taken(cluster, name):
     result, response = cluster.infer(name, b"12345")
     assert result is None and response.request_no
     handler = cluster.get_container_handler(name)[0]
-    work = cluster.get_coprocessor_images(name)[0].images[0]["path"]
+    work = next(i["path"] for i in cluster.get_coprocessor_images(name)[0].images if i.get("inference_name") == name)
     wait_for(lambda: (open(f"{work}/received.txt").read() if __import__("os").path.exists(f"{work}/received.txt") else ""))
     assert open(f"{work}/received.txt").read().split() == [response.request_no, "5"]
     assert handler.output is None

@@ -1,8 +1,9 @@
 """The runtime seam: how a container of one implementation type runs on one board.
 
-A runtime is small on purpose (prepare, start, adopt, stop, exited, stats, put_file,
-remove, logs); the router and the commands never know which one they talk to. The Docker
-and SSH runtimes slot in here.
+A runtime is small on purpose (prepare, prepared, start, adopt, stop, exited, stats,
+put_file, remove, remove_image, logs); the router and the commands never know which one
+they talk to: ``process``, ``Loop`` and ``other`` (runtimes/process.py, external.py) and
+``docker``/``nvidia`` (runtimes/docker_runtime.py) all answer the same calls.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class Runtime(Protocol):
     def prepare(self, spec: ContainerSpec) -> None:
         """Put the container's files in place (may be slow; never called on the router thread)."""
 
+    def prepared(self, spec: ContainerSpec) -> bool:
+        """Whether what ``prepare`` makes is there, made from these settings."""
+
     def start(self, spec: ContainerSpec) -> RunInfo:
         """Start the container; raise a numbered error if it cannot start."""
 
@@ -59,6 +63,9 @@ class Runtime(Protocol):
 
     def remove(self, spec: ContainerSpec) -> None:
         """Delete what prepare made."""
+
+    def remove_image(self, spec: ContainerSpec) -> bool:
+        """Delete the image the container was made from; False if there is none or it is in use."""
 
     def logs(self, spec: ContainerSpec, lines: int) -> str:
         """The last lines the container wrote."""

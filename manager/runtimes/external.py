@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from infinibrain.errors import make_error
-
 from .base import ContainerSpec, RunInfo
 from .process import ProcessRuntime
 
@@ -44,17 +42,3 @@ class ExternalRuntime(ProcessRuntime):
     def stats(self, spec: ContainerSpec) -> dict:
         state = "external" if spec.container_id in self._started else "stopped"
         return {"status": state, "cpu_proc": "-", "mem_usage": "-", "mem_proc": "-", "block_io": "-"}
-
-
-class UnavailableRuntime:
-    """An implementation type this manager cannot run on a board; every use says why."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        self.kind = kind
-        self.reason = reason
-
-    def __getattr__(self, name: str):
-        def refuse(*_args, **_kwargs):
-            raise make_error(302, detail=f"implementation_type {self.kind!r}: {self.reason}")
-
-        return refuse

@@ -121,8 +121,14 @@ class ProcessRuntime:
             raise
         return str(target.relative_to(spec.work_dir))
 
+    def prepared(self, spec: ContainerSpec) -> bool:
+        return spec.work_dir.exists()
+
     def remove(self, spec: ContainerSpec) -> None:
         shutil.rmtree(spec.work_dir, ignore_errors=True)
+
+    def remove_image(self, spec: ContainerSpec) -> bool:
+        return False  # a process container has no image: its files are script_path's
 
     def logs(self, spec: ContainerSpec, lines: int) -> str:
         try:

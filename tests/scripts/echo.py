@@ -1,7 +1,8 @@
 """Test inference: echoes what it receives, with knobs in param.
 
 param: {"sleep": seconds} waits first; {"crash": true} exits at once (mid-request);
-{"bad_result": true} returns something that cannot be encoded.
+{"bad_result": true} returns something that cannot be encoded; {"read": path} adds the
+text of that file (as the container sees it) to the answer.
 Every answer says which process and module served it, and how many requests it was
 serving at the same time (to check max_send_num).
 """
@@ -36,6 +37,9 @@ while True:
             "request_no": response.request_no,
             "board": os.environ.get("INFINIBRAIN_BOARD"),
             "cwd_files": sorted(os.listdir(".")),
+            "cwd": os.getcwd(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("INFINIBRAIN_", "ECHO_"))},
+            "read": open(param["read"]).read() if param.get("read") else None,
         },
         response,
     )
