@@ -1,9 +1,10 @@
-# infinibrain: make demo (set up, run the quick start), make test (run the tests).
+# infinibrain: make demo (set up, run the quick start), make test (run the tests),
+# make engine (a local Docker engine), make images (the container images, offline).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-docker engine engine-stop images clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +28,18 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_infer.py
 
+bench-docker: setup images
+	$(PY) benchmarks/bench_infer.py --docker
+	$(PY) benchmarks/bench_deploy.py
+
+engine:
+	scripts/engine.sh start
+
+engine-stop:
+	scripts/engine.sh stop
+
+images: setup engine
+	$(PY) containers/build.py --save containers/dist
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache build *.egg-info examples/models/classifier/weights.npz
+	rm -rf $(VENV) .demo .pytest_cache build *.egg-info examples/models/classifier/weights.npz containers/dist

@@ -3,11 +3,16 @@
 Baseline: client DEALER -> broker (a Python poll loop, ROUTER in / DEALER out) -> worker
 DEALER, and back; every payload frame zero-copy, the worker answers a small msgpack map,
 exactly what our ``Loop`` container answers. Ours: AICluster -> manager -> ``Loop``
-container, and back. Both run here, on 127.0.0.1, one after the other, with the same
-images. For each payload it reports p50/p99 latency of one request at a time, and the
-throughput with WINDOW requests in flight, then the ratios (ours / baseline).
+container (a process), and back. With ``--docker``, also the same loopback module in a
+Docker container (``infinibrain/runtime``, host network; ``make images`` first). All run
+here, on 127.0.0.1, one after the other, with the same images. For each payload it reports
+p50/p99 latency of one request at a time and the throughput with WINDOW requests in
+flight, then the ratios to the baseline (and docker / process).
 
-    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--json PATH]
+    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--json PATH]
+
+Every loop is bounded in count and in time. (A Docker container on the host network
+lives in the engine's network namespace, so ``--docker`` cannot run under ``unshare -n``.)
 
 Every loop is bounded in count and in time.
 """
@@ -171,13 +176,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (large images: a tenth)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time bound per measurement")
+    parser.add_argument("--docker", action="store_true", help="also measure a Docker container (infinibrain/runtime)")
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ib-bench-"))
     manager = ManagerProcess(tmp, boards=("local",), log_level="WARNING").start()
     cluster = manager.client()
+    contenders = {"ours": "bench"}
     cluster.load_inference(ContainerConfig(name="bench", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "local")
+    if args.docker:  # the runtime image's own command is the loopback module
+        cluster.load_inference(ContainerConfig(name="bench-docker", implementation_type="docker", image_tag="infinibrain/runtime:latest",
+                                               input="Main", output="Main", max_send_num=4), "local")
+        contenders["docker"] = "bench-docker"
     from conftest import free_base_port
 
     baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds)
@@ -188,30 +199,36 @@ def main() -> int:
             image = rng.integers(0, 256, size=shape, dtype=np.uint8)
             count = args.requests if image.nbytes < 1_000_000 else max(50, args.requests // 10)
             assert baseline.one(image)["bytes"] == image.nbytes
-            assert cluster.infer_image("bench", image)["bytes"] == image.nbytes
-            row = {
-                "baseline": {**latency(baseline.one, image, count, args.seconds), **throughput_baseline(baseline, image, count, args.seconds)},
-                "ours": {**latency(lambda im: cluster.infer_image("bench", im), image, count, args.seconds),
-                         **throughput_ours(cluster, "bench", image, count, args.seconds)},
-            }
-            b, o = row["baseline"], row["ours"]
-            row["ratio"] = {
-                "p50": o["p50_ms"] / b["p50_ms"],
-                "p99": o["p99_ms"] / b["p99_ms"],
-                "throughput": o["MB_s"] / b["MB_s"],
-            }
+            row = {"baseline": {**latency(baseline.one, image, count, args.seconds), **throughput_baseline(baseline, image, count, args.seconds)}}
+            for who, name in contenders.items():
+                assert cluster.infer_image(name, image)["bytes"] == image.nbytes
+                row[who] = {**latency(lambda im, n=name: cluster.infer_image(n, im), image, count, args.seconds),
+                            **throughput_ours(cluster, name, image, count, args.seconds)}
+            b = row["baseline"]
+            row["ratio"] = {who: {"p50": row[who]["p50_ms"] / b["p50_ms"], "p99": row[who]["p99_ms"] / b["p99_ms"],
+                                  "throughput": row[who]["MB_s"] / b["MB_s"]} for who in contenders}
+            if "docker" in row:
+                row["docker_vs_process"] = {"p50": row["docker"]["p50_ms"] / row["ours"]["p50_ms"],
+                                            "p99": row["docker"]["p99_ms"] / row["ours"]["p99_ms"],
+                                            "throughput": row["docker"]["MB_s"] / row["ours"]["MB_s"]}
             report["payloads"][label] = row
             print(f"{label:>12}  {'':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'MB/s':>9}")
-            for who in ("baseline", "ours"):
+            for who in ("baseline", *contenders):
                 r = row[who]
                 print(f"{'':>12}  {who:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['req_s']:9.1f} {r['MB_s']:9.1f}")
-            ratio = row["ratio"]
-            print(f"{'':>12}  ratio    p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline\n")
+            for who, ratio in row["ratio"].items():
+                print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline")
+            if "docker_vs_process" in row:
+                r = row["docker_vs_process"]
+                print(f"{'':>12}  docker / process: p50 x{r['p50']:.3f}  p99 x{r['p99']:.3f}  throughput x{r['throughput']:.3f}")
+            print()
     finally:
         baseline.close()
-        cluster.unload_inference("bench")
+        for name in contenders.values():
+            cluster.unload_inference(name, delete_image=False)
         cluster.release()
         manager.stop()
+        manager.cleanup()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

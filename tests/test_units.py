@@ -91,3 +91,57 @@ def test_paths_stay_inside_the_container(tmp_path):
     for bad in ("..", "../x", "/a/../../x"):
         with pytest.raises(InfinibrainException):
             safe_join(tmp_path, bad)
+
+
+def test_run_option_maps_docker_run_options_to_sdk_arguments(monkeypatch):
+    from infinibrain.manager.runtimes.run_options import parse_run_option
+
+    monkeypatch.setenv("IB_PASS", "from-manager")
+    args = parse_run_option(
+        "--dns=8.8.8.8 --net=bridge -e A=1 --env B='two words' -e IB_PASS -v /data:/data:ro --volume=/x:/y "
+        "--shm-size 1g --cpus=0.5 -m 512m --device /dev/video0:/dev/video0 --gpus all --runtime nvidia "
+        "--ipc=host --privileged -w /work -u 1000:1000 --entrypoint 'python3 -u'"
+    )
+    assert args["dns"] == ["8.8.8.8"] and args["network_mode"] == "bridge"
+    assert args["environment"] == ["A=1", "B=two words", "IB_PASS=from-manager"]
+    assert args["volumes"] == ["/data:/data:ro", "/x:/y"]
+    assert args["shm_size"] == "1g" and args["nano_cpus"] == 500_000_000 and args["mem_limit"] == "512m"
+    assert args["devices"] == ["/dev/video0:/dev/video0"] and args["runtime"] == "nvidia"
+    assert args["device_requests"][0]["Count"] == -1 and args["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert args["ipc_mode"] == "host" and args["privileged"] is True
+    assert (args["working_dir"], args["user"], args["entrypoint"]) == ("/work", "1000:1000", ["python3", "-u"])
+    assert parse_run_option(None) == {} and parse_run_option("  ") == {}
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("--cap-add NET_ADMIN", "'--cap-add' is not supported"),
+        ("-d", "'-d' is not supported"),
+        ("image:tag", "'image:tag' is not an option"),
+        ("--cpus", "--cpus needs a value"),
+        ("--cpus lots", "--cpus"),
+        ("--privileged=yes", "--privileged takes no value"),
+        ("--memory 12 parsecs", "'parsecs' is not an option"),
+        ("-e UNSET_IN_MANAGER_XYZ", "UNSET_IN_MANAGER_XYZ is not set"),
+        ("--gpus some", "--gpus"),
+        ("--env 'unclosed", "cannot be parsed"),
+        ("$(reboot)", "'$(reboot)' is not an option"),
+    ],
+)
+def test_run_option_refuses_what_it_does_not_know_with_302(text, needle):
+    from infinibrain.manager.runtimes.run_options import parse_run_option
+
+    with pytest.raises(InfinibrainException) as info:
+        parse_run_option(text)
+    assert info.value.code == 302 and needle in info.value.message
+
+
+def test_docker_config_needs_an_image_tag_and_valid_options():
+    with pytest.raises(InfinibrainException) as info:
+        normalize_config({"name": "d", "implementation_type": "docker"})
+    assert info.value.code == 302 and "image_tag is required" in info.value.message
+    with pytest.raises(InfinibrainException) as info:
+        normalize_config({"name": "d", "implementation_type": "nvidia", "image_tag": "x:1", "run_option": "--rm"})
+    assert info.value.code == 302 and "--rm" in info.value.message
+    assert normalize_config({"name": "d", "image_tag": "x:1"})["implementation_type"] == "docker"
