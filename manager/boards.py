@@ -10,7 +10,7 @@ from infinibrain.errors import make_error
 
 from .config import BoardConfig, ManagerConfig
 from .runtimes.docker_runtime import DockerRuntime
-from .runtimes.engine import Engine
+from .runtimes.engine import Engine, engine_url
 from .runtimes.external import ExternalRuntime
 from .runtimes.process import LoopRuntime, ProcessRuntime
 
@@ -51,8 +51,10 @@ def make_boards(config: ManagerConfig) -> dict[str, Board]:
     for b in config.boards:
         engine = None
         if b.transport == "local":
-            probe = Engine(b.docker_host, str(config.port), config.engine_timeout_ms / 1000)
-            engine = engines.setdefault(probe.url, probe)
+            url = engine_url(b.docker_host)
+            if url not in engines:
+                engines[url] = Engine(url, str(config.port), config.engine_timeout_ms / 1000)
+            engine = engines[url]
         boards[b.name] = Board(b, config, engine)
     return boards
 

@@ -122,9 +122,17 @@ class Deployer:
             self._wait_connected(c)
         except BaseException:
             if made:
-                c.runtime.remove(c.spec)
+                self._remove_quietly(c)
             raise
         return c
+
+    @staticmethod
+    def _remove_quietly(c: Container) -> None:
+        """Remove what a failed launch made; the launch's own error is the one to report."""
+        try:
+            c.runtime.remove(c.spec)
+        except Exception as exc:
+            log.warning("could not remove the failed container %s: %s", c.id, exc)
 
     def _wait_connected(self, c: Container) -> None:
         if c.runtime.kind == "other":

@@ -288,3 +288,22 @@ def test_sigkilled_manager_adopts_its_running_containers(docker_kit, fresh_manag
         (after,) = docker_kit.containers(m)  # the same container, never a second one
         assert after.id == before.id and after.attrs["State"]["StartedAt"] == before.attrs["State"]["StartedAt"]
         c.unload_inference(name, delete_image=False)
+
+
+def test_container_killed_on_the_engine_is_402_and_114_then_start_brings_it_back(docker_kit, dm, dcluster, name):
+    events = []
+    dcluster.set_callback(manage_callback=lambda code, msg, cmd, result: events.append((code, cmd, result)))
+    dcluster.load_inference(echo(name), "b1")
+    (container,) = [c for c in docker_kit.containers(dm) if c.labels["infinibrain.inference"] == name]
+    dcluster.infer_image_async(name, colour(0), {"sleep": 30}, func=lambda *a: events.append(("infer", a[0])))
+    wait_for(lambda: dcluster.get_container_status(name)[0].send_data_num == 1, 10)
+    container.kill()  # behind the manager's back, mid-request
+    wait_for(lambda: ("infer", 402) in events and any(e[0] == 114 for e in events), 15)
+    assert next(e for e in events if e[0] == 114)[2]["suffix_name"] == f"{name}-b1"
+    wait_for(lambda: dcluster.get_container_status(name)[0].status.startswith("exited"), 10)
+    (handler,) = dcluster.get_container_handler(name)
+    assert handler.start().connect_status == "connected"
+    (again,) = [c for c in docker_kit.containers(dm) if c.labels["infinibrain.inference"] == name]
+    assert again.id == container.id  # the same container, started again
+    assert dcluster.infer_image(name, colour(0))["board"] == "b1"
+    dcluster.unload_inference(name, delete_image=False)

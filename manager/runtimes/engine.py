@@ -29,9 +29,14 @@ POLL_INTERVAL = 0.5
 CONNECT_TIMEOUT = 5.0
 
 
+def engine_url(docker_host: str) -> str:
+    """A board's ``docker_host`` setting as the engine's address ("" = Docker's default)."""
+    return docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
 class Engine:
     def __init__(self, url: str, manager_id: str, timeout: float) -> None:
-        self.url = url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self.url = engine_url(url)
         self.manager_id = manager_id
         self.timeout = timeout
         self._client: docker.DockerClient | None = None
