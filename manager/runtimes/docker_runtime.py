@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
 import posixpath
 import shlex
 import tarfile
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -162,15 +162,17 @@ class DockerRuntime:
             base, tail = posixpath.split(base)
             missing.insert(0, tail)
         prefix = posixpath.join(*missing) if missing else ""
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for i in range(len(missing)):
-                info = tarfile.TarInfo(posixpath.join(*missing[: i + 1]))
-                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
-                tar.addfile(info)
-            for name, path in entries:
-                tar.add(str(path), arcname=posixpath.join(prefix, name) if prefix else name, recursive=False)
-        container.put_archive(base, buf.getvalue())
+        # On disk, not in memory: script_path may hold models of gigabytes.
+        with tempfile.TemporaryFile() as buf:
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for i in range(len(missing)):
+                    info = tarfile.TarInfo(posixpath.join(*missing[: i + 1]))
+                    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+                    tar.addfile(info)
+                for name, path in entries:
+                    tar.add(str(path), arcname=posixpath.join(prefix, name) if prefix else name, recursive=False)
+            buf.seek(0)
+            container.put_archive(base, buf)
 
     def put_file(self, spec: ContainerSpec, source: str, target_dir: str) -> str:
         name = os.path.basename(source)
