@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import docker
 import docker.errors
