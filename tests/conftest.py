@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -121,12 +123,31 @@ def kill_leftovers(state_dir: Path) -> None:
                     pass
 
 
+@contextmanager
+def running_manager(tmp: Path, **kw) -> Iterator[ManagerProcess]:
+    """A started manager, stopped and cleaned up after."""
+    m = ManagerProcess(tmp, **kw).start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        m.cleanup()
+
+
+@contextmanager
+def connected(m: ManagerProcess) -> Iterator[AICluster]:
+    """A client of ``m``, released after."""
+    c = m.client()
+    try:
+        yield c
+    finally:
+        c.release()
+
+
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory):
-    m = ManagerProcess(tmp_path_factory.mktemp("manager")).start()
-    yield m
-    m.stop()
-    m.cleanup()
+    with running_manager(tmp_path_factory.mktemp("manager")) as m:
+        yield m
 
 
 @pytest.fixture
@@ -147,9 +168,8 @@ def fresh_manager(tmp_path):
 
 @pytest.fixture
 def cluster(manager):
-    c = manager.client()
-    yield c
-    c.release()
+    with connected(manager) as c:
+        yield c
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ INFINIBRAIN_REQUIRE_DOCKER=1).
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
-from conftest import SCRIPTS, ManagerProcess, wait_for
+from conftest import SCRIPTS, connected, running_manager, wait_for
 from infinibrain import ContainerConfig, InferenceModulesConfig
 from infinibrain.errors import InfinibrainException
 
@@ -23,26 +22,14 @@ RUNTIME = "infinibrain/runtime:latest"
 @pytest.fixture(scope="module")
 def dm(docker_kit, tmp_path_factory):
     """A manager with two boards, b1 and b2, on this machine's Docker engine."""
-    m = ManagerProcess(tmp_path_factory.mktemp("docker"), boards=("b1", "b2")).start()
-    yield m
-    m.stop()
-    m.cleanup()
+    with running_manager(tmp_path_factory.mktemp("docker"), boards=("b1", "b2")) as m:
+        yield m
 
 
 @pytest.fixture
 def dcluster(dm):
-    c = dm.client()
-    yield c
-    c.release()
-
-
-@contextmanager
-def connected(m: ManagerProcess):
-    c = m.client()
-    try:
+    with connected(dm) as c:
         yield c
-    finally:
-        c.release()
 
 
 def classifier(kit, name: str, **kw) -> ContainerConfig:

@@ -104,8 +104,8 @@ class DockerRuntime:
         with self.engine.errors(self._doing(spec, "creating")):
             args = self.create_args(spec)
             tar = _image_file(spec.config)
-            self.engine.ensure_image(args["image"], tar)
-            if spec.config.get("script_path") and "working_dir" not in args and not self.engine.image(args["image"])["Config"].get("WorkingDir"):
+            image = self.engine.ensure_image(args["image"], tar)
+            if spec.config.get("script_path") and "working_dir" not in args and not image["Config"].get("WorkingDir"):
                 args["working_dir"] = DEFAULT_WORKDIR
             self.remove(spec)
             container = self.engine.client.containers.create(**args)

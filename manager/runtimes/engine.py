@@ -139,28 +139,26 @@ class Engine:
 
     # ---- images -------------------------------------------------------------------------
 
-    def has_image(self, tag: str) -> bool:
+    def image(self, tag: str) -> dict | None:
+        """The engine's description of image ``tag``; None if it has no such image."""
         try:
-            self.client.api.inspect_image(tag)
-            return True
+            return self.client.api.inspect_image(tag)
         except docker.errors.ImageNotFound:
-            return False
+            return None
 
-    def image(self, tag: str) -> dict:
-        return self.client.api.inspect_image(tag)
-
-    def ensure_image(self, tag: str, tar_path: str | None) -> bool:
-        """Make ``tag`` present, loading it from ``tar_path`` (a ``docker save`` tar) if it
-        is not; True if it was loaded. One load per tag at a time."""
+    def ensure_image(self, tag: str, tar_path: str | None) -> dict:
+        """Image ``tag``'s description, loading it from ``tar_path`` (a ``docker save`` tar)
+        first if the engine lacks it. One load per tag at a time."""
         with self._lock:
             lock = self._image_locks.setdefault(tag, threading.Lock())
         with lock:
-            if self.has_image(tag):
-                return False
+            found = self.image(tag)
+            if found is not None:
+                return found
             if not tar_path:
                 raise make_error(302, detail=f"image {tag!r} is not on the engine and image_path/image_filename do not name a file to load it from")
             self._load(tag, tar_path)
-            return True
+            return self.image(tag)
 
     def _load(self, tag: str, tar_path: str) -> None:
         try:
@@ -182,7 +180,7 @@ class Engine:
             except docker.errors.APIError as exc:
                 raise make_error(302, detail=f"image file {tar_path!r} could not be loaded: {exc.explanation or exc}") from None
         log.info("loaded %s from %s (%.0f MB in %.1f s)", ", ".join(loaded) or "nothing", tar_path, size / 1e6, time.monotonic() - started)
-        if self.has_image(tag):
+        if self.image(tag) is not None:
             return
         if len(loaded) == 1:  # an untagged or differently tagged single image: give it our tag
             repo, _, version = tag.rpartition(":") if ":" in tag.split("/")[-1] else (tag, "", "latest")
