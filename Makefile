@@ -1,10 +1,14 @@
 # infinibrain: make demo (set up, run the quick start), make test (run the tests),
-# make engine (a local Docker engine), make images (the container images, offline).
+# make engine (a local Docker engine), make images (the container images, offline),
+# make boards (emulated SSH boards: one sshd per board on 127.0.0.2, 127.0.0.3, ...).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-docker engine engine-stop images clean
+BOARDS_DIR ?= /tmp/infinibrain-boards
+BOARDS ?= 2
+
+.PHONY: setup demo test bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +36,10 @@ bench-docker: setup images
 	$(PY) benchmarks/bench_infer.py --docker
 	$(PY) benchmarks/bench_deploy.py
 
+bench-ssh: setup images
+	$(PY) benchmarks/bench_deploy.py --ssh
+	$(PY) benchmarks/bench_infer.py --ssh
+
 engine:
 	scripts/engine.sh start
 
@@ -40,6 +48,12 @@ engine-stop:
 
 images: setup engine
 	$(PY) containers/build.py --save containers/dist
+
+boards: setup
+	$(PY) scripts/boards.py start --dir $(BOARDS_DIR) --count $(BOARDS)
+
+boards-stop:
+	$(PYTHON) scripts/boards.py stop --dir $(BOARDS_DIR)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info examples/models/classifier/weights.npz containers/dist

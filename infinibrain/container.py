@@ -20,6 +20,9 @@ class ContainerHandler:
             setattr(self, name, attributes.get(name))
         self.inference_modules = modules_from_wire(self.inference_modules)
         self.host_location = list(self.host_location or [])
+        # Not in the reference: what the container's last deployment took (image bytes sent
+        # to the board, seconds to send, load and start it), e.g. from load_inference.
+        self.deployment: dict = dict(attributes.get("deployment") or {})
 
     def __repr__(self) -> str:
         return f"ContainerHandler(name={self.name!r}, suffix_name={self.suffix_name!r}, allocated_coprocessor={self.allocated_coprocessor!r})"

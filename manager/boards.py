@@ -1,10 +1,14 @@
 """Boards: where containers run. A board is its configuration plus one runtime per
-implementation type; the transport ("local" now, "ssh" for remote boards) decides which
-runtimes it can offer. Boards on one Docker engine share one ``Engine``.
+implementation type. A ``local`` board is this machine; an ``ssh`` board is a remote
+machine reached through one ``SSHLink`` that its process runtimes (through an ``SSHHost``)
+and its Docker engine (an ``SSHEngine``) share. Local boards on one Docker engine share one
+``Engine``.
 """
 from __future__ import annotations
 
 import logging
+import posixpath
+from pathlib import Path
 
 from infinibrain.errors import make_error
 
@@ -12,53 +16,84 @@ from .config import BoardConfig, ManagerConfig
 from .runtimes.docker_runtime import DockerRuntime
 from .runtimes.engine import Engine, engine_url
 from .runtimes.external import ExternalRuntime
+from .runtimes.hosts import LocalHost, SSHHost
 from .runtimes.process import LoopRuntime, ProcessRuntime
+from .runtimes.ssh_engine import SSHEngine
+from .ssh import SSHLink
 
 log = logging.getLogger(__name__)
 
 
 class Board:
-    def __init__(self, config: BoardConfig, manager: ManagerConfig, engine: Engine | None) -> None:
+    def __init__(self, config: BoardConfig, manager: ManagerConfig, engine: Engine, link: SSHLink | None = None) -> None:
         self.config = config
         self.name = config.name
         self.engine = engine
+        self.link = link
+        self.containers_dir, self.logs_dir = board_dirs(config, manager)
         stop_timeout = manager.container_stop_timeout_ms / 1000
-        self.runtimes = {}
-        if config.transport == "local":
-            self.runtimes = {
-                "process": ProcessRuntime(stop_timeout),
-                "Loop": LoopRuntime(stop_timeout),
-                "other": ExternalRuntime(stop_timeout),
-            }
-        if engine is not None:
-            self.runtimes["docker"] = DockerRuntime("docker", engine, stop_timeout)
-            self.runtimes["nvidia"] = DockerRuntime("nvidia", engine, stop_timeout)
+        self.host = SSHHost(link, config.python) if link is not None else LocalHost()
+        self.runtimes = {
+            "process": ProcessRuntime(stop_timeout, self.host),
+            "Loop": LoopRuntime(stop_timeout, self.host),
+            "other": ExternalRuntime(stop_timeout, self.host),
+            "docker": DockerRuntime("docker", engine, stop_timeout),
+            "nvidia": DockerRuntime("nvidia", engine, stop_timeout),
+        }
 
     @property
     def ip(self) -> str:
         return self.config.address
 
     def runtime(self, implementation_type: str):
-        """The runtime for ``implementation_type`` on this board (500 for an SSH board here)."""
-        if self.config.transport == "ssh":
-            raise make_error(500, detail=f"board {self.name!r}: the ssh transport is not available in this build")
-        return self.runtimes[implementation_type]
+        """The runtime for ``implementation_type`` on this board."""
+        try:
+            return self.runtimes[implementation_type]
+        except KeyError:
+            raise make_error(302, detail=f"implementation_type {implementation_type!r} cannot run on board {self.name!r}") from None
+
+    def paths(self, container_id: str) -> tuple[Path, Path]:
+        """(working directory, log file) of a container on this board."""
+        return self.containers_dir / container_id, self.logs_dir / f"{container_id}.log"
+
+    def close(self) -> None:
+        if isinstance(self.host, SSHHost):
+            self.host.close()
+        if self.link is not None:
+            self.link.close()
+
+
+def board_dirs(config: BoardConfig, manager: ManagerConfig) -> tuple[Path, Path]:
+    """(containers' working directories, their logs) on a board. Here: ``work_dir`` (else
+    ``<state_dir>/containers``) and ``<state_dir>/logs``; on an ssh board, under ``work_dir``
+    (else ``.infinibrain/<manager port>`` in the SSH user's home)."""
+    if config.transport == "ssh":
+        root = Path(config.work_dir or posixpath.join(".infinibrain", str(manager.port)))
+        return root / "containers", root / "logs"
+    state = Path(manager.state_dir)
+    return (Path(config.work_dir) if config.work_dir else state / "containers"), state / "logs"
 
 
 def make_boards(config: ManagerConfig) -> dict[str, Board]:
+    """Every configured board. An ssh board's key is read here: a bad one is a ConfigError."""
     engines: dict[str, Engine] = {}
     boards = {}
+    manager_id, timeout = str(config.port), config.engine_timeout_ms / 1000
     for b in config.boards:
-        engine = None
-        if b.transport == "local":
-            url = engine_url(b.docker_host)
-            if url not in engines:
-                engines[url] = Engine(url, str(config.port), config.engine_timeout_ms / 1000)
-            engine = engines[url]
-        boards[b.name] = Board(b, config, engine)
+        if b.transport == "ssh":
+            link = SSHLink(b)
+            images_dir = board_dirs(b, config)[0].parent / "images"  # where image tars land before docker load
+            boards[b.name] = Board(b, config, SSHEngine(link, manager_id, timeout, str(images_dir)), link)
+            continue
+        url = engine_url(b.docker_host)
+        if url not in engines:
+            engines[url] = Engine(url, manager_id, timeout)
+        boards[b.name] = Board(b, config, engines[url])
     return boards
 
 
 def close_boards(boards: dict[str, Board]) -> None:
-    for engine in {id(b.engine): b.engine for b in boards.values() if b.engine is not None}.values():
+    for engine in {id(b.engine): b.engine for b in boards.values()}.values():
         engine.close()
+    for board in boards.values():
+        board.close()

@@ -183,6 +183,7 @@ class Commands:
             max_send_num=cfg["max_send_num"] or self.router.config.default_max_send_num,
             send_timeout=cfg["send_timeout"] or self.router.config.default_send_timeout_ms,
             wait_queue_timeout=cfg["wait_queue_timeout"] or self.router.config.default_wait_queue_timeout_ms,
+            deployment=dict(c.deployment),
         )
         return out
 
@@ -300,15 +301,12 @@ class Commands:
         """Remove ``gone``'s image unless another inference on the same engine still uses it."""
         tag = gone.spec.config.get("image_tag")
         engine = self.boards[gone.board].engine
-
-        def used_elsewhere() -> bool:
-            return any(
-                c is not gone and c.spec.config.get("image_tag") == tag and self.boards[c.board].engine is engine
-                for c in self._containers_of()
-            )
-
-        if tag and engine is not None and not self.router.call(used_elsewhere):
-            gone.runtime.remove_image(gone.spec)
+        if not tag:
+            return
+        users = self.router.call(lambda: [c for c in self._containers_of() if c is not gone and c.spec.config.get("image_tag") == tag])
+        if any(self.boards[c.board].engine.identity() == engine.identity() for c in users):
+            return
+        gone.runtime.remove_image(gone.spec)
 
     def _unload_targets(self, args: dict) -> dict[str, list[str]]:
         """Router thread: inference -> boards to unload it from; 303 if that would cut requests."""
@@ -444,14 +442,15 @@ class Commands:
         containers = self.router.call(self._containers_of, "", board.name)
         images = []
         uses_engine = any(c.runtime.kind in ("docker", "nvidia") for c in containers)
-        if board.engine is not None:
-            try:
-                with board.engine.errors(f"board {board.name!r}: listing images"):
-                    images = board.engine.images()
-            except InfinibrainException as exc:
-                if uses_engine or exc.code != 500:
-                    raise
-                log.debug("board %s has no Docker engine (%s); listing its process containers only", board.name, exc.message)
+        if board.link is not None:
+            board.link.client()  # a board that cannot be reached is an error, not an empty list
+        try:
+            with board.engine.errors(f"board {board.name!r}: listing images"):
+                images = board.engine.images()
+        except InfinibrainException as exc:
+            if uses_engine or exc.code != 500:
+                raise
+            log.debug("board %s has no Docker engine (%s); listing its process containers only", board.name, exc.message)
         for c in containers:
             if c.runtime.kind in ("docker", "nvidia"):
                 continue
@@ -461,7 +460,7 @@ class Commands:
                     "tag": cfg.get("image_tag") or f"{c.inference}:{cfg['implementation_type'].lower()}",
                     "inference_name": c.inference,
                     "implementation_type": cfg["implementation_type"],
-                    "size": _tree_size(c.spec.work_dir),
+                    "size": c.runtime.files_size(c.spec),
                     "path": str(c.spec.work_dir),
                 }
             )
@@ -600,17 +599,6 @@ class Commands:
         c = self.router.call(self._container, args)
         lines = args.get("lines") or 100
         return c.runtime.logs(c.spec, int(lines))
-
-
-def _tree_size(path: Any) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def _settings(cfg: dict) -> dict:

@@ -33,9 +33,15 @@ class BoardConfig:
     manager_address: str = ""  # where this board's containers reach the manager; "" = [manager] host
     ssh_port: int = 22
     ssh_user: str = ""
-    ssh_key: str = ""
-    work_dir: str = ""  # where containers' working directories live; "" = under state_dir
-    docker_host: str = ""  # the board's Docker engine; "" = $DOCKER_HOST or the local socket
+    ssh_key: str = ""  # private key file; "" = the keys of the SSH agent ($SSH_AUTH_SOCK)
+    known_hosts: str = ""  # host keys are checked against this file; "" = ~/.ssh/known_hosts
+    accept_new_host_keys: bool = False  # opt-in: record an unknown board's key instead of refusing it
+    ssh_connect_timeout_ms: int = 5_000  # reaching and logging in to the board
+    ssh_command_timeout_ms: int = 30_000  # one command or one transfer step without an answer
+    python: str = "python3"  # the board's interpreter for process containers (ssh boards)
+    work_dir: str = ""  # where containers' working directories live; "" = under state_dir (local)
+    # or ~/.infinibrain/<manager port> on an ssh board
+    docker_host: str = ""  # the board's Docker engine; "" = $DOCKER_HOST or the local socket (local boards)
 
 
 @dataclass
@@ -108,6 +114,8 @@ def _typed(table: dict, cls: type, where: str, skip: set[str] = frozenset()) -> 
         expected = known[key].type  # a string: annotations are postponed
         if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+        if expected == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
         if expected == "str" and not isinstance(value, str):
             raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
         out[key] = value
@@ -154,9 +162,24 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
             raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
         board.manager_address = board.manager_address or cfg.host
         _check_address(board.manager_address, f"{where}.manager_address")
-        if board.transport == "ssh" and not board.ssh_user:
-            raise ConfigError(f"{where}: ssh_user is required for transport 'ssh'")
+        if board.transport == "ssh":
+            _check_ssh_board(board, where)
     return cfg
+
+
+def _check_ssh_board(board: BoardConfig, where: str) -> None:
+    if not board.ssh_user:
+        raise ConfigError(f"{where}: ssh_user is required for transport 'ssh'")
+    if board.docker_host:
+        raise ConfigError(f"{where}: docker_host is for local boards; an ssh board uses the Docker engine on the board")
+    if not 1 <= board.ssh_port <= 65535:
+        raise ConfigError(f"{where}.ssh_port must be between 1 and 65535, got {board.ssh_port}")
+    for key in ("ssh_connect_timeout_ms", "ssh_command_timeout_ms"):
+        if getattr(board, key) <= 0:
+            raise ConfigError(f"{where}.{key} must be positive, got {getattr(board, key)}")
+    board.known_hosts = os.path.expanduser(board.known_hosts or "~/.ssh/known_hosts")
+    if board.ssh_key:
+        board.ssh_key = os.path.expanduser(board.ssh_key)
 
 
 def _check_address(value: str, key: str) -> None:

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         manager = Manager(config)
+    except ConfigError as exc:  # found while making the boards, e.g. an unusable ssh_key
+        log.error("%s", exc)
+        return 2
     except zmq.ZMQError as exc:
         log.error("cannot bind %s:%d-%d: %s", config.host, config.port, config.port + 4, exc)
         return 1

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from infinibrain import protocol as P
 from infinibrain.errors import make_error
@@ -56,8 +55,7 @@ class Deployer:
 
     def spec(self, reg: Registration, board: Board) -> ContainerSpec:
         cid = container_id(reg.name, board.name)
-        state = Path(self.config.state_dir)
-        base = Path(board.config.work_dir) if board.config.work_dir else state / "containers"
+        work_dir, log_path = board.paths(cid)
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFINIBRAIN_")}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "/usr/bin:/bin")
         env["PYTHONUNBUFFERED"] = "1"
@@ -70,7 +68,7 @@ class Deployer:
             INFINIBRAIN_SUB_NAME=default_sub_name(reg.config),
             INFINIBRAIN_BOARD=board.name,
         )
-        return ContainerSpec(cid, reg.name, board.config, reg.config, base / cid, state / "logs" / f"{cid}.log", env)
+        return ContainerSpec(cid, reg.name, board.config, reg.config, work_dir, log_path, env)
 
     def record(self, name: str, board_name: str) -> Container:
         """The router's record of ``name`` on ``board_name``, made if missing."""
@@ -113,9 +111,9 @@ class Deployer:
         c: Container = self.router.call(self.record, name, board_name)
         if c.running and c.runtime.exited(c.spec) is None:
             return c
+        started = time.monotonic()
         made = rebuild or not c.runtime.prepared(c.spec)
-        if made:
-            c.runtime.prepare(c.spec)
+        figures = (c.runtime.prepare(c.spec) or {}) if made else {}
         try:
             info = c.runtime.start(c.spec)
             self.router.call(self._mark_started, c, info).result(30)
@@ -124,6 +122,7 @@ class Deployer:
             if made:
                 self._remove_quietly(c)
             raise
+        c.deployment = {**figures, "board": board_name, "seconds": round(time.monotonic() - started, 3)}
         return c
 
     @staticmethod

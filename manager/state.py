@@ -59,6 +59,7 @@ class Container:
     tx_bytes: int = 0
     rx_bytes: int = 0
     last_ping: float = 0.0
+    deployment: dict = field(default_factory=dict)  # what its last deployment took (image sent, seconds)
     connected_event: threading.Event = field(default_factory=threading.Event)
 
     @property

@@ -44,6 +44,12 @@ def free_base_port(count: int = 5) -> int:
     raise RuntimeError("no free ports")
 
 
+def _toml(value: object) -> str:
+    import json
+
+    return json.dumps(value)  # strings, integers and booleans are written alike in JSON and TOML
+
+
 class ManagerProcess:
     """A real ``infinibrain-manager`` in a subprocess, with its own config and state."""
 
@@ -55,10 +61,10 @@ class ManagerProcess:
         self.config_path = tmp / "manager.toml"
         self.log_path = tmp / "manager.log"
         settings = {"port": self.port, "state_dir": str(self.state_dir), "log_level": "DEBUG", **manager}
-        lines = ["[manager]"] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in settings.items()]
+        lines = ["[manager]"] + [f"{k} = {_toml(v)}" for k, v in settings.items()]
         for b in boards:
             lines += ["[[coprocessor]]", f'name = "{b}"']
-            lines += [f"{k} = {v!r}".replace("'", '"') for k, v in (board_settings or {}).get(b, {}).items()]
+            lines += [f"{k} = {_toml(v)}" for k, v in (board_settings or {}).get(b, {}).items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
@@ -288,3 +294,63 @@ def remove_containers(port: int) -> None:
     for c in client.containers.list(all=True, filters={"label": f"infinibrain.manager={port}"}):
         c.remove(force=True)
     client.close()
+
+
+# ---- SSH boards ---------------------------------------------------------------------------
+
+
+class SSHBoards:
+    """Emulated SSH boards (scripts/boards.py): real sshd processes on 127.0.0.2, 127.0.0.3."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.dir = folder
+        self.count = count
+
+    def _script(self, *args: str) -> dict | None:
+        import json
+
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "boards.py"), *args, "--dir", str(self.dir)],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"scripts/boards.py {' '.join(args)} failed: {out.stderr.strip() or out.stdout.strip()}")
+        return json.loads(out.stdout) if "--json" in args else None
+
+    def start(self, board: str | None = None) -> dict:
+        return self._script("start", "--count", str(self.count), "--json", *(["--board", board] if board else []))
+
+    def stop(self, board: str | None = None) -> None:
+        self._script("stop", *(["--board", board] if board else []))
+
+    def settings(self, name: str, **overrides: object) -> dict:
+        """The [[coprocessor]] settings of board ``name`` (b1, b2, ...)."""
+        import getpass
+
+        index = int(name[1:])
+        return {
+            "transport": "ssh", "address": f"127.0.0.{index + 1}", "ssh_port": 2222, "ssh_user": getpass.getuser(),
+            "ssh_key": str(self.dir / "id_ed25519"), "known_hosts": str(self.dir / "known_hosts"),
+            "manager_address": "127.0.0.1", "python": sys.executable, "work_dir": str(self.dir / name / "work"),
+            "ssh_connect_timeout_ms": 3000, "ssh_command_timeout_ms": 20000, **overrides,
+        }
+
+    def manager(self, tmp: Path, boards: tuple[str, ...] = ("b1", "b2"), overrides: dict | None = None, **kw) -> ManagerProcess:
+        settings = {b: self.settings(b, **(overrides or {}).get(b, {})) for b in boards}
+        return ManagerProcess(tmp, boards=boards, board_settings=settings, **kw)
+
+    def host_key(self, name: str) -> str:
+        """Board ``name``'s host key line ("ssh-ed25519 AAAA...")."""
+        return " ".join((self.dir / name / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+
+
+@pytest.fixture(scope="session")
+def ssh_boards(tmp_path_factory):
+    """Two emulated SSH boards for the whole session; skipped (failed under
+    INFINIBRAIN_REQUIRE_DOCKER=1, as in CI) when no sshd can be installed or started."""
+    boards = SSHBoards(tmp_path_factory.mktemp("boards"), 2)
+    try:
+        boards.start()
+    except Exception as exc:
+        boards.stop()
+        _unavailable(f"emulated SSH boards cannot be started: {exc}")
+    yield boards
+    boards.stop()

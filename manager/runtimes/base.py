@@ -37,8 +37,9 @@ class RunInfo:
 class Runtime(Protocol):
     kind: str
 
-    def prepare(self, spec: ContainerSpec) -> None:
-        """Put the container's files in place (may be slow; never called on the router thread)."""
+    def prepare(self, spec: ContainerSpec) -> dict | None:
+        """Put the container's files in place (may be slow; never called on the router thread).
+        May return what it took (image bytes sent, seconds), reported with the container."""
 
     def prepared(self, spec: ContainerSpec) -> bool:
         """Whether what ``prepare`` makes is there, made from these settings."""

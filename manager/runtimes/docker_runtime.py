@@ -100,11 +100,11 @@ class DockerRuntime:
         )
         return args
 
-    def prepare(self, spec: ContainerSpec) -> None:
+    def prepare(self, spec: ContainerSpec) -> dict:
         with self.engine.errors(self._doing(spec, "creating")):
             args = self.create_args(spec)
             tar = _image_file(spec.config)
-            image = self.engine.ensure_image(args["image"], tar)
+            image, figures = self.engine.ensure_image(args["image"], tar)
             if spec.config.get("script_path") and "working_dir" not in args and not image["Config"].get("WorkingDir"):
                 args["working_dir"] = DEFAULT_WORKDIR
             self.remove(spec)
@@ -120,6 +120,7 @@ class DockerRuntime:
             self.remove(spec)  # leave no half-made container behind
             raise
         log.info("created %s from %s on %s", container.name, args["image"], self.engine.url)
+        return figures
 
     def prepared(self, spec: ContainerSpec) -> bool:
         with self.engine.errors(self._doing(spec, "inspecting")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import docker
 import docker.errors
+import paramiko
 import requests.exceptions
 
 from infinibrain.errors import InfinibrainException, make_error
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 LABEL_MANAGER = "infinibrain.manager"
 POLL_INTERVAL = 0.5
 CONNECT_TIMEOUT = 5.0
+# What a call raises when the engine (or the SSH connection to its board) is not there.
+UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, paramiko.SSHException, EOFError, socket.timeout)
 
 
 def engine_url(docker_host: str) -> str:
@@ -87,12 +91,16 @@ class Engine:
             yield
         except InfinibrainException:
             raise
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise make_error(500, detail=f"{doing}: the Docker engine at {self.url} is not reachable: {_cause(exc)}") from None
+        except UNREACHABLE as exc:
+            raise self.unreachable(doing, exc) from None
         except docker.errors.APIError as exc:
             raise make_error(302, detail=f"{doing}: the Docker engine refused: {exc.explanation or exc}") from None
         except docker.errors.DockerException as exc:
             raise make_error(302, detail=f"{doing}: {exc}") from None
+
+    def unreachable(self, doing: str, exc: BaseException) -> InfinibrainException:
+        """The 500 for a call that could not reach the engine."""
+        return make_error(500, detail=f"{doing}: the Docker engine at {self.url} is not reachable: {_cause(exc)}")
 
     # ---- our containers' run state ------------------------------------------------------
 
@@ -130,12 +138,23 @@ class Engine:
 
     # ---- engine facts ---------------------------------------------------------------------
 
-    def runtimes(self) -> list[str]:
-        """The container runtimes the engine offers (runc, nvidia, ...), cached for a minute."""
+    def _facts(self) -> dict:
         now = time.monotonic()
         if self._info is None or now - self._info[0] > 60:
             self._info = (now, self.client.info())
-        return sorted(self._info[1].get("Runtimes") or {})
+        return self._info[1]
+
+    def runtimes(self) -> list[str]:
+        """The container runtimes the engine offers (runc, nvidia, ...), cached for a minute."""
+        return sorted(self._facts().get("Runtimes") or {})
+
+    def identity(self) -> str:
+        """The engine's own ID: emulated boards reach one engine through several addresses,
+        and must not remove an image that another board's container still uses."""
+        try:
+            return self._facts().get("ID") or self.url
+        except Exception:  # unreachable: it cannot be told apart from others, so it is its own
+            return self.url
 
     # ---- images -------------------------------------------------------------------------
 
@@ -146,40 +165,46 @@ class Engine:
         except docker.errors.ImageNotFound:
             return None
 
-    def ensure_image(self, tag: str, tar_path: str | None) -> dict:
+    def ensure_image(self, tag: str, tar_path: str | None) -> tuple[dict, dict]:
         """Image ``tag``'s description, loading it from ``tar_path`` (a ``docker save`` tar)
-        first if the engine lacks it. One load per tag at a time."""
+        first if the engine lacks it. One load per tag at a time. Also returns what the load
+        took ({} when the image was there already): bytes, seconds to send and to load."""
         with self._lock:
             lock = self._image_locks.setdefault(tag, threading.Lock())
         with lock:
             found = self.image(tag)
             if found is not None:
-                return found
+                return found, {}
             if not tar_path:
                 raise make_error(302, detail=f"image {tag!r} is not on the engine and image_path/image_filename do not name a file to load it from")
-            self._load(tag, tar_path)
-            return self.image(tag)
+            try:
+                size = os.path.getsize(tar_path)
+            except OSError as exc:
+                raise make_error(302, detail=f"image file {tar_path!r} cannot be opened on the main board: {exc.strerror}") from None
+            started = time.monotonic()
+            figures = {"image": tag, "image_bytes": size, **self._load(tar_path)}
+            loaded = figures.pop("loaded")
+            figures["load_seconds"] = round(time.monotonic() - started - figures.get("transfer_seconds", 0.0), 3)
+            log.info("loaded %s from %s on %s (%.0f MB in %.1f s)", ", ".join(loaded) or "nothing", tar_path, self.url,
+                     size / 1e6, time.monotonic() - started)
+            self._tag_loaded(tag, tar_path, loaded)
+            return self.image(tag), figures
 
-    def _load(self, tag: str, tar_path: str) -> None:
-        try:
-            fh = open(tar_path, "rb")
-        except OSError as exc:
-            raise make_error(302, detail=f"image file {tar_path!r} cannot be opened on the main board: {exc.strerror}") from None
-        started, size = time.monotonic(), os.fstat(fh.fileno()).st_size
+    def _load(self, tar_path: str) -> dict:
+        """Load a ``docker save`` tar into the engine: {"loaded": [what it loaded]}."""
         loaded: list[str] = []
-        with fh:
+        with open(tar_path, "rb") as fh:
             try:
                 for chunk in self.client.api.load_image(fh, quiet=True):
                     if chunk.get("error") or chunk.get("errorDetail"):
                         detail = chunk.get("error") or chunk["errorDetail"].get("message")
                         raise make_error(302, detail=f"image file {tar_path!r} could not be loaded: {detail}")
-                    text = chunk.get("stream") or ""
-                    for prefix in ("Loaded image: ", "Loaded image ID: "):
-                        if text.startswith(prefix):
-                            loaded.append(text[len(prefix):].strip())
+                    loaded.extend(loaded_names(chunk.get("stream") or ""))
             except docker.errors.APIError as exc:
                 raise make_error(302, detail=f"image file {tar_path!r} could not be loaded: {exc.explanation or exc}") from None
-        log.info("loaded %s from %s (%.0f MB in %.1f s)", ", ".join(loaded) or "nothing", tar_path, size / 1e6, time.monotonic() - started)
+        return {"loaded": loaded}
+
+    def _tag_loaded(self, tag: str, tar_path: str, loaded: list[str]) -> None:
         if self.image(tag) is not None:
             return
         if len(loaded) == 1:  # an untagged or differently tagged single image: give it our tag
@@ -217,6 +242,16 @@ class Engine:
             raise
         log.info("removed image %s", tag)
         return True
+
+
+def loaded_names(text: str) -> list[str]:
+    """What ``docker load`` says it loaded ("Loaded image: x:y" / "Loaded image ID: sha256:...")."""
+    out = []
+    for line in text.splitlines():
+        for prefix in ("Loaded image: ", "Loaded image ID: "):
+            if line.startswith(prefix):
+                out.append(line[len(prefix):].strip())
+    return out
 
 
 def _exit_code(status: str) -> int | None:

@@ -17,8 +17,8 @@ from .process import ProcessRuntime
 class ExternalRuntime(ProcessRuntime):
     kind = "other"
 
-    def __init__(self, stop_timeout: float) -> None:
-        super().__init__(stop_timeout)
+    def __init__(self, stop_timeout: float, host=None) -> None:
+        super().__init__(stop_timeout, host)
         self._started: set[str] = set()
 
     def start(self, spec: ContainerSpec) -> RunInfo:

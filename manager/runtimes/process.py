@@ -1,21 +1,19 @@
-"""``process`` containers: ``run_command`` as a plain process on this host.
+"""``process`` containers: ``run_command`` as a plain process on a board.
 
 The container is a working directory holding the files of ``script_path`` and the
 ``copy`` entries; its process runs there with the connection environment, in its own
 session (so stopping it stops anything it started), writing stdout and stderr to a log
 file that survives the process. Paths inside the container are relative to the working
 directory: ``/etc/cop/`` means ``<work_dir>/etc/cop/``, and nothing may point outside it.
+The same code serves this machine and remote boards: what differs is the ``host``
+(runtimes/hosts.py) it does its file and process work through.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shlex
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ from infinibrain.errors import make_error
 
 from ..validate import copy_list, module_list
 from .base import ContainerSpec, RunInfo
+from .hosts import LocalHost, SSHHost
 
 log = logging.getLogger(__name__)
 
@@ -39,106 +38,70 @@ def safe_join(root: Path, inside: str) -> Path:
     return root / rel
 
 
-def proc_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None if no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):  # a zombie is gone for our purposes
-        return None
-    return int(fields[19])
-
-
 class ProcessRuntime:
     kind = "process"
 
-    def __init__(self, stop_timeout: float) -> None:
+    def __init__(self, stop_timeout: float, host: LocalHost | SSHHost | None = None) -> None:
         self.stop_timeout = stop_timeout
-        self._children: dict[str, subprocess.Popen] = {}
+        self.host = host or LocalHost()
         self._pids: dict[str, tuple[int, int]] = {}  # container id -> (pid, start time)
         self._cpu_samples: dict[str, tuple[float, float]] = {}
 
     # ---- files -----------------------------------------------------------------
 
     def prepare(self, spec: ContainerSpec) -> None:
-        spec.work_dir.parent.mkdir(parents=True, exist_ok=True)
-        fresh = Path(tempfile.mkdtemp(dir=spec.work_dir.parent, prefix=f".{spec.container_id}."))
+        host, work = self.host, str(spec.work_dir)
+        fresh = host.make_fresh(os.path.dirname(work), f".{spec.container_id}.")
         try:
             if spec.config.get("script_path"):
-                shutil.copytree(spec.config["script_path"], fresh, dirs_exist_ok=True)
+                host.put(Path(spec.config["script_path"]), fresh)
             for entry in copy_list(spec.config):
                 self._copy_in(Path(entry["From"]), fresh, entry["To"])
             self._check_scripts(spec, fresh)
             self._write_env_file(spec, fresh)
         except BaseException:
-            shutil.rmtree(fresh, ignore_errors=True)
+            host.rmtree(fresh)
             raise
         # Swap the new tree in whole, so a container never sees half of its files.
-        old = spec.work_dir.with_name(f".{spec.container_id}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if spec.work_dir.exists():
-            spec.work_dir.rename(old)
-        fresh.rename(spec.work_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        host.swap_in(fresh, work)
 
-    @staticmethod
-    def _copy_in(source: Path, root: Path, to: str) -> None:
-        target = safe_join(root, to)
-        if to.endswith("/") or target.is_dir():
-            target = target / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(source, target)
+    def _copy_in(self, source: Path, root: str, to: str) -> None:
+        target = str(safe_join(Path(root), to))
+        if to.endswith("/") or self.host.is_dir(target):
+            target = os.path.join(target, source.name)
+        self.host.put(source, target)
 
-    @staticmethod
-    def _check_scripts(spec: ContainerSpec, root: Path) -> None:
+    def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
         for module in module_list(spec.config):
             scripts = module.get("script") or []
             for name in [scripts] if isinstance(scripts, str) else scripts:
-                if not safe_join(root, name).is_file():
+                if not self.host.is_file(str(safe_join(Path(root), name))):
                     raise make_error(302, detail=f"inference_modules.script {name!r} is not in script_path")
 
-    @staticmethod
-    def _write_env_file(spec: ContainerSpec, root: Path) -> None:
+    def _write_env_file(self, spec: ContainerSpec, root: str) -> None:
         lines = [f"{k}={shlex.quote(v)}" for k, v in sorted(spec.env.items()) if k.startswith("INFINIBRAIN_")]
-        (root / "connection.env").write_text("\n".join(lines) + "\n")
+        self.host.write_text(os.path.join(root, "connection.env"), "\n".join(lines) + "\n")
 
     def put_file(self, spec: ContainerSpec, source: str, target_dir: str) -> str:
         target = safe_join(spec.work_dir, target_dir) / Path(source).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        try:
-            shutil.copy2(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.host.put_atomic(source, str(target))
         return str(target.relative_to(spec.work_dir))
 
     def prepared(self, spec: ContainerSpec) -> bool:
-        return spec.work_dir.exists()
+        return self.host.is_dir(str(spec.work_dir))
 
     def remove(self, spec: ContainerSpec) -> None:
-        shutil.rmtree(spec.work_dir, ignore_errors=True)
+        self.host.rmtree(str(spec.work_dir))
 
     def remove_image(self, spec: ContainerSpec) -> bool:
         return False  # a process container has no image: its files are script_path's
 
     def logs(self, spec: ContainerSpec, lines: int) -> str:
-        try:
-            with open(spec.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 64 * 1024))
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.host.tail(str(spec.log_path), lines)
+
+    def files_size(self, spec: ContainerSpec) -> int:
+        """What get_images reports as the size of the container's "image": its files."""
+        return self.host.tree_size(str(spec.work_dir))
 
     # ---- processes ---------------------------------------------------------------
 
@@ -151,74 +114,51 @@ class ProcessRuntime:
             if not scripts:
                 raise make_error(302, detail="run_command is required when inference_modules names no script")
             argv = ["python", scripts[0]]
-        # "python" is the manager's own interpreter, which can import infinibrain.
+        # "python" is the board's interpreter that can import infinibrain (the manager's own here).
         if argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
+            argv[0] = self.host.python
         return argv
 
     def start(self, spec: ContainerSpec) -> RunInfo:
         argv = self.command(spec)
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(spec.log_path, "ab") as logfile:
-            logfile.write(f"--- start {datetime.now(timezone.utc).isoformat()} {shlex.join(argv)}\n".encode())
-            logfile.flush()
-            try:
-                child = subprocess.Popen(
-                    argv,
-                    cwd=spec.work_dir,
-                    env=spec.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise make_error(302, detail=f"run_command {argv[0]!r} cannot be started: {exc.strerror}") from None
-        self._children[spec.container_id] = child
-        start = proc_start_time(child.pid) or 0
-        self._pids[spec.container_id] = (child.pid, start)
+        pid, start = self.host.spawn(argv, str(spec.work_dir), spec.env, str(spec.log_path))
+        self._pids[spec.container_id] = (pid, start)
         self._cpu_samples.pop(spec.container_id, None)
-        log.info("started %s (pid %d): %s", spec.container_id, child.pid, shlex.join(argv))
-        return RunInfo(child.pid, start, _now_iso())
+        log.info("started %s (pid %d) on %s: %s", spec.container_id, pid, self.host.name, shlex.join(argv))
+        return RunInfo(pid, start, _now_iso())
 
     def adopt(self, spec: ContainerSpec, pid: int | None, pid_start: int | None) -> bool:
-        if not pid or proc_start_time(pid) != pid_start:
+        if not pid or pid_start is None or not self.host.adopt(pid, pid_start, str(spec.work_dir)):
             return False
         self._pids[spec.container_id] = (pid, pid_start)
         log.info("adopted %s (pid %d) left running by an earlier manager", spec.container_id, pid)
         return True
 
     def _alive(self, container_id: str) -> bool:
-        child = self._children.get(container_id)
-        if child is not None:
-            return child.poll() is None
         pid, start = self._pids.get(container_id, (0, 0))
-        return bool(pid) and proc_start_time(pid) == start
+        return bool(pid) and self.host.alive(pid, start)
 
     def exited(self, spec: ContainerSpec) -> int | None:
         if spec.container_id not in self._pids:
             return 0
         if self._alive(spec.container_id):
             return None
-        child = self._children.get(spec.container_id)
-        return child.returncode if child is not None else -1
+        return self.host.exit_code(self._pids[spec.container_id][0], str(spec.work_dir))
 
     def stop(self, spec: ContainerSpec) -> None:
         cid = spec.container_id
         if cid not in self._pids:
             return
-        pid = self._pids[cid][0]
+        pid, start = self._pids[cid]
         for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
-            if not self._alive(cid):
+            # Asked now, not from a poll: the pid must still be ours before it is signalled.
+            if self.host.start_time(pid) != start:
                 break
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
+            self.host.signal_group(pid, sig)
             deadline = time.monotonic() + wait
-            while self._alive(cid) and time.monotonic() < deadline:
+            while self.host.start_time(pid) == start and time.monotonic() < deadline:
                 time.sleep(0.02)
-        self._children.pop(cid, None)
+        self.host.forget(pid)
         self._pids.pop(cid, None)
         log.info("stopped %s (pid %d)", cid, pid)
 
@@ -228,28 +168,28 @@ class ProcessRuntime:
             code = self.exited(spec)
             status = "stopped" if cid not in self._pids else f"exited ({code})"
             return {"status": status, "cpu_proc": "0.00%", "mem_usage": "0B", "mem_proc": "0.00%", "block_io": "0B / 0B"}
-        pid = self._pids[cid][0]
+        proc = self.host.proc_files(self._pids[cid][0])
+        rss = _rss_bytes(proc["statm"])
         return {
             "status": "running",
-            "cpu_proc": self._cpu_percent(cid, pid),
-            "mem_usage": human_bytes(_rss_bytes(pid)),
-            "mem_proc": f"{100.0 * _rss_bytes(pid) / _mem_total():.2f}%",
-            "block_io": _block_io(pid),
+            "cpu_proc": self._cpu_percent(cid, proc),
+            "mem_usage": human_bytes(rss),
+            "mem_proc": f"{100.0 * rss / _mem_total(proc['meminfo']):.2f}%",
+            "block_io": _block_io(proc["io"]),
         }
 
-    def _cpu_percent(self, cid: str, pid: int) -> str:
+    def _cpu_percent(self, cid: str, proc: dict[str, str]) -> str:
         """CPU use since the previous status call (or since start), as docker stats shows it."""
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                fields = fh.read().decode(errors="replace").rsplit(")", 1)[1].split()
-        except OSError:
+        if ")" not in proc["stat"] or not proc["uptime"]:
             return "0.00%"
+        fields = proc["stat"].rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         now = time.monotonic()
         if cid in self._cpu_samples:
             last_cpu, last_t = self._cpu_samples[cid]
         else:
-            last_cpu, last_t = 0.0, now - max(_uptime() - int(fields[19]) / CLOCK_TICKS, 1e-3)
+            uptime = float(proc["uptime"].split()[0])
+            last_cpu, last_t = 0.0, now - max(uptime - int(fields[19]) / CLOCK_TICKS, 1e-3)
         self._cpu_samples[cid] = (cpu, now)
         return f"{100.0 * (cpu - last_cpu) / max(now - last_t, 1e-3):.2f}%"
 
@@ -264,10 +204,9 @@ class LoopRuntime(ProcessRuntime):
     kind = "Loop"
 
     def command(self, spec: ContainerSpec) -> list[str]:
-        return [sys.executable, "-m", "infinibrain.containers.loopback"]
+        return [self.host.python, "-m", "infinibrain.containers.loopback"]
 
-    @staticmethod
-    def _check_scripts(spec: ContainerSpec, root: Path) -> None:
+    def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
         return None
 
 
@@ -281,33 +220,23 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * PAGE_SIZE
-    except OSError:
-        return 0
+def _rss_bytes(statm: str) -> int:
+    parts = statm.split()
+    return int(parts[1]) * PAGE_SIZE if len(parts) > 1 else 0
 
 
-def _mem_total() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
+def _mem_total(meminfo: str) -> int:
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
     return 1
 
 
-def _uptime() -> float:
-    with open("/proc/uptime") as fh:
-        return float(fh.read().split()[0])
-
-
-def _block_io(pid: int) -> str:
+def _block_io(io_text: str) -> str:
     try:
-        with open(f"/proc/{pid}/io") as fh:
-            io = dict(line.split(": ") for line in fh.read().splitlines())
+        io = dict(line.split(": ") for line in io_text.splitlines())
         return f"{human_bytes(int(io['read_bytes']))} / {human_bytes(int(io['write_bytes']))}"
-    except (OSError, KeyError, ValueError):
+    except (KeyError, ValueError):
         return "-"
 
 
