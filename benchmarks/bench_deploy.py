@@ -30,7 +30,7 @@ from pathlib import Path
 import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import ManagerProcess  # noqa: E402
+from conftest import ManagerProcess, SSHBoards  # noqa: E402
 
 from infinibrain import ContainerConfig  # noqa: E402
 
@@ -57,26 +57,47 @@ def make_image(client: docker.DockerClient, layer_mb: int) -> None:
     client.images.build(fileobj=buf, custom_context=True, tag=TAG, rm=True, network_mode="none")
 
 
-def by_hand(client: docker.DockerClient, tar: Path, env: list[str]) -> float:
+HAND_NAME = "ib-bench-by-hand"
+
+
+def run_args(env: list[str]) -> list[str]:
+    return ["run", "-d", "--network", "host", "--init", "--name", HAND_NAME, *sum((["-e", e] for e in env), []), TAG]
+
+
+def by_hand(tar: Path, env: list[str]) -> None:
     cli = shutil.which("docker")
-    name = "ib-bench-by-hand"
-    t0 = time.perf_counter()
     subprocess.run([cli, "load", "-q", "-i", str(tar)], check=True, stdout=subprocess.DEVNULL, timeout=600)
-    subprocess.run([cli, "run", "-d", "--network", "host", "--init", "--name", name, *sum((["-e", e] for e in env), []), TAG],
-                   check=True, stdout=subprocess.DEVNULL, timeout=120)
+    subprocess.run([cli, *run_args(env)], check=True, stdout=subprocess.DEVNULL, timeout=120)
+
+
+def by_hand_ssh(boards: SSHBoards, tar: Path, env: list[str]) -> None:
+    """scp, then docker load and docker run over ssh, as an operator would."""
+    b = boards.settings("b1")
+    opts = ["-i", b["ssh_key"], "-o", f"UserKnownHostsFile={b['known_hosts']}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
+    target = f"{b['ssh_user']}@{b['address']}"
+    remote = f"/tmp/{tar.name}"
+    subprocess.run(["scp", "-q", *opts, "-P", str(b["ssh_port"]), str(tar), f"{target}:{remote}"], check=True, timeout=600)
+    ssh = ["ssh", *opts, "-p", str(b["ssh_port"]), target]
+    subprocess.run([*ssh, f"docker load -q -i {remote} && rm -f {remote}"], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    subprocess.run([*ssh, " ".join(["docker", *run_args(env)])], check=True, stdout=subprocess.DEVNULL, timeout=120)
+
+
+def timed(call, client: docker.DockerClient) -> float:
+    t0 = time.perf_counter()
+    call()
     elapsed = time.perf_counter() - t0
-    client.containers.get(name).remove(force=True)
+    client.containers.get(HAND_NAME).remove(force=True)
     return elapsed
 
 
-def ours(cluster, tar: Path, name: str) -> float:
+def ours(cluster, tar: Path, name: str, board: str) -> tuple[float, dict]:
     cfg = ContainerConfig(name=name, implementation_type="docker", input="Main", output="Main",
                           image_path=str(tar.parent), image_filename=tar.name, image_tag=TAG)
     t0 = time.perf_counter()
-    cluster.load_inference(cfg, "local")
+    handler = cluster.load_inference(cfg, board)
     elapsed = time.perf_counter() - t0
     cluster.unload_inference(name, delete_image=False)
-    return elapsed
+    return elapsed, handler.deployment
 
 
 def main() -> int:
@@ -84,6 +105,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tar", type=Path, help="a docker save tar of TAG (default: made from infinibrain/example-classifier)")
     parser.add_argument("--layer-mb", type=int, default=64, help="size of the image's own model layer")
+    parser.add_argument("--ssh", action="store_true", help="deploy to an emulated SSH board instead of the local engine")
     parser.add_argument("--json")
     args = parser.parse_args()
     client = docker.from_env(version="auto", timeout=600)
@@ -95,32 +117,48 @@ def main() -> int:
         with open(tar, "wb") as fh:
             for chunk in client.images.get(TAG).save(named=True):
                 fh.write(chunk)
-    manager = ManagerProcess(tmp / "m", boards=("local",), log_level="WARNING").start()
+    boards = None
+    if args.ssh:
+        boards = SSHBoards(tmp / "boards", 1)
+        boards.start()
+        manager = boards.manager(tmp / "m", boards=("b1",), log_level="WARNING").start()
+        board, hand_way = "b1", lambda: by_hand_ssh(boards, tar, env)
+    else:
+        manager = ManagerProcess(tmp / "m", boards=("local",), log_level="WARNING").start()
+        board, hand_way = "local", lambda: by_hand(tar, env)
     cluster = manager.client()
     env = ["INFINIBRAIN_HOST=127.0.0.1", f"INFINIBRAIN_PUB_PORT={manager.port + 4}", f"INFINIBRAIN_SUB_PORT={manager.port + 3}",
            "INFINIBRAIN_CONTAINER=by-hand"]
-    hand, mine = [], []
+    hand, mine, steps = [], [], []
     try:
         for i in range(max(1, min(args.rounds, 50))):
             untag(client)
-            hand.append(by_hand(client, tar, env))
+            hand.append(timed(hand_way, client))
             untag(client)
-            mine.append(ours(cluster, tar, f"deploy{i}"))
-            print(f"round {i + 1}: by hand {hand[-1]:.3f} s, load_inference {mine[-1]:.3f} s")
+            elapsed, figures = ours(cluster, tar, f"deploy{i}", board)
+            mine.append(elapsed)
+            steps.append(figures)
+            print(f"round {i + 1}: by hand {hand[-1]:.3f} s, load_inference {mine[-1]:.3f} s "
+                  f"(sending {figures.get('transfer_seconds', 0):.3f} s, docker load {figures.get('load_seconds', 0):.3f} s)")
     finally:
         untag(client)
         cluster.release()
         manager.stop()
         manager.cleanup()
+        if boards is not None:
+            boards.stop()
+    how = "scp + ssh docker load + ssh docker run" if args.ssh else "docker load + docker run"
     report = {
+        "board": "ssh (emulated)" if args.ssh else "local",
         "tar_MB": tar.stat().st_size / 1e6,
         "by_hand_median_s": statistics.median(hand),
         "ours_median_s": statistics.median(mine),
         "ratio": statistics.median(mine) / statistics.median(hand),
         "by_hand_s": hand,
         "ours_s": mine,
+        "ours_steps": steps,
     }
-    print(f"tar {report['tar_MB']:.0f} MB: docker load + docker run {report['by_hand_median_s']:.3f} s, "
+    print(f"tar {report['tar_MB']:.0f} MB: {how} {report['by_hand_median_s']:.3f} s, "
           f"load_inference {report['ours_median_s']:.3f} s (medians of {len(hand)}): x{report['ratio']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -7,14 +7,15 @@ container (a process), and back. With ``--docker``, also the same loopback modul
 Docker container (``infinibrain/runtime``, host network; ``make images`` first). All run
 here, on 127.0.0.1, one after the other, with the same images. For each payload it reports
 p50/p99 latency of one request at a time and the throughput with WINDOW requests in
-flight, then the ratios to the baseline (and docker / process).
+flight, then the ratios to the baseline (and docker / process). With ``--ssh``, also a
+``Loop`` container on an emulated SSH board (scripts/boards.py: a real sshd on 127.0.0.2;
+the container was deployed over SSH, requests do not go through it), against the local one.
 
-    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--json PATH]
+    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--ssh] [--json PATH]
 
 Every loop is bounded in count and in time. (A Docker container on the host network
-lives in the engine's network namespace, so ``--docker`` cannot run under ``unshare -n``.)
-
-Every loop is bounded in count and in time.
+lives in the engine's network namespace, so ``--docker`` cannot run under ``unshare -n``;
+``--ssh`` can.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import ManagerProcess  # noqa: E402  (the same real-manager harness as the tests)
+from conftest import ManagerProcess, SSHBoards  # noqa: E402  (the same real-manager harness as the tests)
 
 from infinibrain import AICluster, ContainerConfig  # noqa: E402
 
@@ -177,11 +178,16 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (large images: a tenth)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time bound per measurement")
     parser.add_argument("--docker", action="store_true", help="also measure a Docker container (infinibrain/runtime)")
+    parser.add_argument("--ssh", action="store_true", help="also measure a Loop container on an emulated SSH board")
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ib-bench-"))
-    manager = ManagerProcess(tmp, boards=("local",), log_level="WARNING").start()
+    boards = SSHBoards(tmp / "boards", 1) if args.ssh else None
+    if boards is not None:
+        boards.start()
+    settings = {"b1": boards.settings("b1")} if boards else {}
+    manager = ManagerProcess(tmp, boards=("local", *settings), board_settings=settings, log_level="WARNING").start()
     cluster = manager.client()
     contenders = {"ours": "bench"}
     cluster.load_inference(ContainerConfig(name="bench", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "local")
@@ -189,6 +195,9 @@ def main() -> int:
         cluster.load_inference(ContainerConfig(name="bench-docker", implementation_type="docker", image_tag="infinibrain/runtime:latest",
                                                input="Main", output="Main", max_send_num=4), "local")
         contenders["docker"] = "bench-docker"
+    if boards is not None:
+        cluster.load_inference(ContainerConfig(name="bench-ssh", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "b1")
+        contenders["ssh"] = "bench-ssh"
     from conftest import free_base_port
 
     baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds)
@@ -207,10 +216,11 @@ def main() -> int:
             b = row["baseline"]
             row["ratio"] = {who: {"p50": row[who]["p50_ms"] / b["p50_ms"], "p99": row[who]["p99_ms"] / b["p99_ms"],
                                   "throughput": row[who]["MB_s"] / b["MB_s"]} for who in contenders}
-            if "docker" in row:
-                row["docker_vs_process"] = {"p50": row["docker"]["p50_ms"] / row["ours"]["p50_ms"],
-                                            "p99": row["docker"]["p99_ms"] / row["ours"]["p99_ms"],
-                                            "throughput": row["docker"]["MB_s"] / row["ours"]["MB_s"]}
+            for who in ("docker", "ssh"):
+                if who in row:
+                    row[f"{who}_vs_local_process"] = {"p50": row[who]["p50_ms"] / row["ours"]["p50_ms"],
+                                                      "p99": row[who]["p99_ms"] / row["ours"]["p99_ms"],
+                                                      "throughput": row[who]["MB_s"] / row["ours"]["MB_s"]}
             report["payloads"][label] = row
             print(f"{label:>12}  {'':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'MB/s':>9}")
             for who in ("baseline", *contenders):
@@ -218,9 +228,10 @@ def main() -> int:
                 print(f"{'':>12}  {who:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['req_s']:9.1f} {r['MB_s']:9.1f}")
             for who, ratio in row["ratio"].items():
                 print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline")
-            if "docker_vs_process" in row:
-                r = row["docker_vs_process"]
-                print(f"{'':>12}  docker / process: p50 x{r['p50']:.3f}  p99 x{r['p99']:.3f}  throughput x{r['throughput']:.3f}")
+            for who in ("docker", "ssh"):
+                if f"{who}_vs_local_process" in row:
+                    r = row[f"{who}_vs_local_process"]
+                    print(f"{'':>12}  {who} / local process: p50 x{r['p50']:.3f}  p99 x{r['p99']:.3f}  throughput x{r['throughput']:.3f}")
             print()
     finally:
         baseline.close()
@@ -229,6 +240,8 @@ def main() -> int:
         cluster.release()
         manager.stop()
         manager.cleanup()
+        if boards is not None:
+            boards.stop()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

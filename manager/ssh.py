@@ -13,6 +13,7 @@ import base64
 import hashlib
 import logging
 import os
+import posixpath
 import shlex
 import socket
 import threading
@@ -233,6 +234,7 @@ class SSHLink:
         part = f"{remote}.part"
         sftp = self.sftp()
         try:
+            makedirs(sftp, posixpath.dirname(remote))
             with open(local, "rb") as src, sftp.open(part, "wb") as dst:
                 dst.MAX_REQUEST_SIZE = SFTP_REQUEST
                 dst.set_pipelined(True)
@@ -272,6 +274,20 @@ class _Progress:
             log.info("%s: sending %s %3.0f%% (%.0f of %.0f MB, %.0f MB/s)", self.where, self.what, 100 * done, sent / 1e6, self.size / 1e6, rate)
             while self.next <= done:
                 self.next += PROGRESS_STEP
+
+
+def makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
+    """``mkdir -p`` over SFTP (no shell started on the board)."""
+    missing = []
+    while folder not in ("", "/", "."):
+        try:
+            sftp.stat(folder)
+            break
+        except FileNotFoundError:
+            missing.append(folder)
+            folder = posixpath.dirname(folder)
+    for path in reversed(missing):
+        sftp.mkdir(path, 0o755)
 
 
 def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:

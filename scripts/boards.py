@@ -4,6 +4,7 @@
     python3 scripts/boards.py start [--dir DIR] [--count 2] [--manager-port 5570]
     python3 scripts/boards.py stop  [--dir DIR] [--board b1]
     python3 scripts/boards.py start [--dir DIR] --board b1      # bring one back
+    python3 scripts/boards.py install                           # only install openssh-server
 
 ``start`` installs Debian's openssh-server when sshd is missing (without letting apt start
 the system's own sshd), generates a user key and one host key per board into DIR, starts
@@ -48,7 +49,10 @@ def ensure_sshd() -> None:
         policy.chmod(0o755)
     try:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", "openssh-server"], check=True, env=env, stdout=subprocess.DEVNULL)
+        install = ["apt-get", "install", "-y", "-q", "openssh-server"]
+        if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:  # stale package lists?
+            subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
     finally:
         if made:
             policy.unlink()
@@ -207,7 +211,7 @@ def start(root: Path, count: int, manager_port: int, python: str, only: str | No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("action", choices=("start", "stop", "install"))
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--count", type=int, default=2)
     parser.add_argument("--board", help="only this board (b1, b2, ...)")
@@ -216,6 +220,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print what was started as JSON")
     args = parser.parse_args()
     root = args.dir.absolute()
+    if args.action == "install":
+        ensure_sshd()
+        return 0
     if args.action == "stop":
         names = [args.board] if args.board else sorted(p.name for p in root.glob("b[0-9]*") if p.is_dir())
         stopped = [n for n in names if stop_one(root, n)]

@@ -29,11 +29,14 @@ import paramiko
 
 from infinibrain.errors import make_error
 
-from ..ssh import LINK_ERRORS, SSHLink
+from ..ssh import LINK_ERRORS, SSHLink, makedirs
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.5
+# How often a remote board's processes are looked at (one short command each time). A lost
+# container is noticed at once anyway, by its ZeroMQ unsubscription (114); the poll is for
+# its exit status, and it costs the board a process start each time.
+POLL_INTERVAL = 1.0
 EXIT_FILE = ".ib-exit"  # where a remote container's wrapper leaves its exit status
 PROC_FILES = ("stat", "statm", "io")
 
@@ -213,42 +216,29 @@ class SSHHost:
                 raise self.link.failed(doing, exc) from None
 
     def make_fresh(self, parent: str, prefix: str) -> str:
-        self.link.check(f"mkdir -p {shlex.quote(parent)}", f"making {parent}")
         fresh = posixpath.join(parent, f"{prefix}{uuid.uuid4().hex[:8]}")
         with self.files(f"making {fresh}") as sftp:
+            makedirs(sftp, parent)
             sftp.mkdir(fresh, 0o755)
         return fresh
 
     def put(self, source: Path, target: str) -> None:
         with self.files(f"copying {source}") as sftp:
-            self._mkdirs(sftp, posixpath.dirname(target))
+            makedirs(sftp, posixpath.dirname(target))
             if not source.is_dir():
                 sftp.put(str(source), target)
                 sftp.chmod(target, stat.S_IMODE(source.stat().st_mode))
                 return
-            self._mkdirs(sftp, target)
+            makedirs(sftp, target)
             for path in sorted(source.rglob("*")):
                 if "__pycache__" in path.parts:
                     continue
                 remote = posixpath.join(target, path.relative_to(source).as_posix())
                 if path.is_dir():
-                    self._mkdirs(sftp, remote)
+                    makedirs(sftp, remote)
                 else:
                     sftp.put(str(path), remote)
                     sftp.chmod(remote, stat.S_IMODE(path.stat().st_mode))
-
-    @staticmethod
-    def _mkdirs(sftp: paramiko.SFTPClient, folder: str) -> None:
-        missing = []
-        while folder not in ("", "/", "."):
-            try:
-                sftp.stat(folder)
-                break
-            except FileNotFoundError:
-                missing.append(folder)
-                folder = posixpath.dirname(folder)
-        for path in reversed(missing):
-            sftp.mkdir(path, 0o755)
 
     def _stat(self, path: str) -> os.stat_result | None:
         with self.files(f"looking at {path}") as sftp:
@@ -277,7 +267,7 @@ class SSHHost:
     def put_atomic(self, source: str, target: str) -> None:
         temp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}")
         with self.files(f"copying {source}") as sftp:
-            self._mkdirs(sftp, posixpath.dirname(target))
+            makedirs(sftp, posixpath.dirname(target))
             try:
                 sftp.put(source, temp)
                 sftp.chmod(temp, stat.S_IMODE(os.stat(source).st_mode))

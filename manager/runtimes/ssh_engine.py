@@ -93,7 +93,6 @@ class SSHEngine(Engine):
         # One name per tar file: a retry after a cut-off transfer overwrites its .part.
         name = hashlib.sha256(os.path.abspath(tar_path).encode()).hexdigest()[:16] + ".tar"
         remote = posixpath.join(self.upload_dir, name)
-        self.link.check(f"mkdir -p {shlex.quote(self.upload_dir)}", f"making {self.upload_dir}", code=500)
         sent = self.link.upload(tar_path, remote, what=os.path.basename(tar_path))
         q = shlex.quote(remote)
         status, out, err = self.link.run(f"docker load -i {q}; s=$?; rm -f {q}; exit $s", timeout=self.timeout)
