@@ -51,6 +51,11 @@ def start_time_of(stat_line: str) -> int | None:
     return int(fields[19])
 
 
+def _old_name(work: str) -> str:
+    """Where a container's previous files wait while new ones are swapped in (hidden)."""
+    return posixpath.join(posixpath.dirname(work), f".{posixpath.basename(work)}.old")
+
+
 def start_line(argv: list[str]) -> str:
     return f"--- start {datetime.now(timezone.utc).isoformat()} {shlex.join(argv)}\n"
 
@@ -87,7 +92,7 @@ class LocalHost:
         Path(path).write_text(text)
 
     def swap_in(self, fresh: str, work: str) -> None:
-        old = f"{work}.old"
+        old = _old_name(work)
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(work):
             os.rename(work, old)
@@ -260,7 +265,7 @@ class SSHHost:
             fh.write(text)
 
     def swap_in(self, fresh: str, work: str) -> None:
-        old = shlex.quote(f"{work}.old")
+        old = shlex.quote(_old_name(work))
         w, f = shlex.quote(work), shlex.quote(fresh)
         self.link.check(f"rm -rf {old} && {{ [ ! -e {w} ] || mv {w} {old}; }} && mv {f} {w} && rm -rf {old}", f"replacing {work}")
 
