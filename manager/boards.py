@@ -57,8 +57,7 @@ class Board:
         return self.containers_dir / container_id, self.logs_dir / f"{container_id}.log"
 
     def close(self) -> None:
-        if isinstance(self.host, SSHHost):
-            self.host.close()
+        self.host.close()
         if self.link is not None:
             self.link.close()
 

@@ -205,11 +205,11 @@ class SSHLink:
             raise self.failed(f"running {script.split()[0]!r}", exc) from None
         return status, out.decode(errors="replace"), err.decode(errors="replace")
 
-    def check(self, script: str, what: str, timeout: float | None = None, code: int = 302) -> str:
-        """``run`` that turns a failing script into error ``code`` naming ``what``."""
+    def check(self, script: str, what: str, timeout: float | None = None) -> str:
+        """``run`` that turns a failing script into 302 naming ``what``."""
         status, out, err = self.run(script, timeout)
         if status != 0:
-            raise make_error(code, detail=f"board {self.board.name!r}: {what} failed ({status}): {(err or out).strip()[-500:]}")
+            raise make_error(302, detail=f"board {self.board.name!r}: {what} failed ({status}): {(err or out).strip()[-500:]}")
         return out
 
     # ---- files -------------------------------------------------------------------------

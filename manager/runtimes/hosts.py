@@ -179,6 +179,9 @@ class LocalHost:
         out.update(meminfo=self.read("/proc/meminfo"), uptime=self.read("/proc/uptime"))
         return out
 
+    def close(self) -> None:
+        return None
+
     @staticmethod
     def read(path: str) -> str:
         try:
@@ -215,7 +218,7 @@ class SSHHost:
                     self._sftp = self.link.sftp()
                 yield self._sftp
             except LINK_ERRORS as exc:
-                if isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) is not None:
+                if isinstance(exc, OSError) and exc.errno is not None:  # the board said no (SFTP status): not a link failure
                     raise make_error(302, detail=f"{self.name}: {doing}: {exc.strerror or exc}") from None
                 self._sftp = None
                 raise self.link.failed(doing, exc) from None
