@@ -10,8 +10,6 @@ import logging
 import posixpath
 from pathlib import Path
 
-from infinibrain.errors import make_error
-
 from .config import BoardConfig, ManagerConfig
 from .runtimes.docker_runtime import DockerRuntime
 from .runtimes.engine import Engine, engine_url
@@ -46,11 +44,8 @@ class Board:
         return self.config.address
 
     def runtime(self, implementation_type: str):
-        """The runtime for ``implementation_type`` on this board."""
-        try:
-            return self.runtimes[implementation_type]
-        except KeyError:
-            raise make_error(302, detail=f"implementation_type {implementation_type!r} cannot run on board {self.name!r}") from None
+        """The runtime for ``implementation_type`` (validated: every board offers every type)."""
+        return self.runtimes[implementation_type]
 
     def paths(self, container_id: str) -> tuple[Path, Path]:
         """(working directory, log file) of a container on this board."""
@@ -67,10 +62,15 @@ def board_dirs(config: BoardConfig, manager: ManagerConfig) -> tuple[Path, Path]
     ``<state_dir>/containers``) and ``<state_dir>/logs``; on an ssh board, under ``work_dir``
     (else ``.infinibrain/<manager port>`` in the SSH user's home)."""
     if config.transport == "ssh":
-        root = Path(config.work_dir or posixpath.join(".infinibrain", str(manager.port)))
+        root = ssh_root(config, manager)
         return root / "containers", root / "logs"
     state = Path(manager.state_dir)
     return (Path(config.work_dir) if config.work_dir else state / "containers"), state / "logs"
+
+
+def ssh_root(config: BoardConfig, manager: ManagerConfig) -> Path:
+    """What the manager keeps on an ssh board (containers, logs, images being loaded)."""
+    return Path(config.work_dir or posixpath.join(".infinibrain", str(manager.port)))
 
 
 def make_boards(config: ManagerConfig) -> dict[str, Board]:
@@ -81,8 +81,8 @@ def make_boards(config: ManagerConfig) -> dict[str, Board]:
     for b in config.boards:
         if b.transport == "ssh":
             link = SSHLink(b)
-            images_dir = board_dirs(b, config)[0].parent / "images"  # where image tars land before docker load
-            boards[b.name] = Board(b, config, SSHEngine(link, manager_id, timeout, str(images_dir)), link)
+            engine = SSHEngine(link, manager_id, timeout, str(ssh_root(b, config) / "images"))
+            boards[b.name] = Board(b, config, engine, link)
             continue
         url = engine_url(b.docker_host)
         if url not in engines:

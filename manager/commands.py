@@ -227,8 +227,6 @@ class Commands:
 
     def _load_one(self, cfg: dict, boards: list[str]) -> list[dict]:
         name = cfg["name"]
-        for board in boards:  # refuse early what a board cannot run
-            self.boards[board].runtime(cfg["implementation_type"])
         created, replaced, written = self.router.call(self._register, cfg, boards)
         written.result(30)
         if replaced:  # new settings: the containers made from the old ones go first
@@ -300,11 +298,12 @@ class Commands:
     def _delete_image(self, gone: Container) -> None:
         """Remove ``gone``'s image unless another inference on the same engine still uses it."""
         tag = gone.spec.config.get("image_tag")
-        engine = self.boards[gone.board].engine
         if not tag:
             return
         users = self.router.call(lambda: [c for c in self._containers_of() if c is not gone and c.spec.config.get("image_tag") == tag])
-        if any(self.boards[c.board].engine.identity() == engine.identity() for c in users):
+        engines = {id(self.boards[c.board].engine): self.boards[c.board].engine for c in users}.values()
+        mine = self.boards[gone.board].engine.identity()
+        if any(engine.identity() == mine for engine in engines):
             return
         gone.runtime.remove_image(gone.spec)
 
@@ -567,7 +566,6 @@ class Commands:
 
         def place() -> None:
             reg = self._registered(name)
-            self.boards[board].runtime(reg.config["implementation_type"])
             reg.boards.setdefault(board, Placement())
             return self.deployer.persist(name)
 

@@ -277,9 +277,10 @@ class Router:
         for n, waiting in self.queues.items():
             if name and n != name:
                 continue
-            chosen = [r for r in waiting if keep_out(r)]
+            chosen, kept = [], []
+            for r in waiting:
+                (chosen if keep_out(r) else kept).append(r)
             if chosen:
-                kept = [r for r in waiting if not keep_out(r)]
                 waiting.clear()
                 waiting.extend(kept)
                 taken.extend(chosen)

@@ -69,9 +69,7 @@ class DockerRuntime:
 
     def create_args(self, spec: ContainerSpec) -> dict:
         """The ``containers.create`` arguments of ``spec`` (302 for a bad setting)."""
-        cfg = spec.config
-        if not cfg.get("image_tag"):
-            raise make_error(302, detail=f"image_tag is required for implementation_type {cfg['implementation_type']!r}")
+        cfg = spec.config  # validated: image_tag is set (validate._check_docker)
         args = parse_run_option(cfg.get("run_option"))
         if self.kind == "nvidia":
             if args.get("runtime", "nvidia") != "nvidia":

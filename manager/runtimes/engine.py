@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 LABEL_MANAGER = "infinibrain.manager"
 POLL_INTERVAL = 0.5
 CONNECT_TIMEOUT = 5.0
+PROBE_API_VERSION = "1.24"  # only asks the engine which version it speaks
 # What a call raises when the engine (or the SSH connection to its board) is not there.
 UNREACHABLE = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, paramiko.SSHException, EOFError, socket.timeout)
 
@@ -66,16 +67,21 @@ class Engine:
             return self._client
 
     def _connect(self) -> docker.DockerClient:
+        """A client speaking the engine's own API version, asked with a short timeout so
+        that an engine that is down fails fast."""
         try:
-            # Ask the version with a short timeout: an engine that is down fails fast.
-            probe = docker.DockerClient(base_url=self.url, version="auto", timeout=CONNECT_TIMEOUT)
-            version = probe.api.api_version
+            probe = self._sdk_client(PROBE_API_VERSION, CONNECT_TIMEOUT)
+            version = probe.api.version(api_version=False)["ApiVersion"]
             probe.close()
-            client = docker.DockerClient(base_url=self.url, version=version, timeout=self.timeout)
-        except docker.errors.DockerException as exc:
-            raise make_error(500, detail=f"the Docker engine at {self.url} is not reachable: {_cause(exc)}") from None
+        except InfinibrainException:
+            raise
+        except (docker.errors.DockerException, *UNREACHABLE) as exc:
+            raise self.unreachable("asking the Docker engine's version", exc) from None
         log.info("connected to the Docker engine at %s (API %s)", self.url, version)
-        return client
+        return self._sdk_client(version, self.timeout)
+
+    def _sdk_client(self, version: str, timeout: float) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.url, version=version, timeout=timeout)
 
     def close(self) -> None:
         self._closed.set()

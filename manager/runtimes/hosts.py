@@ -344,17 +344,22 @@ class SSHHost:
                 log.debug("%s: process poll failed: %s", self.name, exc)
 
     def _look(self, watched: dict[int, tuple[int, str]]) -> None:
-        script = "; ".join(f"printf '%s ' {pid}; cat /proc/{pid}/stat 2>/dev/null || echo" for pid in watched)
+        """One command for all: "exit <status>" for a process whose wrapper has written its
+        exit status (it has ended, even if not yet reaped), else its stat line (none if gone)."""
+        script = "; ".join(
+            f"printf '%s ' {pid}; if [ -e {q} ]; then printf 'exit '; cat {q}; else cat /proc/{pid}/stat 2>/dev/null || echo; fi"
+            for pid, q in ((pid, shlex.quote(posixpath.join(cwd, EXIT_FILE))) for pid, (_, cwd) in watched.items())
+        )
         _, out, _ = self.link.run(script)
         for line in out.splitlines():
-            pid_text, _, stat_line = line.partition(" ")
+            pid_text, _, rest = line.partition(" ")
             pid = int(pid_text)
-            now = start_time_of(stat_line)
-            self._seen[pid] = now
-            if now != watched[pid][0] and pid not in self._exits:
-                cwd = watched[pid][1]
-                _, code, _ = self.link.run(f"cat {shlex.quote(posixpath.join(cwd, EXIT_FILE))} 2>/dev/null")
-                self._exits[pid] = int(code.strip()) if code.strip().lstrip("-").isdigit() else -1
+            if rest.startswith("exit "):
+                code = rest[len("exit "):].strip()
+                self._seen[pid] = None
+                self._exits.setdefault(pid, int(code) if code.lstrip("-").isdigit() else -1)
+            else:
+                self._seen[pid] = start_time_of(rest)
 
     def start_time(self, pid: int) -> int | None:
         """What the board says now (used when adopting and stopping)."""

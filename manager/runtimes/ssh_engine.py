@@ -27,11 +27,9 @@ from docker.transport.sshconn import SSHConnectionPool, SSHHTTPAdapter
 from infinibrain.errors import InfinibrainException, make_error
 
 from ..ssh import SSHLink
-from .engine import CONNECT_TIMEOUT, Engine, _cause, loaded_names
+from .engine import Engine, _cause, loaded_names
 
 log = logging.getLogger(__name__)
-
-PROBE_API_VERSION = "1.24"  # only asks the engine which version it speaks
 
 
 class _LinkAdapter(SSHHTTPAdapter):
@@ -66,18 +64,6 @@ class SSHEngine(Engine):
         client.api._custom_adapter = adapter  # what APIClient.close() and its socket helpers use
         client.api.mount("http+docker://ssh", adapter)
         return client
-
-    def _connect(self) -> docker.DockerClient:
-        try:
-            probe = self._sdk_client(PROBE_API_VERSION, CONNECT_TIMEOUT + self.link.connect_timeout)
-            version = probe.api.version(api_version=False)["ApiVersion"]
-            probe.close()
-        except InfinibrainException:
-            raise
-        except (docker.errors.DockerException, requests.exceptions.RequestException, paramiko.SSHException, EOFError, OSError) as exc:
-            raise self.unreachable("asking the Docker engine's version", exc) from None
-        log.info("%s: connected to its Docker engine (API %s)", self.link.where, version)
-        return self._sdk_client(version, self.timeout)
 
     def unreachable(self, doing: str, exc: BaseException) -> InfinibrainException:
         if isinstance(exc, (requests.exceptions.Timeout, socket.timeout)):
