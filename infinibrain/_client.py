@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
+from . import security
 from .errors import error_from_code, format_message, make_error
 from .types import InferenceResponse
 
@@ -82,6 +84,8 @@ class ClusterClient:
         self.connected = False
         self.manager_id: str | None = None
         self.hb_interval = 0.5
+        self.max_message_size = 64 * 1024 * 1024  # the manager says its own in hello_ack
+        self._refused = ""  # why the manager refused our connection (CURVE), from the socket monitor
         self._acked_paths: set[str] = set()
         self._last_heard = 0.0
         self._next_beat = 0.0
@@ -100,12 +104,18 @@ class ClusterClient:
     # ---- sockets -------------------------------------------------------------------
 
     def _open_sockets(self) -> None:
+        try:
+            keys = security.keys_from_env()
+        except security.KeyFileError as exc:
+            raise make_error(110, detail=f"CURVE keys: {exc}") from None
+        self._curve = keys is not None
         self._ctx = zmq.Context()
         base = f"tcp://{self.host}:"
 
         def pub(offset: int) -> zmq.Socket:
             s = self._ctx.socket(zmq.PUB)
             s.linger = 0
+            security.arm_client(s, keys)
             s.sndhwm = 0  # never drop silently; the manager's queue bound answers with 305
             s.connect(base + str(self.port + offset))
             return s
@@ -114,6 +124,11 @@ class ClusterClient:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
         self._sub.rcvhwm = 0
+        security.arm_client(self._sub, keys)
+        # A refused key or a security mismatch shows only here: the manager never answers.
+        self._monitor = self._sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
         for topic in (P.client_topic(self.id), P.TOPIC_HEARTBEAT, P.TOPIC_EVENT):
             self._sub.subscribe(topic)
         self._sub.connect(base + str(self.port + P.CLIENT_OUT))
@@ -136,14 +151,17 @@ class ClusterClient:
         deadline = time.monotonic() + timeout
         with self._link:
             self._acked_paths.clear()
+            self._refused = ""
         while time.monotonic() < deadline:
             for path in ("infer", "mgmt"):
                 if path not in self._acked_paths:
                     self._send(path, P.HELLO, {"path": path})
             with self._link:
-                self._link.wait_for(lambda: len(self._acked_paths) == 2, timeout=0.05)
+                self._link.wait_for(lambda: len(self._acked_paths) == 2 or bool(self._refused), timeout=0.05)
                 if len(self._acked_paths) == 2:
                     return
+                if self._refused:
+                    raise make_error(110, detail=f"the manager at {self.host}:{self.port} refused the connection: {self._refused}")
         with self._link:
             acked = set(self._acked_paths)
         where = f"manager at {self.host}:{self.port}"
@@ -170,7 +188,7 @@ class ClusterClient:
         self._callbacks.put(None)
         if threading.current_thread() is not self._cb:
             self._cb.join(timeout=5)
-        for s in (*self._paths.values(), self._sub):
+        for s in (*self._paths.values(), self._monitor, self._sub):
             s.close(linger=0)
         self._ctx.term()
         os.close(self._wake_r)
@@ -235,12 +253,15 @@ class ClusterClient:
     def _io_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed:
             try:
                 ready = dict(poller.poll(50))
                 if self._sub in ready:
                     self._drain()
+                if self._monitor in ready:
+                    self._on_monitor()
                 self._timers()
             except Exception as exc:  # the I/O thread must outlive any single bad message
                 if self._closed:
@@ -263,9 +284,25 @@ class ClusterClient:
             if handler is not None:
                 handler(self, msg)
 
+    def _on_monitor(self) -> None:
+        event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = f"it does not accept this client's CURVE key (ZAP status {event['value']}); add the key's public file to its curve_client_keys"
+        elif not self._curve:
+            why = "the security handshake failed: the manager may require CURVE (set INFINIBRAIN_CURVE_SERVER_KEY and INFINIBRAIN_CURVE_CLIENT_KEY)"
+        else:
+            why = "the CURVE handshake failed: check INFINIBRAIN_CURVE_SERVER_KEY, or the manager does not use CURVE"
+        with self._link:
+            if not self._refused:
+                self.logger.warning("manager at %s:%d: %s", self.host, self.port, why)
+            self._refused = why
+            self._link.notify_all()
+
     def _on_hello_ack(self, msg: P.Message) -> None:
         h = msg.header
         self.hb_interval = float(h.get("hb") or 0.5)
+        if isinstance(h.get("max"), int) and h["max"] > 0:
+            self.max_message_size = h["max"]
         with self._link:
             self._acked_paths.add(h.get("path"))
             if len(self._acked_paths) == 2 and not self.connected:

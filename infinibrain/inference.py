@@ -218,6 +218,9 @@ class AICluster:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise argument_error(what, f"must be bytes, got {type(data).__name__}")
             payload, arr = data, None
+        size = memoryview(payload).nbytes
+        if size > client.max_message_size:
+            raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
         return client.infer(name, payload, arr, _api.parse_param(param), on_done)
 
     def _infer_callback(self, func: Callable | None) -> Callable:

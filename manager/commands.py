@@ -62,6 +62,7 @@ class Commands:
             "board_distribution": Spec(self.board_distribution),
             "container_distribution": Spec(self.container_distribution),
             "ping": Spec(lambda client, args: {"instance": self.router.instance}),
+            "stats": Spec(lambda client, args: self.router.stats()),
         }
 
     def close(self) -> None:

@@ -58,7 +58,15 @@ class ManagerConfig:
     container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this
     engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
+    max_message_size: int = 64 * 1024 * 1024  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
     log_level: str = "INFO"
+    # CurveZMQ on every socket (see docs/RELIABILITY.md). Key files are zmq.auth certificates.
+    curve: bool = False
+    curve_secret_key: str = ""  # the manager's secret certificate; "" = state_dir/keys/manager.key_secret
+    curve_client_keys: str = ""  # folder of allowed clients' public certificates (required with curve)
+    curve_container_keys: str = ""  # folder of allowed containers' public certificates, beside the
+    # manager's own container key pair (state_dir/keys/containers.key_secret), which it hands to
+    # the containers it starts
     boards: list[BoardConfig] = field(default_factory=list)
 
     @property
@@ -145,11 +153,14 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         "container_stop_timeout_ms",
         "engine_timeout_ms",
         "client_timeout_ms",
+        "max_message_size",
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"manager.log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
+    if cfg.curve:
+        _check_curve(cfg)
     seen: set[str] = set()
     for board in cfg.boards:
         where = f"coprocessor {board.name!r}"
@@ -165,6 +176,20 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         if board.transport == "ssh":
             _check_ssh_board(board, where)
     return cfg
+
+
+def _check_curve(cfg: ManagerConfig) -> None:
+    keys = cfg.state_path / "keys"
+    cfg.curve_secret_key = os.path.expanduser(cfg.curve_secret_key) if cfg.curve_secret_key else str(keys / "manager.key_secret")
+    if not cfg.curve_client_keys:
+        raise ConfigError("manager.curve_client_keys is required with curve = true (a folder of the clients' public keys)")
+    for key in ("curve_client_keys", "curve_container_keys"):
+        value = getattr(cfg, key)
+        if value:
+            value = os.path.abspath(os.path.expanduser(value))
+            if not os.path.isdir(value):
+                raise ConfigError(f"manager.{key} {value!r} is not a folder")
+            setattr(cfg, key, value)
 
 
 def _check_ssh_board(board: BoardConfig, where: str) -> None:

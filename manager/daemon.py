@@ -17,11 +17,13 @@ import threading
 import zmq
 
 from . import __version__
+from .auth import Guard
 from .boards import close_boards, make_boards
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, load_config
 from .deployer import Deployer
 from .registry import Registry
+from .restarts import Restarts
 from .router import Router
 
 log = logging.getLogger("infinibrain.manager")
@@ -34,10 +36,11 @@ class Manager:
         self.config = config
         self.boards = make_boards(config)
         self.registry = Registry(config.state_dir)
-        self.router = Router(config)
+        self.router = Router(config, guard=Guard(config, zmq.Context.instance()))
         self.deployer = Deployer(self.router, self.boards, self.registry, config)
         self.commands = Commands(self.router, self.deployer, self.boards)
         self.router.commands = self.commands
+        self.restarts = Restarts(self.router, self.deployer, self.commands)
         self.deployer.restore(self.commands.pool)
 
     def run(self) -> None:

@@ -67,7 +67,9 @@ class Deployer:
             INFINIBRAIN_INFERENCE=reg.name,
             INFINIBRAIN_SUB_NAME=default_sub_name(reg.config),
             INFINIBRAIN_BOARD=board.name,
+            INFINIBRAIN_MAX_MESSAGE_SIZE=str(self.config.max_message_size),
         )
+        env.update(self.router.guard.container_env())
         return ContainerSpec(cid, reg.name, board.config, reg.config, work_dir, log_path, env)
 
     def record(self, name: str, board_name: str) -> Container:

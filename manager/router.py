@@ -12,10 +12,12 @@ reach this state only through ``call`` / ``call_soon``, so the loop never waits 
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import os
 import queue
+import random
 import time
 import uuid
 from collections import deque
@@ -26,6 +28,7 @@ import zmq
 from infinibrain import protocol as P
 from infinibrain.errors import format_message
 
+from .auth import CLIENTS, CONTAINERS, Guard
 from .config import ManagerConfig
 from .registry import Registration
 from .state import Client, Container, Request
@@ -40,17 +43,24 @@ EXIT_CHECK_INTERVAL = 0.5
 
 
 class Router:
-    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None, guard: Guard | None = None) -> None:
         self.config = config
         self.instance = uuid.uuid4().hex[:12]
         self.ctx = ctx or zmq.Context.instance()
+        self.guard = guard or Guard(config, self.ctx)
         self.registrations: dict[str, Registration] = {}
         self.containers: dict[str, Container] = {}
         self.queues: dict[str, deque[Request]] = {}
         self.clients: dict[str, Client] = {}
         self.commands: Any = None  # set by the daemon (manager.commands.Commands)
         self.dropped_frames = 0
-        self._mkeys = itertools.count(1)
+        self.dropped_by_port: dict[str, int] = {}
+        # Another manager instance (before a restart) numbered its requests from elsewhere,
+        # so a late answer to one of its requests can never be taken for one of ours.
+        self._mkeys = itertools.count(random.getrandbits(40) << 12)
+        self.on_exit: list[Callable[[Container, int], None]] = []  # hooks: a container's process ended
+        self._later: list[tuple[float, int, Callable, tuple]] = []
+        self._later_seq = itertools.count()
         self._rr = itertools.count()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -68,36 +78,58 @@ class Router:
     def _bind(self) -> None:
         host, base = self.config.host, self.config.port
 
-        def sock(kind: int, offset: int) -> zmq.Socket:
+        def sock(kind: int, offset: int, domain: str) -> zmq.Socket:
             s = self.ctx.socket(kind)
             s.linger = 0
+            # A peer sending a larger frame is disconnected by ZeroMQ before we see it; the
+            # SDK and the Connector check the limit first and answer with a numbered error.
+            s.maxmsgsize = self.config.max_message_size
+            self.guard.arm(s, domain)
+            if kind == zmq.XPUB:
+                # Every subscribe and unsubscribe reaches us: that is how containers are seen
+                # to come and go. Heartbeats make a silent dead peer visible too.
+                s.setsockopt(zmq.XPUB_VERBOSE, 1)
+                s.setsockopt(zmq.XPUB_VERBOSER, 1)
+                s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+                s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
             s.bind(f"tcp://{host}:{base + offset}")
             return s
 
-        self.infer_in = sock(zmq.SUB, P.INFER_IN)
-        self.mgmt_in = sock(zmq.SUB, P.MGMT_IN)
-        self.container_in = sock(zmq.SUB, P.CONTAINER_IN)
+        self.infer_in = sock(zmq.SUB, P.INFER_IN, CLIENTS)
+        self.mgmt_in = sock(zmq.SUB, P.MGMT_IN, CLIENTS)
+        self.container_in = sock(zmq.SUB, P.CONTAINER_IN, CONTAINERS)
         for s in (self.infer_in, self.mgmt_in, self.container_in):
             s.rcvhwm = 0  # flow is bounded by queues and credits, not by silent drops
             s.subscribe(b"")
-        self.client_out = sock(zmq.PUB, P.CLIENT_OUT)
+        self.client_out = sock(zmq.PUB, P.CLIENT_OUT, CLIENTS)
         self.client_out.sndhwm = 100_000
-        self.container_out = self.ctx.socket(zmq.XPUB)
-        self.container_out.linger = 0
+        self.container_out = sock(zmq.XPUB, P.CONTAINER_OUT, CONTAINERS)
         self.container_out.sndhwm = 0
-        # Every subscribe and unsubscribe reaches us: that is how containers are seen to
-        # come and go. Heartbeats make a silent dead peer visible too.
-        self.container_out.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.container_out.setsockopt(zmq.XPUB_VERBOSER, 1)
-        self.container_out.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.container_out.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        self.container_out.bind(f"tcp://{host}:{base + P.CONTAINER_OUT}")
+        self.port_names = {
+            self.infer_in: "requests", self.mgmt_in: "management", self.client_out: "client-out",
+            self.container_out: "container-out", self.container_in: "container-results",
+        }
 
     def close(self) -> None:
         for s in (self.infer_in, self.mgmt_in, self.container_in, self.client_out, self.container_out):
             s.close(linger=0)
+        self.guard.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def stats(self) -> dict:
+        """What the manager has dropped and holds, for operators and the fault tests."""
+        return {
+            "instance": self.instance,
+            "dropped_frames": self.dropped_frames,
+            "dropped_by_port": dict(self.dropped_by_port),
+            "refused_keys": self.guard.denied(),
+            "clients": len(self.clients),
+            "queued": {n: len(q) for n, q in self.queues.items() if q},
+            "in_flight": {c.id: len(c.in_flight) for c in self.containers.values() if c.in_flight},
+            "max_message_size": self.config.max_message_size,
+            "rss_bytes": _rss_bytes(),
+        }
 
     # ---- cross-thread entry points -----------------------------------------------
 
@@ -112,6 +144,10 @@ class Router:
         self._calls.put((fn, args, fut))
         self._wake()
         return fut.result(timeout)
+
+    def call_later(self, delay: float, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the router thread after ``delay`` seconds (router thread only)."""
+        heapq.heappush(self._later, (time.monotonic() + delay, next(self._later_seq), fn, args))
 
     def stop(self) -> None:
         self._stop = True
@@ -177,26 +213,25 @@ class Router:
                 return
             try:
                 handler(frames)
+            except P.ProtocolError as exc:
+                self._dropped(sock, exc)
             except Exception as exc:  # one bad message must never stop the loop
-                self.dropped_frames += 1
-                log.warning("dropped a message that could not be handled: %s: %s", type(exc).__name__, exc)
+                self._dropped(sock, exc)
                 log.debug("handler failure", exc_info=True)
 
-    def _decode(self, frames: list) -> P.Message | None:
-        try:
-            return P.decode(frames)
-        except P.ProtocolError as exc:
-            self.dropped_frames += 1
-            level = logging.WARNING if self.dropped_frames <= 10 or self.dropped_frames % 1000 == 0 else logging.DEBUG
-            log.log(level, "dropped malformed message (%d so far): %s", self.dropped_frames, exc)
-            return None
+    def _dropped(self, sock: zmq.Socket, why: Exception) -> None:
+        """Count and log (rate-limited) a message that was dropped."""
+        self.dropped_frames += 1
+        port = self.port_names.get(sock, "?")
+        self.dropped_by_port[port] = self.dropped_by_port.get(port, 0) + 1
+        n = self.dropped_frames
+        level = logging.WARNING if n <= 10 or n % 10_000 == 0 else logging.DEBUG
+        log.log(level, "dropped malformed message on the %s port (%d so far): %s: %s", port, n, type(why).__name__, why)
 
     # ---- clients -------------------------------------------------------------------
 
     def _on_client_frames(self, frames: list) -> None:
-        msg = self._decode(frames)
-        if msg is None:
-            return
+        msg = P.decode(frames)
         h = msg.header
         cid = h.get("cid")
         if not isinstance(cid, str) or not cid:
@@ -214,7 +249,8 @@ class Router:
             self.send_client(cid, P.ACK, {"rid": h["rid"]})
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
         elif kind == P.HELLO:
-            self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval})
+            self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
+                                                "max": self.config.max_message_size})
         else:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
@@ -347,10 +383,10 @@ class Router:
     def _on_subscription(self, frames: list) -> None:
         data = frames[0].bytes
         if not data or data[0] not in (0, 1):
-            return
+            raise P.ProtocolError("not a subscription message")
         parsed = P.parse_container_topic(data[1:])
         if parsed is None:
-            return
+            raise P.ProtocolError(f"subscription to a topic no container uses: {bytes(data[1:65])!r}")
         cid, sub = parsed
         c = self.containers.get(cid)
         if c is None:
@@ -373,9 +409,7 @@ class Router:
             self.container_out.send_multipart(P.encode(P.container_topic(c.id, sub), P.PING, {"mid": self.instance}))
 
     def _on_container_frames(self, frames: list) -> None:
-        msg = self._decode(frames)
-        if msg is None:
-            return
+        msg = P.decode(frames)
         h = msg.header
         c = self.containers.get(h.get("cont"))
         if c is None:
@@ -456,9 +490,10 @@ class Router:
             log.warning("container %s of %s disconnected: %s", cid, c.inference, why)
             self.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": cid, "coprocessor": c.board})
 
-    def announce(self, code: int, *fields: Any, info: dict | None = None) -> None:
-        """An event for every client's manage callback (114)."""
-        header = {"code": code, "msg": format_message(code, *fields), "what": "unsubscribe", "info": info or {}}
+    def announce(self, code: int, *fields: Any, info: dict | None = None, what: str = "unsubscribe", message: str = "") -> None:
+        """An event for every client's manage callback: ``(code, message, what, info)``
+        (114 with "unsubscribe", a restart with "restart")."""
+        header = {"code": code, "msg": message or format_message(code, *fields), "what": what, "info": info or {}}
         self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, header))
 
     # ---- timers ----------------------------------------------------------------------
@@ -466,6 +501,12 @@ class Router:
     def _timers(self) -> None:
         now = time.monotonic()
         self._next_tick = now + TICK
+        while self._later and self._later[0][0] <= now:
+            _, _, fn, args = heapq.heappop(self._later)
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("timed call %s failed", getattr(fn, "__name__", fn))
         if now >= self._next_beat:
             self._next_beat = now + self.hb_interval
             self.client_out.send_multipart(P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
@@ -495,6 +536,8 @@ class Router:
                     c.running = False
                     log.warning("container %s exited with status %s", c.id, code)
                     self.container_lost(c.id, f"its process exited with status {code}")
+                    for hook in self.on_exit:
+                        hook(c, code)
 
     def _forget_silent_clients(self, now: float) -> None:
         limit = self.config.client_timeout_ms / 1000
@@ -503,3 +546,12 @@ class Router:
             dropped = self.take_waiting(lambda r: r.client == cid)  # nobody is left to answer
             if dropped:
                 log.info("dropped %d queued requests of silent client %s", len(dropped), cid)
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux), 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

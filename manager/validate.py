@@ -13,6 +13,7 @@ from typing import Any
 from infinibrain.errors import make_error
 
 from .config import NAME_RE
+from .restarts import policy_of
 from .runtimes.run_options import parse_run_option
 
 IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
@@ -93,6 +94,7 @@ def normalize_config(raw: Any) -> dict:
             raise param_error(f"run_command cannot be parsed: {exc}") from None
     if cfg["implementation_type"] in ("docker", "nvidia"):
         _check_docker(cfg)
+    policy_of(cfg)  # --restart is read for every implementation type
     if cfg["script_path"] is not None:
         if not os.path.isabs(cfg["script_path"]):
             raise param_error(f"script_path must be an absolute path, got {cfg['script_path']!r}")

@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from .. import protocol as P
+from .. import security
 from ..errors import RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, argument_error, format_message
 from ..types import InferenceResponse
 
@@ -46,16 +47,23 @@ class Connector:
         sub = _port(sub_port or env.get("INFINIBRAIN_SUB_PORT"), "sub_port")
         if not self.container_id or "/" in self.container_id:
             raise argument_error("INFINIBRAIN_CONTAINER", "set it to the container's suffix_name (the manager does so in deployed containers)")
+        try:
+            keys = security.keys_from_env()
+        except security.KeyFileError as exc:
+            raise argument_error("INFINIBRAIN_CURVE_SERVER_KEY", str(exc)) from None
+        self.max_message_size = _max_size(env.get("INFINIBRAIN_MAX_MESSAGE_SIZE"))
         self.sub_name = sub_name
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
         self._sub.rcvhwm = 0
+        security.arm_client(self._sub, keys)
         self._sub.subscribe(P.container_topic(self.container_id, sub_name))
         self._sub.connect(f"tcp://{host_ip}:{sub}")
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.linger = 1000  # let a last result leave before the program exits
         self._pub.sndhwm = 0
+        security.arm_client(self._pub, keys)
         self._pub.connect(f"tcp://{host_ip}:{pub}")
         self._hello()
 
@@ -149,11 +157,23 @@ class Connector:
         except (TypeError, ValueError, OverflowError) as exc:
             code, message = 999, format_message(999, detail=f"the inference's result cannot be sent: {exc}")
             packed = P.pack_value(None)
+        if len(packed) > self.max_message_size:
+            # The manager would drop the connection on it; the caller gets a numbered error instead.
+            code = 999
+            message = format_message(999, detail=f"the inference's result is {len(packed)} bytes, more than the manager's max_message_size of {self.max_message_size}")
+            packed = P.pack_value(None)
         stamps = [list(s) for s in (response.time_stamp or [])] + [["container_send", P.now()]]
         header = {"mkey": meta.get("mkey"), "code": code, "msg": message, "ts": stamps}
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
         self._send(P.RESULT, header, [packed])
+
+
+def _max_size(value: str | None) -> int:
+    try:
+        return int(value) if value else 64 * 1024 * 1024
+    except ValueError:
+        raise argument_error("INFINIBRAIN_MAX_MESSAGE_SIZE", f"must be a number of bytes, got {value!r}") from None
 
 
 def _port(value: Any, name: str) -> int:

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import paramiko
 
+from infinibrain import security
 from infinibrain.errors import make_error
 
 from ..ssh import LINK_ERRORS, SSHLink, makedirs
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # its exit status, and it costs the board a process start each time.
 POLL_INTERVAL = 1.0
 EXIT_FILE = ".ib-exit"  # where a remote container's wrapper leaves its exit status
+SECRETS_FILE = ".ib-secrets"  # a remote container's secret environment, read and deleted at its start
 PROC_FILES = ("stat", "statm", "io")
 
 
@@ -305,10 +307,22 @@ class SSHHost:
         session (so a dropped connection does not end it); a wrapper ``sh`` records its exit
         status in ``cwd/.ib-exit``. Only the connection environment is passed: the rest is
         the board's own."""
-        wanted = {k: v for k, v in env.items() if k.startswith("INFINIBRAIN_") or k == "PYTHONUNBUFFERED"}
+        wanted = {k: v for k, v in env.items() if (k.startswith("INFINIBRAIN_") or k == "PYTHONUNBUFFERED")
+                  and k not in security.SECRET_ENV}
+        # Secrets never travel on a command line (visible in `ps` on the board): an
+        # owner-only file that the start script reads into the environment and deletes.
+        secrets = {k: env[k] for k in security.SECRET_ENV if k in env}
+        load_secrets = ""
+        if secrets:
+            with self.files(f"writing secrets in {cwd}") as sftp:
+                with sftp.open(posixpath.join(cwd, SECRETS_FILE), "w") as fh:
+                    sftp.chmod(posixpath.join(cwd, SECRETS_FILE), 0o600)
+                    fh.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in secrets.items()))
+            load_secrets = f". ./{SECRETS_FILE}; rm -f {SECRETS_FILE}\n"
         log_q, cwd_q = shlex.quote(log_path), shlex.quote(cwd)
         script = (
             f"mkdir -p {shlex.quote(posixpath.dirname(log_path))} && cd {cwd_q} || exit 97\n"
+            f"{load_secrets}"
             f"rm -f {EXIT_FILE}; printf %s {shlex.quote(start_line(argv))} >> {log_q}\n"
             f"command -v {shlex.quote(argv[0])} >/dev/null 2>&1 || {{ echo 'not found' >&2; exit 127; }}\n"
             f"env {' '.join(shlex.quote(f'{k}={v}') for k, v in sorted(wanted.items()))} "

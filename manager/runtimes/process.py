@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from infinibrain import security
 from infinibrain.errors import make_error
 
 from ..validate import copy_list, module_list
@@ -79,7 +80,9 @@ class ProcessRuntime:
                     raise make_error(302, detail=f"inference_modules.script {name!r} is not in script_path")
 
     def _write_env_file(self, spec: ContainerSpec, root: str) -> None:
-        lines = [f"{k}={shlex.quote(v)}" for k, v in sorted(spec.env.items()) if k.startswith("INFINIBRAIN_")]
+        # Secrets stay in the process environment only: this file is for people to read.
+        lines = [f"{k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())
+                 if k.startswith("INFINIBRAIN_") and k not in security.SECRET_ENV]
         self.host.write_text(os.path.join(root, "connection.env"), "\n".join(lines) + "\n")
 
     def put_file(self, spec: ContainerSpec, source: str, target_dir: str) -> str:

@@ -82,6 +82,9 @@ OPTIONS: dict[str, tuple[bool, Callable[[dict, str], None]]] = {
     "--workdir": (True, _set("working_dir")),
     "--user": (True, _set("user")),
     "--entrypoint": (True, _set("entrypoint", shlex.split)),
+    # Restarts are the manager's own (manager/restarts.py), for every implementation type,
+    # so that it knows and tells: the engine's restart policy is never set.
+    "--restart": (True, lambda kwargs, value: None),
 }
 ALIASES = {
     "-e": "--env", "-v": "--volume", "--net": "--network", "-m": "--memory",

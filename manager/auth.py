@@ -1,0 +1,114 @@
+"""CurveZMQ on the manager's sockets: its key pair, and who may connect.
+
+With ``curve = true`` every manager socket is a CURVE server. ZeroMQ's ZAP handler (a
+``zmq.auth`` ThreadAuthenticator) accepts a peer only if its public key is allowed:
+clients' keys (``curve_client_keys``) on the three client ports, containers' keys
+(``curve_container_keys`` and the manager's own container key pair) on the two container
+ports. A key dropped into one of those folders is accepted without a restart. Without
+CURVE, nothing here runs and the sockets are plain.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from infinibrain import security
+
+from .config import ConfigError, ManagerConfig
+
+log = logging.getLogger(__name__)
+
+CLIENTS = "clients"  # ZAP domains
+CONTAINERS = "containers"
+RELOAD_INTERVAL = 1.0  # at most this often, an unknown key makes the folders be read again
+
+
+class AllowedKeys:
+    """The public keys of one ZAP domain: fixed ones plus a folder read again when an
+    unknown key knocks (so keys added while the manager runs are taken)."""
+
+    def __init__(self, domain: str, folder: str, fixed: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+        self.domain = domain
+        self.folder = folder
+        self.fixed = set(fixed)
+        self.keys: set[bytes] = set()
+        self._read_at = 0.0
+        self._denied_logged: set[bytes] = set()
+        self.denied = 0
+        self._read()
+
+    def _read(self) -> None:
+        self._read_at = time.monotonic()
+        if self.folder and Path(self.folder).is_dir():
+            self.keys = set(zmq.auth.load_certificates(self.folder))
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.fixed or key in self.keys:
+            return True
+        if time.monotonic() - self._read_at >= RELOAD_INTERVAL:
+            self._read()
+            if key in self.keys:
+                return True
+        self.denied += 1
+        if key not in self._denied_logged and len(self._denied_logged) < 1000:
+            self._denied_logged.add(key)
+            log.warning("refused a %s connection with unknown CURVE public key %s", self.domain[:-1], key.decode())
+        return False
+
+
+class Guard:
+    """Arms the manager's sockets with CURVE (or leaves them plain) and hands containers
+    their keys."""
+
+    def __init__(self, config: ManagerConfig, ctx: zmq.Context) -> None:
+        self.enabled = config.curve
+        self.auth: ThreadAuthenticator | None = None
+        if not self.enabled:
+            return
+        if not security.curve_available():
+            raise ConfigError("manager.curve = true, but this pyzmq/libzmq has no CURVE support")
+        keys = config.state_path / "keys"
+        secret_file = Path(config.curve_secret_key)
+        if not secret_file.exists() and secret_file == keys / "manager.key_secret":
+            security.generate(keys, "manager")  # the default pair is made on first start
+        try:
+            self.public, self.secret = security.load_pair(secret_file)
+            self.container_public, self.container_secret = security.load_pair(security.generate(keys, "containers")[1])
+        except security.KeyFileError as exc:
+            raise ConfigError(f"manager.curve_secret_key: {exc}") from None
+        self.allowed = {
+            CLIENTS: AllowedKeys(CLIENTS, config.curve_client_keys),
+            CONTAINERS: AllowedKeys(CONTAINERS, config.curve_container_keys, {self.container_public}),
+        }
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("infinibrain.manager.zap"))
+        self.auth.start()
+        for domain, keyset in self.allowed.items():
+            self.auth.configure_curve_callback(domain, keyset)
+        log.info("CURVE on: manager public key %s", self.public.decode())
+
+    def arm(self, sock: zmq.Socket, domain: str) -> None:
+        if self.enabled:
+            security.arm_server(sock, self.secret, domain)
+
+    def container_env(self) -> dict[str, str]:
+        """What a container needs in its environment to pass the container ports."""
+        if not self.enabled:
+            return {}
+        return {
+            security.ENV_SERVER_KEY: self.public.decode(),
+            security.ENV_PUBLIC_KEY: self.container_public.decode(),
+            security.ENV_SECRET_KEY: self.container_secret.decode(),
+        }
+
+    def denied(self) -> dict[str, int]:
+        return {domain: keyset.denied for domain, keyset in self.allowed.items()} if self.enabled else {}
+
+    def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
