@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo test bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo test faults soak bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ demo: setup examples/models/classifier/weights.npz
 test: setup
 	@$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$status
+
+# The fault suite (also part of make test): faults under load, malformed input, CURVE.
+faults: setup
+	$(PY) -m pytest -q tests/test_faults.py tests/test_fuzz.py tests/test_security.py
+
+# The soak run: up to 1,000,000 requests from two client processes over four containers,
+# one killed every few seconds; bounded by SOAK_SECONDS.
+SOAK_SECONDS ?= 300
+soak: setup
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 bench: setup
 	$(PY) benchmarks/bench_infer.py

@@ -111,7 +111,9 @@ class Deployer:
         """Prepare (when ``rebuild`` or never prepared) and start ``name`` on ``board_name``;
         wait until it connects. A container made here that fails to start is removed again."""
         c: Container = self.router.call(self.record, name, board_name)
-        if c.running and c.runtime.exited(c.spec) is None:
+        # A container that runs but is not connected is asked about afresh: a remote board's
+        # last poll may predate its loss (a board that lost power and came back).
+        if c.running and c.runtime.exited(c.spec) is None and (c.connected or c.runtime.alive_now(c.spec)):
             return c
         started = time.monotonic()
         made = rebuild or not c.runtime.prepared(c.spec)

@@ -90,12 +90,14 @@ class Restarts:
             policy = policy_of(cfg)
         except InfinibrainException:
             return
-        if policy is not None:
-            self._schedule(c.id, c.inference, c.board, policy, f"exit status {code}")
+        if policy is None:
+            return
+        last = self.started.get(c.id)
+        if last is not None and time.monotonic() - last > STABLE_AFTER:
+            self.tries[c.id] = 0  # it had recovered: this is a new failure, not the same one
+        self._schedule(c.id, c.inference, c.board, policy, f"exit status {code}")
 
     def _schedule(self, cid: str, name: str, board: str, policy: Policy, why: str) -> None:
-        if time.monotonic() - self.started.get(cid, 0.0) > STABLE_AFTER:
-            self.tries[cid] = 0
         tries = self.tries.get(cid, 0)
         if policy.max_retries is not None and tries >= policy.max_retries:
             log.error("container %s: not restarted again after %d tries (%s)", cid, tries, why)

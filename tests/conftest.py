@@ -199,6 +199,11 @@ def echo_config(name: str, **kw):
     return ContainerConfig(**base)
 
 
+def manager_stats(cluster: AICluster) -> dict:
+    """The manager's own figures (the ``stats`` command): dropped frames, queues, memory."""
+    return cluster._client.command("stats", {}).wait()
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

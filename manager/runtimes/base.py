@@ -1,6 +1,6 @@
 """The runtime seam: how a container of one implementation type runs on one board.
 
-A runtime is small on purpose (prepare, prepared, start, adopt, stop, exited, stats,
+A runtime is small on purpose (prepare, prepared, start, adopt, alive_now, stop, exited, stats,
 put_file, remove, remove_image, logs); the router and the commands never know which one
 they talk to: ``process``, ``Loop`` and ``other`` (runtimes/process.py, external.py) and
 ``docker``/``nvidia`` (runtimes/docker_runtime.py) all answer the same calls.
@@ -49,6 +49,9 @@ class Runtime(Protocol):
 
     def adopt(self, spec: ContainerSpec, pid: int | None, pid_start: int | None) -> bool:
         """Take over a container left running by an earlier manager; False if it is gone."""
+
+    def alive_now(self, spec: ContainerSpec) -> bool:
+        """Whether the container runs, asked of the board now (worker threads only)."""
 
     def stop(self, spec: ContainerSpec) -> None:
         """Stop the container (politely, then by force); no error if it is not running."""

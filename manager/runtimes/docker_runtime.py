@@ -223,6 +223,9 @@ class DockerRuntime:
         log.info("adopted %s left running by an earlier manager", self.name(spec))
         return True
 
+    def alive_now(self, spec: ContainerSpec) -> bool:
+        return self.exited(spec) is None  # the engine's state is current (its event poller)
+
     def exited(self, spec: ContainerSpec) -> int | None:
         name = self.name(spec)
         if name not in self._ours:

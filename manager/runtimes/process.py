@@ -148,6 +148,10 @@ class ProcessRuntime:
             return None
         return self.host.exit_code(self._pids[spec.container_id][0], str(spec.work_dir))
 
+    def alive_now(self, spec: ContainerSpec) -> bool:
+        pid, start = self._pids.get(spec.container_id, (0, 0))
+        return bool(pid) and self.host.start_time(pid) == start
+
     def stop(self, spec: ContainerSpec) -> None:
         cid = spec.container_id
         if cid not in self._pids:
