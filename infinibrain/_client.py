@@ -151,7 +151,6 @@ class ClusterClient:
         deadline = time.monotonic() + timeout
         with self._link:
             self._acked_paths.clear()
-            self._refused = ""
         while time.monotonic() < deadline:
             for path in ("infer", "mgmt"):
                 if path not in self._acked_paths:
@@ -304,6 +303,7 @@ class ClusterClient:
         if isinstance(h.get("max"), int) and h["max"] > 0:
             self.max_message_size = h["max"]
         with self._link:
+            self._refused = ""  # whatever refused us before, this path works now
             self._acked_paths.add(h.get("path"))
             if len(self._acked_paths) == 2 and not self.connected:
                 recovered = self.manager_id is not None

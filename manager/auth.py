@@ -10,7 +10,7 @@ CURVE, nothing here runs and the sockets are plain.
 from __future__ import annotations
 
 import logging
-import time
+import os
 from pathlib import Path
 
 import zmq
@@ -25,35 +25,42 @@ log = logging.getLogger(__name__)
 
 CLIENTS = "clients"  # ZAP domains
 CONTAINERS = "containers"
-RELOAD_INTERVAL = 1.0  # at most this often, an unknown key makes the folders be read again
 
 
 class AllowedKeys:
-    """The public keys of one ZAP domain: fixed ones plus a folder read again when an
-    unknown key knocks (so keys added while the manager runs are taken)."""
+    """The public keys of one ZAP domain: fixed ones plus a folder, read again when an
+    unknown key knocks and the folder has changed (so keys added while the manager runs
+    are taken)."""
 
     def __init__(self, domain: str, folder: str, fixed: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
         self.domain = domain
         self.folder = folder
         self.fixed = set(fixed)
         self.keys: set[bytes] = set()
-        self._read_at = 0.0
+        self._read_version: int | None = None
         self._denied_logged: set[bytes] = set()
         self.denied = 0
         self._read()
 
+    def _version(self) -> int | None:
+        try:
+            return os.stat(self.folder).st_mtime_ns if self.folder else None
+        except OSError:
+            return None
+
     def _read(self) -> None:
-        self._read_at = time.monotonic()
-        if self.folder and Path(self.folder).is_dir():
+        """Read the folder again if a file was added or removed since the last time."""
+        version = self._version()
+        if version is not None and version != self._read_version:
+            self._read_version = version
             self.keys = set(zmq.auth.load_certificates(self.folder))
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.fixed or key in self.keys:
             return True
-        if time.monotonic() - self._read_at >= RELOAD_INTERVAL:
-            self._read()
-            if key in self.keys:
-                return True
+        self._read()
+        if key in self.keys:
+            return True
         self.denied += 1
         if key not in self._denied_logged and len(self._denied_logged) < 1000:
             self._denied_logged.add(key)

@@ -115,6 +115,10 @@ class LocalHost:
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
+    def realpath(self, path: str) -> str:
+        """``path`` with every symbolic link resolved (the parts that exist)."""
+        return os.path.realpath(path)
+
     def tree_size(self, path: str) -> int:
         total = 0
         for root, _dirs, files in os.walk(path):
@@ -249,6 +253,19 @@ class SSHHost:
                 else:
                     sftp.put(str(path), remote)
                     sftp.chmod(remote, stat.S_IMODE(path.stat().st_mode))
+
+    def realpath(self, path: str) -> str:
+        """``path`` with every symbolic link on the board resolved (the parts that exist)."""
+        missing: list[str] = []
+        with self.files(f"resolving {path}") as sftp:
+            while True:
+                try:
+                    return posixpath.join(sftp.normalize(path), *reversed(missing))
+                except FileNotFoundError:
+                    if path in ("/", ""):
+                        return posixpath.join("/", *reversed(missing))
+                    path, tail = posixpath.split(path)
+                    missing.append(tail)
 
     def _stat(self, path: str) -> os.stat_result | None:
         with self.files(f"looking at {path}") as sftp:

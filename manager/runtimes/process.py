@@ -66,8 +66,17 @@ class ProcessRuntime:
         # Swap the new tree in whole, so a container never sees half of its files.
         host.swap_in(fresh, work)
 
-    def _copy_in(self, source: Path, root: str, to: str) -> None:
+    def _inside(self, root: str, to: str) -> str:
+        """``to`` under ``root``, refused (302) if it leads out, by ``..`` or by a symbolic link."""
         target = str(safe_join(Path(root), to))
+        real_root = self.host.realpath(root)
+        real = self.host.realpath(target)
+        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+            raise make_error(302, detail=f"path {to!r} points outside the container (through a symbolic link)")
+        return target
+
+    def _copy_in(self, source: Path, root: str, to: str) -> None:
+        target = self._inside(root, to)
         if to.endswith("/") or self.host.is_dir(target):
             target = os.path.join(target, source.name)
         self.host.put(source, target)
@@ -86,7 +95,7 @@ class ProcessRuntime:
         self.host.write_text(os.path.join(root, "connection.env"), "\n".join(lines) + "\n")
 
     def put_file(self, spec: ContainerSpec, source: str, target_dir: str) -> str:
-        target = safe_join(spec.work_dir, target_dir) / Path(source).name
+        target = Path(self._inside(str(spec.work_dir), target_dir)) / Path(source).name
         self.host.put_atomic(source, str(target))
         return str(target.relative_to(spec.work_dir))
 

@@ -2,7 +2,7 @@
 
 param: {"sleep": seconds} waits first; {"crash": true} exits at once (mid-request);
 {"bad_result": true} returns something that cannot be encoded; {"read": path} adds the
-text of that file (as the container sees it) to the answer.
+text of that file (as the container sees it) to the answer; {"big": n} adds n bytes of text.
 Every answer says which process and module served it, and how many requests it was
 serving at the same time (to check max_send_num).
 """
@@ -40,6 +40,8 @@ while True:
             "cwd": os.getcwd(),
             "env": {k: v for k, v in os.environ.items() if k.startswith(("INFINIBRAIN_", "ECHO_"))},
             "read": open(param["read"]).read() if param.get("read") else None,
+            "big": len("x" * int(param.get("big") or 0)),
+            "padding": "x" * int(param.get("big") or 0),
         },
         response,
     )
