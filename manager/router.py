@@ -225,8 +225,9 @@ class Router:
         port = self.port_names.get(sock, "?")
         self.dropped_by_port[port] = self.dropped_by_port.get(port, 0) + 1
         n = self.dropped_frames
-        level = logging.WARNING if n <= 10 or n % 10_000 == 0 else logging.DEBUG
-        log.log(level, "dropped malformed message on the %s port (%d so far): %s: %s", port, n, type(why).__name__, why)
+        # The first ten, then one in ten thousand: a flood of garbage must not flood the log.
+        if n <= 10 or n % 10_000 == 0:
+            log.warning("dropped malformed message on the %s port (%d so far): %s: %s", port, n, type(why).__name__, why)
 
     # ---- clients -------------------------------------------------------------------
 

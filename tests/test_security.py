@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import SCRIPTS, connected, echo_config, manager_stats
+from conftest import connected, echo_config, manager_stats
 from infinibrain import AICluster, InvalidArgumentException, SocketConnectionException, security
 from infinibrain.errors import InfinibrainException
 
