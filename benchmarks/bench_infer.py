@@ -10,8 +10,10 @@ p50/p99 latency of one request at a time and the throughput with WINDOW requests
 flight, then the ratios to the baseline (and docker / process). With ``--ssh``, also a
 ``Loop`` container on an emulated SSH board (scripts/boards.py: a real sshd on 127.0.0.2;
 the container was deployed over SSH, requests do not go through it), against the local one.
+With ``--curve``, also a second manager with CURVE on every socket (a client with an allowed
+key, the container with the key the manager hands it), against the plain one.
 
-    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--ssh] [--json PATH]
+    python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--ssh] [--curve] [--json PATH]
 
 Every loop is bounded in count and in time. (A Docker container on the host network
 lives in the engine's network namespace, so ``--docker`` cannot run under ``unshare -n``;
@@ -105,6 +107,26 @@ class Baseline:
             p.join(5)
 
 
+def curve_manager(tmp: Path) -> tuple[ManagerProcess, AICluster]:
+    """A second manager with CURVE on, a client with an allowed key, and its Loop container."""
+    import os
+
+    from infinibrain import security
+
+    keys, allowed = tmp / "keys", tmp / "allowed"
+    security.generate(keys, "manager")
+    security.generate(keys, "client")
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    os.environ[security.ENV_SERVER_KEY] = str(keys / "manager.key")
+    os.environ[security.ENV_CLIENT_KEY] = str(keys / "client.key_secret")
+    m = ManagerProcess(tmp / "curve", boards=("local",), log_level="WARNING", curve=True,
+                       curve_secret_key=str(keys / "manager.key_secret"), curve_client_keys=str(allowed)).start()
+    client = m.client()
+    client.load_inference(ContainerConfig(name="bench", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "local")
+    return m, client
+
+
 # ---- measurement --------------------------------------------------------------------------
 
 
@@ -179,6 +201,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="time bound per measurement")
     parser.add_argument("--docker", action="store_true", help="also measure a Docker container (infinibrain/runtime)")
     parser.add_argument("--ssh", action="store_true", help="also measure a Loop container on an emulated SSH board")
+    parser.add_argument("--curve", action="store_true", help="also measure a manager with CURVE on (authentication and encryption)")
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args()
 
@@ -189,15 +212,18 @@ def main() -> int:
     settings = {"b1": boards.settings("b1")} if boards else {}
     manager = ManagerProcess(tmp, boards=("local", *settings), board_settings=settings, log_level="WARNING").start()
     cluster = manager.client()
-    contenders = {"ours": "bench"}
+    contenders = {"ours": (cluster, "bench")}
     cluster.load_inference(ContainerConfig(name="bench", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "local")
     if args.docker:  # the runtime image's own command is the loopback module
         cluster.load_inference(ContainerConfig(name="bench-docker", implementation_type="docker", image_tag="infinibrain/runtime:latest",
                                                input="Main", output="Main", max_send_num=4), "local")
-        contenders["docker"] = "bench-docker"
+        contenders["docker"] = (cluster, "bench-docker")
     if boards is not None:
         cluster.load_inference(ContainerConfig(name="bench-ssh", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "b1")
-        contenders["ssh"] = "bench-ssh"
+        contenders["ssh"] = (cluster, "bench-ssh")
+    secured = curve_manager(tmp) if args.curve else None
+    if secured is not None:
+        contenders["curve"] = (secured[1], "bench")
     from conftest import free_base_port
 
     baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds)
@@ -209,14 +235,14 @@ def main() -> int:
             count = args.requests if image.nbytes < 1_000_000 else max(50, args.requests // 10)
             assert baseline.one(image)["bytes"] == image.nbytes
             row = {"baseline": {**latency(baseline.one, image, count, args.seconds), **throughput_baseline(baseline, image, count, args.seconds)}}
-            for who, name in contenders.items():
-                assert cluster.infer_image(name, image)["bytes"] == image.nbytes
-                row[who] = {**latency(lambda im, n=name: cluster.infer_image(n, im), image, count, args.seconds),
-                            **throughput_ours(cluster, name, image, count, args.seconds)}
+            for who, (client, name) in contenders.items():
+                assert client.infer_image(name, image)["bytes"] == image.nbytes
+                row[who] = {**latency(lambda im, c=client, n=name: c.infer_image(n, im), image, count, args.seconds),
+                            **throughput_ours(client, name, image, count, args.seconds)}
             b = row["baseline"]
             row["ratio"] = {who: {"p50": row[who]["p50_ms"] / b["p50_ms"], "p99": row[who]["p99_ms"] / b["p99_ms"],
                                   "throughput": row[who]["MB_s"] / b["MB_s"]} for who in contenders}
-            for who in ("docker", "ssh"):
+            for who in ("docker", "ssh", "curve"):
                 if who in row:
                     row[f"{who}_vs_local_process"] = {"p50": row[who]["p50_ms"] / row["ours"]["p50_ms"],
                                                       "p99": row[who]["p99_ms"] / row["ours"]["p99_ms"],
@@ -228,16 +254,20 @@ def main() -> int:
                 print(f"{'':>12}  {who:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['req_s']:9.1f} {r['MB_s']:9.1f}")
             for who, ratio in row["ratio"].items():
                 print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline")
-            for who in ("docker", "ssh"):
+            for who in ("docker", "ssh", "curve"):
                 if f"{who}_vs_local_process" in row:
                     r = row[f"{who}_vs_local_process"]
                     print(f"{'':>12}  {who} / local process: p50 x{r['p50']:.3f}  p99 x{r['p99']:.3f}  throughput x{r['throughput']:.3f}")
             print()
     finally:
         baseline.close()
-        for name in contenders.values():
-            cluster.unload_inference(name, delete_image=False)
+        for client, name in contenders.values():
+            client.unload_inference(name, delete_image=False)
         cluster.release()
+        if secured is not None:
+            secured[1].release()
+            secured[0].stop()
+            secured[0].cleanup()
         manager.stop()
         manager.cleanup()
         if boards is not None:

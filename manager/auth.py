@@ -83,6 +83,8 @@ class Guard:
         secret_file = Path(config.curve_secret_key)
         if not secret_file.exists() and secret_file == keys / "manager.key_secret":
             security.generate(keys, "manager")  # the default pair is made on first start
+        if secret_file.exists() and secret_file.stat().st_mode & 0o077:
+            log.warning("%s can be read by other users: chmod 600 it", secret_file)
         try:
             self.public, self.secret = security.load_pair(secret_file)
             self.container_public, self.container_secret = security.load_pair(security.generate(keys, "containers")[1])

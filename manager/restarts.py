@@ -5,7 +5,7 @@ The policy is the ``docker run`` option everyone knows, in ``run_option``, for e
 implementation type: ``--restart no`` (the default) or ``--restart on-failure[:N]``
 (at most N tries in a row; no N = no limit). A container whose process exits while it is
 wanted running is started again after 0.5 s, 1 s, 2 s, ... (at most 30 s, with jitter);
-a container that then runs for 30 s starts from the first delay again. Each restart, and
+a container that then runs for 10 s starts from the first delay again. Each restart, and
 giving up, reaches every client's manage callback with cmd "restart". A container that is
 stopped or unloaded on purpose is never restarted.
 """
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
-STABLE_AFTER = 30.0  # seconds of running that count as recovered
+STABLE_AFTER = 10.0  # seconds of running that count as recovered (as Docker counts)
 BUSY_RETRY = 1.0  # a management command holds the inference: look again after this
 
 

@@ -96,6 +96,18 @@ def bad_message(rng: random.Random) -> list[bytes]:
     return [real[0], msgpack.packb({"v": rng.choice([0, 2, 99]), "k": "req", "cid": "fuzz"})]  # other version
 
 
+def blast(ctx: zmq.Context, kind: int, port: int, send_one) -> None:
+    """FRAMES messages through a new socket of ``kind`` connected to ``port``."""
+    s = ctx.socket(kind)
+    s.sndhwm = 0
+    s.linger = 5000
+    s.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
+    for _ in range(FRAMES):
+        send_one(s)
+    s.close()
+
+
 def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, name):
     m = fresh_manager(log_level="INFO").start()
     c = m.client()
@@ -108,25 +120,11 @@ def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, nam
         with Load(c, name, threads=2, param={}, max_seconds=600) as load:
             # SUB ports: whole messages through a PUB (no drops: the high-water mark is off).
             for offset, port_name in ((P.INFER_IN, "requests"), (P.MGMT_IN, "management"), (P.CONTAINER_IN, "container-results")):
-                s = ctx.socket(zmq.PUB)
-                s.sndhwm = 0
-                s.linger = 5000
-                s.connect(f"tcp://127.0.0.1:{m.port + offset}")
-                time.sleep(0.3)
-                for _ in range(FRAMES):
-                    s.send_multipart(bad_message(rng))
-                s.close()
+                blast(ctx, zmq.PUB, m.port + offset, lambda s: s.send_multipart(bad_message(rng)))
                 sent[port_name] = FRAMES
             # PUB and XPUB ports: a peer can only send subscriptions; random ones.
             for offset in (P.CLIENT_OUT, P.CONTAINER_OUT):
-                s = ctx.socket(zmq.XSUB)
-                s.sndhwm = 0
-                s.linger = 5000
-                s.connect(f"tcp://127.0.0.1:{m.port + offset}")
-                time.sleep(0.3)
-                for _ in range(FRAMES):
-                    s.send(bytes([rng.choice([0, 1, 2])]) + rng.randbytes(rng.randint(0, 24)))
-                s.close()
+                blast(ctx, zmq.XSUB, m.port + offset, lambda s: s.send(bytes([rng.choice([0, 1, 2])]) + rng.randbytes(rng.randint(0, 24))))
             # Peers that speak no ZMTP at all, and ones that stop halfway.
             for offset in range(P.PORT_COUNT):
                 for i in range(20):
