@@ -127,7 +127,7 @@ class ClusterClient:
         security.arm_client(self._sub, keys)
         # A refused key or a security mismatch shows only here: the manager never answers.
         self._monitor = self._sub.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         )
         for topic in (P.client_topic(self.id), P.TOPIC_HEARTBEAT, P.TOPIC_EVENT):
             self._sub.subscribe(topic)

@@ -136,7 +136,8 @@ def test_requests_of_a_dead_client_leave_the_queue(fresh_manager, name):
     handler.stop_distribution()
     child = subprocess.Popen([sys.executable, "-c", QUEUER, str(m.port), name], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "queued"
-    assert len(c.get_queue_info(name)) == 3
+    # Its requests travel on its own connection: they reach the queue soon, not at once.
+    wait_for(lambda: len(c.get_queue_info(name)) == 3, timeout=5)
     child.kill()
     child.wait()
     wait_for(lambda: c.get_queue_info(name) == [], timeout=10)
