@@ -132,12 +132,15 @@ def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, nam
                     raw.sendall(os.urandom(rng.randint(1, 4096)) if i % 2 else b"\xff" + b"\x00" * 8 + b"\x7f\x03")
                     raw.close()
             # Everything sent has been read when a command sent after it is answered.
+            # The manager has read everything once its counts stop moving.
             deadline = time.monotonic() + 120
+            last: dict = {}
             while time.monotonic() < deadline:
                 stats = manager_stats(c)
-                if all(stats["dropped_by_port"].get(p, 0) - before["dropped_by_port"].get(p, 0) >= 0.9 * n for p, n in sent.items()):
+                if stats["dropped_by_port"] == last:
                     break
-                time.sleep(0.5)
+                last = stats["dropped_by_port"]
+                time.sleep(1.0)
     finally:
         ctx.destroy(linger=0)
     # Normal traffic went on: every request of the load got its answer.
@@ -146,9 +149,11 @@ def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, nam
     dropped = {p: stats["dropped_by_port"].get(p, 0) - before["dropped_by_port"].get(p, 0) for p in stats["dropped_by_port"]}
     for port_name, n in sent.items():
         assert dropped.get(port_name, 0) >= 0.9 * n, (port_name, dropped)  # a few may parse and be answered
-    # libzmq hands the XPUB only the subscribe messages (a third of those sent) and drops
-    # the rest itself; each names no container's topic and is dropped by the manager.
-    assert dropped.get("container-out", 0) > FRAMES / 4
+    # libzmq hands the XPUB nearly all the random subscription messages (not, for one, an
+    # unsubscribe that repeats one it already passed); each names no container's topic and
+    # is dropped by us.
+    assert dropped.get("container-out", 0) >= 0.9 * FRAMES
+    print(f"blast: dropped by port {dropped}; load {dict(load.codes())} in {load.sent} requests")  # for docs/RELIABILITY.md (-s)
     log = m.log()
     assert "dropped malformed message on the requests port" in log
     assert log.count("dropped malformed message") < 100  # sampled, not one line per frame
