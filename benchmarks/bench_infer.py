@@ -45,9 +45,21 @@ WINDOW = 8
 # ---- the baseline ---------------------------------------------------------------------
 
 
-def baseline_broker(front: int, back: int, stop_after: float) -> None:
+def _curve_server(sock: zmq.Socket, keys: dict | None) -> None:
+    if keys:
+        sock.curve_server, sock.curve_secretkey = True, keys["server_secret"]
+
+
+def _curve_client(sock: zmq.Socket, keys: dict | None) -> None:
+    if keys:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = keys["server_public"], keys["public"], keys["secret"]
+
+
+def baseline_broker(front: int, back: int, stop_after: float, keys: dict | None = None) -> None:
     ctx = zmq.Context()
     fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    _curve_server(fe, keys)
+    _curve_server(be, keys)
     fe.bind(f"tcp://127.0.0.1:{front}")
     be.bind(f"tcp://127.0.0.1:{back}")
     poller = zmq.Poller()
@@ -60,9 +72,10 @@ def baseline_broker(front: int, back: int, stop_after: float) -> None:
             (be if sock is fe else fe).send_multipart(frames, copy=False)
 
 
-def baseline_worker(back: int, stop_after: float) -> None:
+def baseline_worker(back: int, stop_after: float, keys: dict | None = None) -> None:
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
+    _curve_client(s, keys)
     s.connect(f"tcp://127.0.0.1:{back}")
     deadline = time.monotonic() + stop_after
     while time.monotonic() < deadline:
@@ -75,15 +88,24 @@ def baseline_worker(back: int, stop_after: float) -> None:
 
 
 class Baseline:
-    def __init__(self, port: int, stop_after: float) -> None:
+    """Raw pyzmq, two hops; with ``curve`` every hop is CURVE-encrypted, as ours then is
+    (plain ZeroMQ CURVE, no ZAP: the cost of the encryption alone)."""
+
+    def __init__(self, port: int, stop_after: float, curve: bool = False) -> None:
+        keys = None
+        if curve:
+            server_public, server_secret = zmq.curve_keypair()
+            public, secret = zmq.curve_keypair()
+            keys = {"server_public": server_public, "server_secret": server_secret, "public": public, "secret": secret}
         self.procs = [
-            mp.Process(target=baseline_broker, args=(port, port + 1, stop_after), daemon=True),
-            mp.Process(target=baseline_worker, args=(port + 1, stop_after), daemon=True),
+            mp.Process(target=baseline_broker, args=(port, port + 1, stop_after, keys), daemon=True),
+            mp.Process(target=baseline_worker, args=(port + 1, stop_after, keys), daemon=True),
         ]
         for p in self.procs:
             p.start()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        _curve_client(self.sock, keys)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
         time.sleep(0.5)
 
@@ -227,6 +249,7 @@ def main() -> int:
     from conftest import free_base_port
 
     baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds)
+    curve_baseline = Baseline(free_base_port(2), stop_after=20 * args.seconds, curve=True) if args.curve else None
     report = {"window": WINDOW, "payloads": {}}
     try:
         rng = np.random.default_rng(0)
@@ -235,13 +258,20 @@ def main() -> int:
             count = args.requests if image.nbytes < 1_000_000 else max(50, args.requests // 10)
             assert baseline.one(image)["bytes"] == image.nbytes
             row = {"baseline": {**latency(baseline.one, image, count, args.seconds), **throughput_baseline(baseline, image, count, args.seconds)}}
+            if curve_baseline is not None:
+                assert curve_baseline.one(image)["bytes"] == image.nbytes
+                row["baseline_curve"] = {**latency(curve_baseline.one, image, count, args.seconds),
+                                         **throughput_baseline(curve_baseline, image, count, args.seconds)}
             for who, (client, name) in contenders.items():
                 assert client.infer_image(name, image)["bytes"] == image.nbytes
                 row[who] = {**latency(lambda im, c=client, n=name: c.infer_image(n, im), image, count, args.seconds),
                             **throughput_ours(client, name, image, count, args.seconds)}
-            b = row["baseline"]
-            row["ratio"] = {who: {"p50": row[who]["p50_ms"] / b["p50_ms"], "p99": row[who]["p99_ms"] / b["p99_ms"],
-                                  "throughput": row[who]["MB_s"] / b["MB_s"]} for who in contenders}
+            def ratio(who: str) -> dict:
+                b = row["baseline_curve" if who == "curve" else "baseline"]  # like against like
+                return {"p50": row[who]["p50_ms"] / b["p50_ms"], "p99": row[who]["p99_ms"] / b["p99_ms"],
+                        "throughput": row[who]["MB_s"] / b["MB_s"]}
+
+            row["ratio"] = {who: ratio(who) for who in contenders}
             for who in ("docker", "ssh", "curve"):
                 if who in row:
                     row[f"{who}_vs_local_process"] = {"p50": row[who]["p50_ms"] / row["ours"]["p50_ms"],
@@ -249,11 +279,12 @@ def main() -> int:
                                                       "throughput": row[who]["MB_s"] / row["ours"]["MB_s"]}
             report["payloads"][label] = row
             print(f"{label:>12}  {'':8} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'MB/s':>9}")
-            for who in ("baseline", *contenders):
+            for who in ("baseline", *(["baseline_curve"] if "baseline_curve" in row else []), *contenders):
                 r = row[who]
                 print(f"{'':>12}  {who:8} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['req_s']:9.1f} {r['MB_s']:9.1f}")
             for who, ratio in row["ratio"].items():
-                print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of baseline")
+                of = "the CURVE baseline" if who == "curve" else "baseline"
+                print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of {of}")
             for who in ("docker", "ssh", "curve"):
                 if f"{who}_vs_local_process" in row:
                     r = row[f"{who}_vs_local_process"]
@@ -261,6 +292,8 @@ def main() -> int:
             print()
     finally:
         baseline.close()
+        if curve_baseline is not None:
+            curve_baseline.close()
         for client, name in contenders.values():
             client.unload_inference(name, delete_image=False)
         cluster.release()
