@@ -20,11 +20,14 @@ from .types import (
 )
 from .container import ContainerHandler  # noqa: E402
 from .coprocessor import CoprocessorHandler  # noqa: E402
-from .inference import AICluster  # noqa: E402
+from .inference import AICluster, wait_for_manager  # noqa: E402
+from .retry import RetryPolicy  # noqa: E402
 
 __all__ = [
     "__version__",
     "AICluster",
+    "RetryPolicy",
+    "wait_for_manager",
     "CoprocessorHandler",
     "ContainerHandler",
     "ContainerConfig",

@@ -7,14 +7,18 @@ number at once and hands ``(code, message, cmd, result)`` to the callback thread
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import InfinibrainException, argument_error
+from .errors import InfinibrainException, argument_error, make_error
+from .retry import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
-    from ._client import ClusterClient
+    from ._client import ClusterClient, Pending
 
 
 def _same(value: Any) -> Any:
@@ -27,10 +31,62 @@ class Call:
     cmd: str  # the manager's command
     args: dict
     convert: Callable[[Any], Any] = _same
+    safe: bool = False  # a query or a switch: repeating it changes nothing (retry.py)
 
 
 def run(client: "ClusterClient", call: Call) -> Any:
-    return call.convert(client.command(call.cmd, call.args).wait())
+    """The synchronous form: wait, return or raise (retrying as the client's policy allows)."""
+    return call.convert(with_retries(lambda: client.command(call.cmd, call.args).wait(), client.retry, _kind(call)))
+
+
+def _kind(call: Call) -> str:
+    return "safe" if call.safe else "unsafe"
+
+
+def with_retries(attempt: Callable[[], Any], retry: RetryPolicy, kind: str) -> Any:
+    n = 1
+    while True:
+        try:
+            return attempt()
+        except InfinibrainException as exc:
+            if not retry.retries(exc.code, n, kind):
+                raise
+            time.sleep(retry.delay(n))
+            n += 1
+
+
+def future_of(client: "ClusterClient", call: Call) -> concurrent.futures.Future:
+    """``run_future`` of a management call."""
+    return run_future(lambda: client.command(call.cmd, call.args), call.convert, client.retry, _kind(call))
+
+
+def run_future(send: Callable[[], "Pending"], convert: Callable[[Any], Any], retry: RetryPolicy, kind: str) -> concurrent.futures.Future:
+    """The ``_future`` form: a ``concurrent.futures.Future`` of the converted answer, on the
+    same pending-call core as the other forms (``asyncio.wrap_future`` makes it awaitable)."""
+    outer: concurrent.futures.Future = concurrent.futures.Future()
+
+    def attempt(n: int) -> None:
+        try:
+            pending = send()
+        except InfinibrainException as exc:
+            return finish(n, exc, None)
+        pending.future.add_done_callback(lambda f: finish(n, f.exception(), f))
+
+    def finish(n: int, exc: BaseException | None, done: concurrent.futures.Future | None) -> None:
+        if isinstance(exc, InfinibrainException) and retry.retries(exc.code, n, kind):
+            timer = threading.Timer(retry.delay(n), attempt, (n + 1,))
+            timer.daemon = True
+            timer.start()
+        elif exc is not None:
+            outer.set_exception(exc)
+        else:
+            try:
+                outer.set_result(convert(done.result()))  # type: ignore[union-attr]
+            except Exception as error:  # a conversion bug must still end the future
+                outer.set_exception(make_error(999, detail=f"{type(error).__name__}: {error}"))
+
+    attempt(1)
+    return outer
 
 
 def run_async(client: "ClusterClient", call: Call, func: Callable | None) -> str:

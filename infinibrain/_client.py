@@ -32,6 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from . import security
 from .errors import error_from_code, format_message, make_error
+from .retry import NO_RETRY, RetryPolicy
 from .types import InferenceResponse
 
 log = logging.getLogger("infinibrain.client")
@@ -82,6 +83,7 @@ class ClusterClient:
         self.manage_callback: Callable | None = None  # (code, message, cmd, result)
         self.infer_callback: Callable | None = None  # (code, message, result, response)
         self.connected = False
+        self.retry: RetryPolicy = NO_RETRY  # AICluster(retry=...) sets it
         self.manager_id: str | None = None
         self.hb_interval = 0.5
         self.max_message_size = 64 * 1024 * 1024  # the manager says its own in hello_ack
@@ -304,7 +306,7 @@ class ClusterClient:
             self.max_message_size = h["max"]
         with self._link:
             self._refused = ""  # whatever refused us before, this path works now
-            self._acked_paths.add(h.get("path"))
+            self._acked_paths.add(str(h.get("path")))
             if len(self._acked_paths) == 2 and not self.connected:
                 recovered = self.manager_id is not None
                 self.manager_id = h.get("mid")

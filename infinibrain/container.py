@@ -14,6 +14,26 @@ if TYPE_CHECKING:
 class ContainerHandler:
     """One container (§7.5 attributes), with the APIs that act on it."""
 
+    # The §7.5 attributes (CONTAINER_HANDLER_FIELDS), set from the manager's answer.
+    name: str
+    suffix_name: str
+    image_path: str | None
+    image_file: str | None
+    image_tag: str | None
+    run_command: str | None
+    run_option: str | None
+    allocated_coprocessor: str
+    max_send_num: int | None
+    host_location: list[str]
+    implementation_type: str
+    input: str | None
+    output: str | None
+    send_timeout: int | None
+    wait_queue_timeout: int | None
+    script_path: str | None
+    inference_modules: Any
+    copy: Any
+
     def __init__(self, cluster: "AICluster | None" = None, **attributes: Any) -> None:
         self._cluster = cluster
         for name in CONTAINER_HANDLER_FIELDS:
@@ -40,7 +60,7 @@ class ContainerHandler:
     def _distribution(self, name: str, inference_name: str, on: bool) -> Call:
         _api.require_str(inference_name, "inference_name", allow_empty=True)
         args = {**self._where(), "inference_name": inference_name, "on": on}
-        return Call(name, "container_distribution", args, lambda rows: ContainerDistributionStatus.from_dict(rows[0]))
+        return Call(name, "container_distribution", args, lambda rows: ContainerDistributionStatus.from_dict(rows[0]), safe=True)
 
     def _lifecycle(self, name: str) -> Call:
         return Call(name, f"container_{name}", self._where(), ContainerStatus.from_dict)

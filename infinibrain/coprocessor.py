@@ -36,6 +36,7 @@ class CoprocessorHandler:
             "board_distribution",
             {"board": self.name, "inference_name": inference_name, "on": on},
             lambda rows: _api.one_or_list([ContainerDistributionStatus.from_dict(r) for r in rows]),
+            safe=True,
         )
 
     def _add(self, inference_name: str) -> Call:
@@ -48,7 +49,7 @@ class CoprocessorHandler:
         )
 
     def _images(self) -> Call:
-        return Call("get_images", "get_images", {"board": self.name}, lambda rows: [CoprocessorImages.from_dict(r) for r in rows])
+        return Call("get_images", "get_images", {"board": self.name}, lambda rows: [CoprocessorImages.from_dict(r) for r in rows], safe=True)
 
     def start_distribution(self, inference_name: str = "") -> Any:
         """Enable ``inference_name`` ("" = every inference) on this board.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import numpy as np
@@ -13,7 +15,8 @@ from ._api import Call
 from ._client import ClusterClient, Pending
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
-from .errors import InfinibrainException, argument_error, make_error
+from .errors import ConnectionFailedException, InfinibrainException, SocketConnectionException, argument_error, make_error
+from .retry import NO_RETRY, RetryPolicy
 from .types import FILE_INFO_KEYS, ContainerConfig, ContainerStatus, CoprocessorImages, InferenceResponse, QueueInfo, _plain
 
 DEFAULT_HOST = "127.0.0.1"
@@ -31,7 +34,7 @@ class AICluster:
     """
 
     def __init__(self, host_ip: str | None = None, port: int | None = None, timeout: float = 5.0,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, *, retry: RetryPolicy | None = None) -> None:
         env_host, env_port = _manager_from_env()
         host = host_ip or env_host or DEFAULT_HOST
         port = port if port is not None else (env_port or DEFAULT_PORT)
@@ -41,6 +44,7 @@ class AICluster:
             raise argument_error("timeout", f"must be a positive number of seconds, got {timeout!r}")
         self._logger = logger or logging.getLogger("infinibrain.inference")
         self._client = ClusterClient(host, port, float(timeout), self._logger)
+        self._client.retry = retry or NO_RETRY
         try:
             self._client.handshake()
         except BaseException:
@@ -60,6 +64,17 @@ class AICluster:
 
     def _run_async(self, call: Call, func: Callable | None) -> str:
         return _api.run_async(self._connected_client(), call, func)
+
+    def _future(self, call: Call) -> Future:
+        return _api.future_of(self._connected_client(), call)
+
+    # ---- beyond the reference: a context manager, futures ----------------------------------
+
+    def __enter__(self) -> "AICluster":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def _handlers(self, rows: list) -> list[ContainerHandler]:
         return [ContainerHandler(self, **row) for row in rows]
@@ -162,7 +177,7 @@ class AICluster:
 
     def _query(self, api: str, inference_name: str, convert: Callable) -> Call:
         name = _api.require_str(inference_name, "inference_name", allow_empty=True)
-        return Call(api, api, {"inference_name": name}, convert)
+        return Call(api, api, {"inference_name": name}, convert, safe=True)
 
     def _coprocessors(self, rows: list) -> list[CoprocessorHandler]:
         return [CoprocessorHandler(self, r["name"], r["ip"]) for r in rows]
@@ -205,6 +220,7 @@ class AICluster:
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
         what = "image_data" if image else "in_data"
+        payload: Any
         if data is None:
             raise argument_error(what)
         if image:
@@ -223,6 +239,22 @@ class AICluster:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
         return client.infer(name, payload, arr, _api.parse_param(param), on_done)
 
+    def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
+        return _api.with_retries(attempt, self._client.retry, "infer")
+
+    def infer_image_future(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> "Future[Any]":  # noqa: B006
+        """infer_image as a ``concurrent.futures.Future`` of the result (not in the reference;
+        ``await asyncio.wrap_future(...)`` in asyncio code)."""
+        self._connected_client()
+        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None),
+                               lambda answer: answer[0], self._client.retry, "infer")
+
+    def infer_future(self, inference_name: str, in_data: bytes, param: Any = {}) -> "Future[tuple[Any, InferenceResponse]]":  # noqa: B006
+        """infer as a ``concurrent.futures.Future`` of (result, InferenceResponse)."""
+        self._connected_client()
+        return _api.run_future(lambda: self._submit(inference_name, in_data, param, False, None),
+                               tuple, self._client.retry, "infer")
+
     def _infer_callback(self, func: Callable | None) -> Callable:
         callback = func or self._client.infer_callback
         if callback is None or not callable(callback):
@@ -231,7 +263,7 @@ class AICluster:
 
     def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
         """Run the inference on an image; returns what the container sent back."""
-        result, _response = self._submit(inference_name, image_data, param, True, None).wait()
+        result, _response = self._infer_retrying(lambda: self._submit(inference_name, image_data, param, True, None).wait())
         return result
 
     def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
@@ -243,7 +275,7 @@ class AICluster:
 
     def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
         """Run the inference on bytes; returns (result, InferenceResponse)."""
-        result, response = self._submit(inference_name, in_data, param, False, None).wait()
+        result, response = self._infer_retrying(lambda: self._submit(inference_name, in_data, param, False, None).wait())
         return result, response
 
     def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
@@ -313,7 +345,7 @@ class AICluster:
             "pid": _api.require_int(pid, "pid"),
             **extra,
         }
-        return Call(api, api, args, lambda rows: [QueueInfo.from_dict(r) for r in rows])
+        return Call(api, api, args, lambda rows: [QueueInfo.from_dict(r) for r in rows], safe=api == "get_queue_info")
 
     def get_queue_info(self, inference_name: str = "", request_no: int = 0, pid: int = 0) -> list[QueueInfo]:
         """Requests waiting in send-wait queues (0 / "" = all)."""
@@ -356,7 +388,64 @@ class AICluster:
     def get_container_logs(self, suffix_name: str, coprocessor_name: str, lines: int = 100) -> str:
         """The last ``lines`` lines a container wrote (not in the reference)."""
         args = {"suffix_name": suffix_name, "board": coprocessor_name, "lines": _api.require_int(lines, "lines")}
-        return self._run(Call("logs", "logs", args))
+        return self._run(Call("logs", "logs", args, safe=True))
+
+
+    # ---- futures: the management APIs as concurrent.futures.Future (not in the reference) ----------
+    # Each is built from the same Call as its sync and _async twins.
+
+    def load_inference_future(self, container_config: Any, coprocessor_name: Any) -> Future:
+        """load_inference as a Future of its ContainerHandler(s)."""
+        return self._future(self._load(container_config, coprocessor_name))
+
+    def unload_inference_future(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True) -> Future:
+        """unload_inference as a Future of the remaining ContainerHandlers."""
+        return self._future(self._unload(inference_name, coprocessor_name, delete_image))
+
+    def get_coprocessor_handler_future(self, inference_name: str = "") -> Future:
+        return self._future(self._query("get_coprocessor_handler", inference_name, self._coprocessors))
+
+    def get_coprocessor_images_future(self, inference_name: str = "") -> Future:
+        return self._future(self._query("get_coprocessor_images", inference_name, _images))
+
+    def get_container_handler_future(self, inference_name: str = "") -> Future:
+        return self._future(self._query("get_container_handler", inference_name, self._handlers))
+
+    def get_container_status_future(self, inference_name: str = "") -> Future:
+        return self._future(self._query("get_container_status", inference_name, _statuses))
+
+    def put_file_future(self, inference_name: str, file_info: dict) -> Future:
+        call = self._put(inference_name, file_info)
+        error = self._bad_key(file_info)
+        if error is not None:
+            raise error
+        return self._future(call)
+
+    def get_queue_info_future(self, inference_name: str = "", request_no: int = 0, pid: int = 0) -> Future:
+        return self._future(self._queue("get_queue_info", inference_name, request_no, pid))
+
+    def delete_queue_future(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False) -> Future:
+        return self._future(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)))
+
+    def reload_inference_future(self, inference_name: str) -> Future:
+        return self._future(self._reload(inference_name))
+
+
+def wait_for_manager(host_ip: str | None = None, port: int | None = None, timeout: float = 30.0, **kwargs: Any) -> AICluster:
+    """An AICluster connected to the manager, waiting up to ``timeout`` seconds for it to
+    come up (a daemon starting, a board booting). SocketConnectionException (110) after
+    that, with the last reason. ``kwargs`` go to AICluster (``logger``, ``retry``)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.1
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return AICluster(host_ip, port, timeout=max(min(left, 2.0), 0.1), **kwargs)
+        except (SocketConnectionException, ConnectionFailedException) as exc:
+            if time.monotonic() + pause >= deadline:
+                raise make_error(110, detail=f"no manager within {timeout:g} s ({exc.message})") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 def _images(rows: list) -> list[CoprocessorImages]:

@@ -26,13 +26,21 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def free_base_port(count: int = 5) -> int:
     """A base port with ``count`` consecutive free ports on 127.0.0.1."""
+    # Below the kernel's ephemeral range, so that no outgoing connection of this machine
+    # (which takes its local port from that range) can hold one of them meanwhile.
+    low = 10000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            ephemeral_low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = max(low + 1000, ephemeral_low - 1) - count
     for _ in range(200):
-        base = random.randint(20000, 60000)
+        base = random.randint(low, high)
         socks = []
         try:
             for offset in range(count):
                 s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", base + offset))
                 socks.append(s)
             return base
