@@ -279,7 +279,7 @@ class Commands:
     def _unregister(self, name: str) -> concurrent.futures.Future:
         self.router.registrations.pop(name, None)
         for req in self.router.take_waiting(lambda r: True, name):
-            self.router.fail(req.client, req.rid, 400, detail=f"inference {name!r} was unloaded while the request waited")
+            self.router.end(req, 400, detail=f"inference {name!r} was unloaded while the request waited")
         self.router.queues.pop(name, None)
         for cid in [c.id for c in self.router.containers.values() if c.inference == name]:
             self.router.containers.pop(cid, None)
@@ -388,6 +388,7 @@ class Commands:
         for c in self.router.call(containers):
             for src in sources:
                 where = c.runtime.put_file(c.spec, src, target)
+                self.router.metrics.sent_to_board(c.board, os.path.getsize(src))
                 log.info("put_file: %s -> %s:%s", src, c.id, where)
         return None
 
@@ -512,7 +513,7 @@ class Commands:
             matches = [r for r in matches if r.pid == client.pid]
         doomed = set(map(id, matches))
         for r in self.router.take_waiting(lambda r: id(r) in doomed):
-            self.router.fail(r.client, r.rid, 306, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
+            self.router.end(r, 306, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
         return self._queue_info([r for w in self.router.queues.values() for r in w])
 
     # ---- CoprocessorHandler / ContainerHandler ------------------------------------------

@@ -59,6 +59,8 @@ class ManagerConfig:
     engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
     max_message_size: int = 64 * 1024 * 1024  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
+    metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
+    metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
     log_level: str = "INFO"
     # CurveZMQ on every socket (see docs/RELIABILITY.md). Key files are zmq.auth certificates.
     curve: bool = False
@@ -141,6 +143,11 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         cfg.state_dir = default_state_dir()
     cfg.state_dir = os.path.abspath(os.path.expanduser(cfg.state_dir))
     _check_address(cfg.host, "manager.host")
+    _check_address(cfg.metrics_host, "manager.metrics_host")
+    if cfg.metrics_port == 0:
+        cfg.metrics_port = cfg.port + 5
+    if not (cfg.metrics_port == -1 or 1 <= cfg.metrics_port <= 65535):
+        raise ConfigError(f"manager.metrics_port must be a port number, 0 (base port + 5) or -1 (off), got {cfg.metrics_port}")
     if not 1 <= cfg.port <= 65535 - 8:
         raise ConfigError(f"manager.port must be between 1 and 65527, got {cfg.port}")
     for key in (

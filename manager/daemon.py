@@ -22,6 +22,7 @@ from .boards import close_boards, make_boards
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, load_config
 from .deployer import Deployer
+from .metrics import Metrics
 from .registry import Registry
 from .restarts import Restarts
 from .router import Router
@@ -41,6 +42,8 @@ class Manager:
         self.commands = Commands(self.router, self.deployer, self.boards)
         self.router.commands = self.commands
         self.restarts = Restarts(self.router, self.deployer, self.commands)
+        if config.metrics_port != -1:
+            self.router.metrics = Metrics(self.router, config.metrics_host, config.metrics_port)
         self.deployer.restore(self.commands.pool)
 
     def run(self) -> None:
@@ -57,6 +60,7 @@ class Manager:
             list(pool.map(lambda c: c.runtime.stop(c.spec), stoppers))
         self.commands.close()
         self.deployer.close()
+        self.router.metrics.close()
         self.router.close()
         close_boards(self.boards)
         log.info("manager stopped")
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except zmq.ZMQError as exc:
         log.error("cannot bind %s:%d-%d: %s", config.host, config.port, config.port + 4, exc)
+        return 1
+    except OSError as exc:  # the metrics port
+        log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port, exc)
         return 1
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -127,6 +127,9 @@ class Deployer:
                 self._remove_quietly(c)
             raise
         c.deployment = {**figures, "board": board_name, "seconds": round(time.monotonic() - started, 3)}
+        self.router.metrics.deployed(name, board_name, c.deployment["seconds"])
+        if figures.get("image_bytes"):
+            self.router.metrics.sent_to_board(board_name, int(figures["image_bytes"]))
         return c
 
     @staticmethod

@@ -30,6 +30,7 @@ from infinibrain.errors import format_message
 
 from .auth import CLIENTS, CONTAINERS, Guard
 from .config import ManagerConfig
+from .metrics import NullMetrics
 from .registry import Registration
 from .state import Client, Container, Request
 from .validate import default_sub_name, module_list
@@ -53,6 +54,7 @@ class Router:
         self.queues: dict[str, deque[Request]] = {}
         self.clients: dict[str, Client] = {}
         self.commands: Any = None  # set by the daemon (manager.commands.Commands)
+        self.metrics: Any = NullMetrics()  # set by the daemon when metrics are on (manager.metrics.Metrics)
         self.dropped_frames = 0
         self.dropped_by_port: dict[str, int] = {}
         # Another manager instance (before a restart) numbered its requests from elsewhere,
@@ -116,6 +118,20 @@ class Router:
         self.guard.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def live_figures(self) -> dict:
+        """Router thread: what the metrics' gauges show (manager/metrics.py)."""
+        return {
+            "queues": {n: len(q) for n, q in self.queues.items() if n in self.registrations},
+            "containers": [
+                {"id": c.id, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),
+                 "connected": c.connected, "tx_bytes": c.tx_bytes, "rx_bytes": c.rx_bytes}
+                for c in self.containers.values()
+            ],
+            "dropped_by_port": dict(self.dropped_by_port),
+            "refused_keys": self.guard.denied(),
+            "clients": len(self.clients),
+        }
 
     def stats(self) -> dict:
         """What the manager has dropped and holds, for operators and the fault tests."""
@@ -263,24 +279,34 @@ class Router:
         message = format_message(code, *fields, detail=detail)
         self.send_client(cid, P.RESULT, {"rid": rid, "code": code, "msg": message})
 
+    def end(self, req: Request, code: int, detail: str) -> None:
+        """End accepted request ``req`` with a numbered error (and count it)."""
+        self.fail(req.client, req.rid, code, detail=detail)
+        self.metrics.ended(req, code)
+
+    def _refuse(self, client: Client, rid: str, name: Any, code: int, *fields: Any, detail: str = "") -> None:
+        """Refuse a request before accepting it (and count it)."""
+        self.fail(client.id, rid, code, *fields, detail=detail)
+        self.metrics.refused(name if isinstance(name, str) and name in self.registrations else "", code)
+
     def _on_request(self, client: Client, msg: P.Message) -> None:
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
         reg = self.registrations.get(name) if isinstance(name, str) else None
         if reg is None:
-            return self.fail(client.id, rid, 400, detail=f"inference {name!r} is not registered")
+            return self._refuse(client, rid, name, 400, detail=f"inference {name!r} is not registered")
         cfg = reg.config
         if cfg["input"] is None:
-            return self.fail(client.id, rid, 403, name)
+            return self._refuse(client, rid, name, 403, name)
         param = h.get("param")
         sub = param.get("sub_inference_name") if isinstance(param, dict) else None
         if sub:
             known = [m["sub_inference_name"] for m in module_list(cfg)] or [name]
             if sub not in known:
-                return self.fail(client.id, rid, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(known)})")
+                return self._refuse(client, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(known)})")
         waiting = self.queues.setdefault(name, deque())
         if len(waiting) >= self.config.send_queue_size:
-            return self.fail(client.id, rid, 305, detail=f"{len(waiting)} requests wait for {name!r}")
+            return self._refuse(client, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
         now = time.monotonic()
         send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
         answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000
@@ -300,6 +326,7 @@ class Router:
             time_stamp=stamps,
             send_deadline=now + send_timeout,
             answer_timeout=answer_timeout,
+            accepted=now,
         )
         waiting.append(req)
         self.send_client(client.id, P.ACK, {"rid": rid, "timeout": send_timeout + answer_timeout})
@@ -376,6 +403,7 @@ class Router:
         )
         req.container = c.id
         req.answer_deadline = time.monotonic() + req.answer_timeout
+        self.metrics.dispatched(req)
         c.in_flight[req.mkey] = req
         c.tx_bytes += req.nbytes
 
@@ -443,12 +471,14 @@ class Router:
         stamps.extend(h.get("ts") or [])
         stamps.append(["manager_result", P.now()])
         if msg.kind == P.TAKEN:
+            code = 0
             header = {"rid": req.rid, "code": 0, "msg": "", "resp": self._response(c, req, stamps)}
             self.send_client(req.client, P.RESULT, header, [P.pack_value(None)])
         else:
             code = int(h.get("code") or 0)
             header = {"rid": req.rid, "code": code, "msg": h.get("msg") or "", "resp": self._response(c, req, stamps)}
             self.send_client(req.client, P.RESULT, header, msg.payload[:1])
+        self.metrics.ended(req, code)
         self.pump(c.inference)
 
     def _response(self, c: Container, req: Request, stamps: list) -> dict:
@@ -485,7 +515,7 @@ class Router:
         c.subs.clear()
         c.connected_event.clear()
         for req in list(c.in_flight.values()):
-            self.fail(req.client, req.rid, 402, detail=f"container {cid} went away while serving it ({why})")
+            self.end(req, 402, detail=f"container {cid} went away while serving it ({why})")
         c.in_flight.clear()
         if was_connected and not c.stopping:
             log.warning("container %s of %s disconnected: %s", cid, c.inference, why)
@@ -514,12 +544,12 @@ class Router:
         for name, waiting in self.queues.items():
             while waiting and waiting[0].send_deadline <= now:
                 req = waiting.popleft()
-                self.fail(req.client, req.rid, 306, detail=f"no container of {name!r} took it in time")
+                self.end(req, 306, detail=f"no container of {name!r} took it in time")
         for c in self.containers.values():
             late = [r for r in c.in_flight.values() if r.answer_deadline <= now]
             for req in late:
                 del c.in_flight[req.mkey]
-                self.fail(req.client, req.rid, 401, detail=f"container {c.id} did not answer in {req.answer_timeout:g} s")
+                self.end(req, 401, detail=f"container {c.id} did not answer in {req.answer_timeout:g} s")
             if late:
                 self.pump(c.inference)
             if c.subs and not c.hello and now - c.last_ping >= PING_INTERVAL:

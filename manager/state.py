@@ -31,6 +31,7 @@ class Request:
     answer_timeout: float
     answer_deadline: float = 0.0
     container: str | None = None
+    accepted: float = 0.0  # time.monotonic() when the manager accepted it
 
     @property
     def queued_wall(self) -> float:

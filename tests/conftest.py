@@ -24,8 +24,9 @@ from infinibrain.errors import InfinibrainException
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def free_base_port(count: int = 5) -> int:
-    """A base port with ``count`` consecutive free ports on 127.0.0.1."""
+def free_base_port(count: int = 6) -> int:
+    """A base port with ``count`` consecutive free ports on 127.0.0.1 (the manager's five
+    and its metrics port)."""
     # Below the kernel's ephemeral range, so that no outgoing connection of this machine
     # (which takes its local port from that range) can hold one of them meanwhile.
     low = 10000
