@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import InfinibrainException, argument_error, make_error
-from .retry import NO_RETRY, RetryPolicy
+from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ._client import ClusterClient, Pending

@@ -30,7 +30,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_metrics_add_up_after_real_traffic(fresh_manager, name, tmp_path):
     m = fresh_manager(send_queue_size=5).start()
     c = m.client()
-    handler = c.load_inference(echo_config(name, send_timeout=500), "all")
+    c.load_inference(echo_config(name, send_timeout=500), "all")
     for _ in range(30):
         c.infer(name, b"abcd")
     # Errors of several kinds: 305 (queue full), 306 (no container took it), 400 (unknown).
