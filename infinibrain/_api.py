@@ -95,7 +95,10 @@ def run_async(client: "ClusterClient", call: Call, func: Callable | None) -> str
     def done(code: int, message: str, result: Any, _response: Any) -> None:
         callback(code, message, call.name, call.convert(result) if code == 0 else None)
 
-    return client.command(call.cmd, call.args, on_done=done).rid
+    def progressed(info: dict) -> None:  # beyond the reference: a slow call's progress, cmd "<api>_progress"
+        callback(0, "", f"{call.name}_progress", info)
+
+    return client.command(call.cmd, call.args, on_done=done, on_progress=progressed).rid
 
 
 def attached_client(cluster: Any, what: str) -> "ClusterClient":

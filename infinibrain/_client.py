@@ -60,6 +60,7 @@ class Pending:
     deadline: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     on_done: Callable[[int, str, Any, Any], None] | None = None  # (code, message, result, response)
+    on_progress: Callable[[dict], None] | None = None  # progress events of a slow command
     acked: bool = False
     inference: str = ""
     tid: int = 0
@@ -197,9 +198,9 @@ class ClusterClient:
 
     # ---- calls ------------------------------------------------------------------------
 
-    def command(self, cmd: str, args: dict, on_done: Callable | None = None) -> Pending:
+    def command(self, cmd: str, args: dict, on_done: Callable | None = None, on_progress: Callable | None = None) -> Pending:
         self.check_connected()
-        p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done)
+        p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done, on_progress=on_progress)
         self._pending[p.rid] = p
         try:
             self._send("mgmt", P.COMMAND, {"rid": p.rid, "cmd": cmd, "args": args})
@@ -353,6 +354,11 @@ class ClusterClient:
         result = P.unpack_value(msg.payload[0]) if (code == 0 and msg.payload) else None
         self._finish(p, code, h.get("msg") or "", result)
 
+    def _on_progress(self, msg: P.Message) -> None:
+        p = self._pending.get(str(msg.header.get("rid")))
+        if p is not None and p.on_progress is not None and isinstance(msg.header.get("info"), dict):
+            self.deliver(p.on_progress, msg.header["info"])
+
     def _on_event(self, msg: P.Message) -> None:
         h = msg.header
         if h.get("what") == "result":
@@ -370,6 +376,7 @@ class ClusterClient:
         P.RESULT: _on_result,
         P.REPLY: _on_reply,
         P.EVENT: _on_event,
+        P.PROGRESS: _on_progress,
     }
 
     def _response(self, p: Pending, data: Any) -> InferenceResponse:

@@ -167,6 +167,47 @@ ERROR_TABLE: dict[int, tuple[type[InfinibrainException], str]] = {
 
 MESSAGES: dict[int, str] = {code: text for code, (_, text) in ERROR_TABLE.items()}
 
+# What an operator can do about each code (the `infinibrain` command prints it).
+HINTS: dict[int, str] = {
+    100: "check the argument the message names",
+    101: "file_info keys are script, model, file and To",
+    110: "is the manager running? start it with `infinibrain-manager`, check --host/--port, and CURVE keys if it uses CURVE",
+    111: "the manager was lost; it reconnects by itself: try again in a moment",
+    114: "the container went away; see `infinibrain logs NAME`",
+    200: "the configuration must be a JSON object / TOML table",
+    201: "add the key the message names",
+    203: "set force_update = true to change image_tag",
+    205: "the inference was never loaded here; deploy it first",
+    206: "the inference config file in state_dir is damaged; deploy the inference again",
+    207: "the inference config file does not match; deploy the inference again",
+    300: "check the name with `infinibrain status`",
+    301: "check the file's path and permissions on the main board",
+    302: "fix the setting the message names (see `infinibrain logs NAME` if a container did not start)",
+    303: "wait until its requests are done (`infinibrain queue NAME`), or delete them",
+    304: "check the board's name with `infinibrain status`",
+    305: "the send-wait queue is full: slow down, or raise send_queue_size",
+    306: "no container took the request in time: check `infinibrain status` (distribution on, containers connected)",
+    307: "check the container's name with `infinibrain status`",
+    308: "add --force to delete another process's requests",
+    309: "another command is working on this inference: try again shortly",
+    400: "check the inference name with `infinibrain status`",
+    401: "the container did not answer in time: see `infinibrain logs NAME`, or raise wait_queue_timeout",
+    402: "the container went away while serving it: see `infinibrain logs NAME`",
+    403: "this inference takes no requests (input = None)",
+    500: "check the board: is it on, is sshd running, are its key and known_hosts right?",
+    900: "this command is not supported",
+    999: "see the manager's log for the cause",
+}
+
+
+def exit_status(code: int) -> int:
+    """The command-line exit status of numbered error ``code`` (one byte): the hundreds
+    digit and the last digit, 110-114 as 12-16, 999 as 99; e.g. 305 -> 35, 500 -> 50."""
+    if code == 999:
+        return 99
+    rest = code % 100
+    return code // 100 * 10 + (rest if rest < 10 else rest % 10 + 2)
+
 # Message of the Connector's receive timeout, which shares 401 with the host side.
 RECEIVE_TIMEOUT_MESSAGE = "receive timeout"
 
@@ -202,9 +243,11 @@ def argument_error(name: str, why: str = "") -> InvalidArgumentException:
 
 __all__ = [name for name in dir() if name.endswith("Exception")] + [
     "ERROR_TABLE",
+    "HINTS",
     "MESSAGES",
     "argument_error",
     "error_from_code",
+    "exit_status",
     "format_message",
     "make_error",
 ]

@@ -41,6 +41,7 @@ COMMAND = "cmd"  # client -> manager: management command
 REPLY = "reply"  # manager -> client: outcome of a management command
 EVENT = "ev"  # manager -> all clients: 114 and produced results
 PING = "ping"  # manager -> container: please say hello on your response path
+PROGRESS = "prog"  # manager -> client: progress of a slow command (an image sent, loaded)
 
 # Topics.
 TOPIC_HEARTBEAT = b"hb"

@@ -18,6 +18,7 @@ from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException, format_message, make_error
 from infinibrain.types import CONTAINER_HANDLER_FIELDS, FILE_INFO_KEYS
 
+from . import progress
 from .boards import Board
 from .deployer import Deployer, container_id
 from .registry import Placement, Registration
@@ -97,8 +98,13 @@ class Commands:
 
     def _run_slow(self, spec: Spec, client: Client, rid: str, cmd: str, args: dict, names: list[str]) -> None:
         error, result = None, None
+
+        def tell(info: dict) -> None:  # progress of this command, to the client that sent it
+            self.router.call_soon(self.router.send_client, client.id, P.PROGRESS, {"rid": rid, "info": info})
+
         try:
-            result = spec.fn(client, args)
+            with progress.reporting(tell):
+                result = spec.fn(client, args)
         except InfinibrainException as exc:
             error = exc
         except Exception as exc:
@@ -409,6 +415,7 @@ class Commands:
                     net_io=f"{human_bytes(c.tx_bytes)} / {human_bytes(c.rx_bytes)}",
                     ports=f"{self.router.config.port + P.CONTAINER_OUT}/tcp, {self.router.config.port + P.CONTAINER_IN}/tcp",
                     created=self.router.registrations[c.inference].boards[c.board].created,
+                    distribution=self.router.registrations[c.inference].boards[c.board].distribution,  # beyond §7.6
                 )
                 rows.append((c, row))
             return rows

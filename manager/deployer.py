@@ -15,6 +15,7 @@ import time
 from infinibrain import protocol as P
 from infinibrain.errors import make_error
 
+from . import progress
 from .boards import Board
 from .config import ManagerConfig
 from .registry import Registration, Registry
@@ -116,16 +117,21 @@ class Deployer:
         if c.running and c.runtime.exited(c.spec) is None and (c.connected or c.runtime.alive_now(c.spec)):
             return c
         started = time.monotonic()
-        made = rebuild or not c.runtime.prepared(c.spec)
-        figures = (c.runtime.prepare(c.spec) or {}) if made else {}
-        try:
-            info = c.runtime.start(c.spec)
-            self.router.call(self._mark_started, c, info).result(30)
-            self._wait_connected(c)
-        except BaseException:
+        with progress.on_board(board_name):
+            made = rebuild or not c.runtime.prepared(c.spec)
             if made:
-                self._remove_quietly(c)
-            raise
+                progress.report("preparing")
+            figures = (c.runtime.prepare(c.spec) or {}) if made else {}
+            try:
+                progress.report("starting")
+                info = c.runtime.start(c.spec)
+                self.router.call(self._mark_started, c, info).result(30)
+                self._wait_connected(c)
+            except BaseException:
+                if made:
+                    self._remove_quietly(c)
+                raise
+            progress.report("ready", 1, 1)
         c.deployment = {**figures, "board": board_name, "seconds": round(time.monotonic() - started, 3)}
         self.router.metrics.deployed(name, board_name, c.deployment["seconds"])
         if figures.get("image_bytes"):

@@ -24,6 +24,7 @@ import paramiko
 
 from infinibrain.errors import InfinibrainException, error_from_code, make_error
 
+from . import progress
 from .config import BoardConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ class _Progress:
     def __call__(self, sent: int) -> None:
         if self.callback is not None:
             self.callback(sent, self.size)
+        progress.report(f"sending {self.what}", sent, self.size)
         done = sent / self.size if self.size else 1.0
         if done >= self.next and done < 1.0:
             rate = sent / 1e6 / max(time.monotonic() - self.started, 1e-6)

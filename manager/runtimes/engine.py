@@ -24,6 +24,8 @@ import requests.exceptions
 
 from infinibrain.errors import InfinibrainException, make_error
 
+from .. import progress
+
 log = logging.getLogger(__name__)
 
 LABEL_MANAGER = "infinibrain.manager"
@@ -200,8 +202,9 @@ class Engine:
         """Load a ``docker save`` tar into the engine: {"loaded": [what it loaded]}."""
         loaded: list[str] = []
         with open(tar_path, "rb") as fh:
+            reader = progress.CountingReader(fh, os.path.getsize(tar_path), f"loading {os.path.basename(tar_path)}")
             try:
-                for chunk in self.client.api.load_image(fh, quiet=True):
+                for chunk in self.client.api.load_image(reader, quiet=True):
                     if chunk.get("error") or chunk.get("errorDetail"):
                         detail = chunk.get("error") or chunk["errorDetail"].get("message")
                         raise make_error(302, detail=f"image file {tar_path!r} could not be loaded: {detail}")

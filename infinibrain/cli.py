@@ -1,0 +1,400 @@
+"""``infinibrain``: see, deploy to and watch a running cluster without writing Python.
+
+Built on argparse (no extra dependency) and on the same AICluster the applications use, so
+every command goes through the public API and its numbered errors. A numbered error ends
+the command with ``infinibrain: [CODE] message`` plus what to do, and the exit status
+``errors.exit_status(CODE)`` (305 -> 35, 500 -> 50, ...); 1 for anything else, 2 for usage.
+
+    infinibrain [--host H] [--port P] [--timeout S] COMMAND ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import HINTS, InfinibrainException, error_from_code, exit_status, make_error
+from .inference import AICluster
+from .types import ContainerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_KEYS = {f for f in ContainerConfig.__dataclass_fields__}
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def table(rows: list[dict], columns: Sequence[str], out: Any = None) -> None:
+    """``rows`` as a plain text table, one column per key, headers in capitals."""
+    out = out or sys.stdout
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+
+
+def dump(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+class ProgressBar:
+    """One line on stderr, redrawn: ``[#####.....]  42%  board b1: sending image``."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.lock = threading.Lock()
+        self.shown = False
+
+    def update(self, event: dict) -> None:
+        done, total = event.get("done") or 0, event.get("total") or 0
+        share = done / total if total else 0.0
+        bar = "#" * int(share * 30)
+        line = f"[{bar:<30}] {share * 100:3.0f}%  {event.get('board', '')}: {event.get('stage', '')}"
+        with self.lock:
+            end = "\n" if not self.stream.isatty() else "\r"
+            self.stream.write(line + end)
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.shown and self.stream.isatty():
+                self.stream.write("\n")
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
+    boards = [{"board": b.name, "address": b.ip} for b in c.get_coprocessor_handler()]
+    rows = c._client.command("get_container_status", {"inference_name": args.name or ""}).wait()
+    containers = [
+        {"inference": r["name"], "container": r["suffix_name"], "board": r["allocated_coprocessor"],
+         "type": r["implementation_type"], "status": r["status"], "connect": r["connect_status"],
+         "distribution": r.get("distribution"), "operate": r["operate"], "queued": r["queue_num"],
+         "in_flight": r["send_data_num"], "cpu": r["cpu_proc"], "memory": r["mem_usage"]}
+        for r in rows
+    ]
+    if args.json:
+        dump({"boards": boards, "containers": containers})
+        return 0
+    table(boards, ["board", "address"])
+    print()
+    if containers:
+        table(containers, ["inference", "container", "board", "type", "status", "connect", "distribution",
+                           "operate", "queued", "in_flight", "cpu", "memory"])
+    else:
+        print("no inferences deployed")
+    return 0
+
+
+def load_deployment(path: Path) -> list[tuple[dict, Any]]:
+    """(ContainerConfig fields, boards) for each ``[[inference]]`` of a deployment file.
+    Relative ``script_path``, ``image_path`` and ``copy.From`` are relative to the file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise make_error(301, detail=f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise make_error(200, detail=f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"inference"})
+    if unknown:
+        raise make_error(302, detail=f"{path}: unknown table {unknown[0]!r} (a deployment file has [[inference]] tables)")
+    entries = []
+    for i, raw in enumerate(data.get("inference") or []):
+        where = f"{path}: inference[{i}]"
+        if "boards" not in raw:
+            raise make_error(201, detail=f"{where}.boards (a board name, a list of them, or \"all\")")
+        bad = sorted(set(raw) - CONFIG_KEYS - {"boards"})
+        if bad:
+            raise make_error(302, detail=f"{where}: unknown key {bad[0]!r} (ContainerConfig fields and boards)")
+        cfg = {k: v for k, v in raw.items() if k != "boards"}
+        for key in ("script_path", "image_path"):
+            if isinstance(cfg.get(key), str) and not os.path.isabs(cfg[key]):
+                cfg[key] = str((path.parent / cfg[key]).resolve())
+        for entry in cfg.get("copy") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("From"), str) and not os.path.isabs(entry["From"]):
+                entry["From"] = str((path.parent / entry["From"]).resolve())
+        entries.append((cfg, raw["boards"]))
+    if not entries:
+        raise make_error(201, detail=f"{path}: no [[inference]] tables")
+    return entries
+
+
+def cmd_deploy(c: AICluster, args: argparse.Namespace) -> int:
+    """Apply a deployment file: load what is new, replace what changed, leave the rest."""
+    every_board = [b.name for b in c.get_coprocessor_handler()]
+    for cfg, boards in load_deployment(Path(args.file)):
+        name = cfg.get("name")
+        if not isinstance(name, str) or not name:
+            raise make_error(201, detail=f"{args.file}: an [[inference]] has no name")
+        wanted = every_board if boards == "all" else ([boards] if isinstance(boards, str) else list(boards))
+        try:
+            before = {h.allocated_coprocessor for h in c.get_container_handler(name)}
+        except InfinibrainException as exc:
+            if exc.code != 300:
+                raise
+            before = set()
+        changed = False
+        try:
+            load_with_progress(c, cfg, wanted, args.quiet)
+        except InfinibrainException as exc:
+            if not before or not (exc.code == 203 or "registered with other settings" in exc.message):
+                raise
+            load_with_progress(c, {**cfg, "force_update": True}, wanted, args.quiet)
+            changed = True
+        removed = sorted(before - set(wanted))
+        for board in removed:
+            c.unload_inference(name, board, delete_image=False)
+        added = sorted(set(wanted) - before)
+        what = ("created" if not before else "updated" if changed
+                else "unchanged" if not added and not removed else "boards changed")
+        detail = "".join([f", added on {', '.join(added)}" if added and before else "",
+                          f", removed from {', '.join(removed)}" if removed else ""])
+        print(f"{name}: {what} on {', '.join(sorted(wanted))}{detail}")
+    return 0
+
+
+def load_with_progress(c: AICluster, cfg: dict, boards: list[str], quiet: bool) -> Any:
+    """load_inference_async, showing its progress events as a bar, waiting for its end."""
+    done = threading.Event()
+    outcome: dict = {}
+    bar = ProgressBar()
+
+    def callback(code: int, message: str, cmd: str, result: Any) -> None:
+        if cmd == "load_inference_progress":
+            if not quiet:
+                bar.update(result or {})
+            return
+        outcome.update(code=code, message=message, result=result)
+        done.set()
+
+    c.load_inference_async(cfg, boards, func=callback)
+    while not done.wait(0.5):
+        if c._client._closed:
+            raise make_error(111, detail="the connection was released")
+    bar.close()
+    if outcome["code"]:
+        raise error_from_code(outcome["code"], outcome["message"])
+    return outcome["result"]
+
+
+def handlers_of(c: AICluster, name: str) -> list:
+    found = c.get_container_handler(name)
+    if not found:
+        raise make_error(300, detail=f"inference {name!r} has no containers")
+    return found
+
+
+def cmd_undeploy(c: AICluster, args: argparse.Namespace) -> int:
+    c.unload_inference(args.name, args.board or "", delete_image=not args.keep_image)
+    print(f"{args.name}: removed{' from ' + args.board if args.board else ''}")
+    return 0
+
+
+def cmd_start_stop(c: AICluster, args: argparse.Namespace) -> int:
+    for h in handlers_of(c, args.name):
+        if args.board and h.allocated_coprocessor != args.board:
+            continue
+        status = h.start() if args.command == "start" else h.stop()
+        print(f"{h.suffix_name}: {status.status}, {status.connect_status}")
+    return 0
+
+
+def cmd_logs(c: AICluster, args: argparse.Namespace) -> int:
+    handlers = handlers_of(c, args.name)
+    seen: dict[str, list[str]] = {}
+    many = len(handlers) > 1
+    deadline = time.monotonic() + args.follow_seconds if args.follow_seconds else None
+    while True:
+        for h in handlers:
+            lines = c.get_container_logs(h.suffix_name, h.allocated_coprocessor, args.lines).splitlines()
+            for line in new_lines(seen.get(h.suffix_name, []), lines):
+                print(f"{h.suffix_name} | {line}" if many else line, flush=True)
+            seen[h.suffix_name] = lines
+        if not (args.follow or args.follow_seconds) or (deadline is not None and time.monotonic() >= deadline):
+            return 0
+        time.sleep(1.0)
+
+
+def new_lines(before: list[str], now: list[str]) -> list[str]:
+    """The lines of ``now`` (a tail of a log) that come after what ``before`` showed."""
+    if not before:
+        return now
+    for start in range(len(now), -1, -1):  # the longest overlap of before's end and now's start
+        if start <= len(before) and now[:start] == before[len(before) - start:]:
+            return now[start:]
+    return now
+
+
+def cmd_queue(c: AICluster, args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if words and words[0] == "delete":
+        name = words[1] if len(words) > 1 else ""
+        rest = c.delete_queue(name, args.request, args.pid, force_delete=args.force)
+        mine = "" if args.force else " (without --force only this command's own requests are deleted)"
+        print(f"deleted; {len(rest)} request(s) still waiting{mine if rest else ''}")
+        return 0
+    name = words[0] if words else ""
+    rows = [q.to_dict() for q in c.get_queue_info(name, args.request, args.pid)]
+    if args.json:
+        dump(rows)
+    elif rows:
+        table(rows, ["inference_name", "request_no", "pid", "mng_queue_in"])
+    else:
+        print("no requests waiting")
+    return 0
+
+
+def cmd_images(c: AICluster, args: argparse.Namespace) -> int:
+    boards = c.get_coprocessor_images()
+    rows = [{"board": b.name, **(i if isinstance(i, dict) else {"image": i})}
+            for b in boards if not args.board or b.name == args.board for i in b.images]
+    if args.board and args.board not in {b.name for b in boards}:
+        raise make_error(304, detail=f"board {args.board!r} (known: {', '.join(b.name for b in boards)})")
+    if args.json:
+        dump(rows)
+        return 0
+    columns = ["board"] + sorted({k for r in rows for k in r} - {"board"})
+    table(rows, columns) if rows else print("no images")
+    return 0
+
+
+def cmd_put(c: AICluster, args: argparse.Namespace) -> int:
+    c.put_file(args.name, {"file": os.path.abspath(args.file), "To": args.to})
+    print(f"{args.file} -> {args.name}:{args.to}")
+    return 0
+
+
+def read_input(path: Path) -> tuple[Any, bool]:
+    """(data, is it an image): a .npy array or a binary PPM/PGM is an image, else bytes."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False), True
+    raw = path.read_bytes()
+    if raw[:2] in (b"P5", b"P6"):
+        fields = raw.split(maxsplit=4)
+        if len(fields) == 5 and fields[3] in (b"255",):
+            width, height = int(fields[1]), int(fields[2])
+            channels = 3 if raw[:2] == b"P6" else 1
+            pixels = np.frombuffer(fields[4], np.uint8)[: width * height * channels]
+            return pixels.reshape((height, width, channels) if channels == 3 else (height, width)), True
+    return raw, False
+
+
+def cmd_infer(c: AICluster, args: argparse.Namespace) -> int:
+    try:
+        data, image = read_input(Path(args.file))
+    except (OSError, ValueError) as exc:
+        raise make_error(301, detail=f"cannot read {args.file}: {exc}") from None
+    started = time.perf_counter()
+    if image:
+        result = c.infer_image(args.name, data, args.param)
+    else:
+        result, _ = c.infer(args.name, data, args.param)
+    ms = (time.perf_counter() - started) * 1000
+    dump({"result": result, "input": list(data.shape) if image else len(data), "latency_ms": round(ms, 3)})
+    return 0
+
+
+# ---- the parser -------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infinibrain", description="see, deploy to and watch an infinibrain cluster")
+    p.add_argument("--host", help="the manager's address (default $INFINIBRAIN_MANAGER or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the manager's base port (default $INFINIBRAIN_MANAGER or 5570)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the manager")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", help="boards, containers, distribution, queues, CPU and memory")
+    s.add_argument("name", nargs="?", help="one inference only")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_status)
+
+    s = sub.add_parser("deploy", help="apply a TOML deployment file (only what differs changes)")
+    s.add_argument("file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=cmd_deploy)
+
+    s = sub.add_parser("undeploy", help="remove an inference (from every board, or one)")
+    s.add_argument("name")
+    s.add_argument("--board")
+    s.add_argument("--keep-image", action="store_true", help="leave the Docker image on the boards")
+    s.set_defaults(run=cmd_undeploy)
+
+    for name, what in (("start", "start an inference's containers"), ("stop", "stop an inference's containers (kept)")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("name")
+        s.add_argument("--board")
+        s.set_defaults(run=cmd_start_stop)
+
+    s = sub.add_parser("logs", help="what an inference's containers wrote")
+    s.add_argument("name")
+    s.add_argument("--lines", type=int, default=100)
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    s.add_argument("--follow-seconds", type=float, default=0.0, help=argparse.SUPPRESS)  # bounded follow, for tests
+    s.set_defaults(run=cmd_logs)
+
+    s = sub.add_parser("queue", help="waiting requests: queue [NAME], queue delete [NAME] [--request N] [--pid P] [--force]")
+    s.add_argument("words", nargs="*", metavar="[delete] [NAME]")
+    s.add_argument("--request", type=int, default=0)
+    s.add_argument("--pid", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="delete other processes' requests too")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_queue)
+
+    s = sub.add_parser("images", help="the images on the boards")
+    s.add_argument("board", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_images)
+
+    s = sub.add_parser("put", help="replace a file in an inference's running containers")
+    s.add_argument("file")
+    s.add_argument("name")
+    s.add_argument("--to", default=".", help="folder in the container (default: its working folder)")
+    s.set_defaults(run=cmd_put)
+
+    s = sub.add_parser("infer", help="one request: a .npy array or PPM/PGM image, or any file as bytes")
+    s.add_argument("name")
+    s.add_argument("file")
+    s.add_argument("--param", default="{}", help="additional information, a JSON object")
+    s.set_defaults(run=cmd_infer)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    run: Callable[[AICluster, argparse.Namespace], int] = args.run
+    try:
+        with AICluster(args.host, args.port, timeout=args.timeout) as cluster:
+            return run(cluster, args)
+    except InfinibrainException as exc:
+        hint = HINTS.get(exc.code)
+        print(f"infinibrain: [{exc.code}] {exc.message}" + (f"\n  what to do: {hint}" if hint else ""), file=sys.stderr)
+        return exit_status(exc.code)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
