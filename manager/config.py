@@ -62,6 +62,7 @@ class ManagerConfig:
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
     log_level: str = "INFO"
+    log_format: str = "text"  # "text" or "json" (one JSON object a line, for log collectors)
     # CurveZMQ on every socket (see docs/RELIABILITY.md). Key files are zmq.auth certificates.
     curve: bool = False
     curve_secret_key: str = ""  # the manager's secret certificate; "" = state_dir/keys/manager.key_secret
@@ -164,6 +165,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError(f"manager.log_format must be 'text' or 'json', got {cfg.log_format!r}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"manager.log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
     if cfg.curve:

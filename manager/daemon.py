@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import logging
 import signal
 import sys
 import threading
+from datetime import datetime, timezone
 
 import zmq
 
@@ -66,6 +68,21 @@ class Manager:
         log.info("manager stopped")
 
 
+class JSONFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, logger, message (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infinibrain-manager", description="infinibrain cluster manager daemon")
     parser.add_argument("--config", help="TOML configuration file (default: one local board on 127.0.0.1:5570)")
@@ -76,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"infinibrain-manager: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if config.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     # The Docker SDK's HTTP requests (a poll every half second) would drown our own lines.
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SCRIPTS, echo_config, wait_for
+from conftest import SCRIPTS, wait_for
 from infinibrain.errors import exit_status
 
 

@@ -68,3 +68,19 @@ def test_a_busy_port_is_a_clear_error(manager, tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and f"cannot bind 127.0.0.1:{manager.port}" in proc.stderr
     assert time.monotonic() - started < 20
+
+
+def test_json_log_lines(fresh_manager, name):
+    import json
+
+    from conftest import connected, echo_config
+
+    m = fresh_manager(log_format="json", log_level="INFO").start()
+    with connected(m) as c:
+        c.load_inference(echo_config(name), "local")
+        c.unload_inference(name)
+    m.stop()
+    entries = [json.loads(line) for line in m.log().splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["logger"] == "infinibrain.manager.runtimes.process" and e["message"].startswith(f"started {name}-local") for e in entries)
+    assert entries[-1]["message"] == "manager stopped"
