@@ -7,12 +7,16 @@ the board the work is for (``on_board``). Nothing is reported where no sink is s
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 INTERVAL = 0.25
+LOG_STEP = 0.10
+
+log = logging.getLogger(__name__)
 
 _local = threading.local()
 
@@ -52,15 +56,22 @@ def report(stage: str, done: int = 0, total: int = 0) -> None:
 
 
 class CountingReader:
-    """A file object that reports how much of it has been read (an image tar going to an engine)."""
+    """A file object that reports how much of it has been read (an image tar going to an
+    engine), to the sink and, every 10 %, to the manager's log."""
 
-    def __init__(self, fh, size: int, stage: str) -> None:
-        self.fh, self.size, self.stage, self.read_bytes = fh, size, stage, 0
+    def __init__(self, fh, size: int, stage: str, where: str = "") -> None:
+        self.fh, self.size, self.stage, self.where, self.read_bytes = fh, size, stage, where, 0
+        self.next_log = LOG_STEP
 
     def read(self, n: int = -1) -> bytes:
         chunk = self.fh.read(n)
         self.read_bytes += len(chunk)
         report(self.stage, self.read_bytes, self.size)
+        share = self.read_bytes / self.size if self.size else 1.0
+        if share >= self.next_log and share < 1.0:
+            log.info("%s%s %3.0f%% (%.0f of %.0f MB)", self.where, self.stage, 100 * share, self.read_bytes / 1e6, self.size / 1e6)
+            while self.next_log <= share:
+                self.next_log += LOG_STEP
         return chunk
 
     def __len__(self) -> int:

@@ -181,6 +181,7 @@ def test_deploy_shows_image_load_progress(docker_kit, cm, name, tmp_path):
     bars = [line for line in out.stderr.splitlines() if "loading runtime.tar" in line]
     assert bars and bars[-1].startswith("[" + "#" * 30 + "] 100%") and "local: loading runtime.tar" in bars[-1]
     assert any("local: ready" in line for line in out.stderr.splitlines())
+    assert "loading runtime.tar  50%" in cm.log() or "loading runtime.tar  5" in cm.log()  # 10 % steps in the manager log
     ok(cm, "undeploy", name)  # deletes the image too
 
     events: list[tuple] = []

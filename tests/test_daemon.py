@@ -84,3 +84,17 @@ def test_json_log_lines(fresh_manager, name):
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any(e["logger"] == "infinibrain.manager.runtimes.process" and e["message"].startswith(f"started {name}-local") for e in entries)
     assert entries[-1]["message"] == "manager stopped"
+
+
+def test_systemd_unit_runs_the_installed_manager():
+    import configparser
+
+    from conftest import ROOT
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read(ROOT / "systemd" / "infinibrain-manager.service")
+    program, *args = unit["Service"]["ExecStart"].split()
+    assert program.endswith("/bin/infinibrain-manager") and args[0] == "--config"
+    assert 'infinibrain-manager = "infinibrain.manager.daemon:main"' in (ROOT / "pyproject.toml").read_text()
+    assert unit["Service"]["KillSignal"] == "SIGTERM" and unit["Service"]["StateDirectoryMode"] == "0700"
