@@ -55,9 +55,9 @@ def with_retries(attempt: Callable[[], Any], retry: RetryPolicy, kind: str) -> A
             n += 1
 
 
-def future_of(client: "ClusterClient", call: Call) -> concurrent.futures.Future:
-    """``run_future`` of a management call."""
-    return run_future(lambda: client.command(call.cmd, call.args), call.convert, client.retry, _kind(call))
+def future_of(client: "ClusterClient", call: Call, on_progress: Callable[[str, dict], None] | None = None) -> concurrent.futures.Future:
+    """``run_future`` of a management call (``on_progress(cmd, info)``: its progress events)."""
+    return run_future(lambda: client.command(call.cmd, call.args, on_progress=on_progress), call.convert, client.retry, _kind(call))
 
 
 def run_future(send: Callable[[], "Pending"], convert: Callable[[Any], Any], retry: RetryPolicy, kind: str) -> concurrent.futures.Future:
@@ -95,10 +95,7 @@ def run_async(client: "ClusterClient", call: Call, func: Callable | None) -> str
     def done(code: int, message: str, result: Any, _response: Any) -> None:
         callback(code, message, call.name, call.convert(result) if code == 0 else None)
 
-    def progressed(info: dict) -> None:  # beyond the reference: a slow call's progress, cmd "<api>_progress"
-        callback(0, "", f"{call.name}_progress", info)
-
-    return client.command(call.cmd, call.args, on_done=done, on_progress=progressed).rid
+    return client.command(call.cmd, call.args, on_done=done).rid
 
 
 def attached_client(cluster: Any, what: str) -> "ClusterClient":

@@ -60,7 +60,8 @@ class Pending:
     deadline: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     on_done: Callable[[int, str, Any, Any], None] | None = None  # (code, message, result, response)
-    on_progress: Callable[[dict], None] | None = None  # progress events of a slow command
+    on_progress: Callable[[str, dict], None] | None = None  # (cmd, info): progress events of a slow command
+    cmd: str = ""
     acked: bool = False
     inference: str = ""
     tid: int = 0
@@ -83,6 +84,7 @@ class ClusterClient:
         self.connect_timeout = connect_timeout
         self.manage_callback: Callable | None = None  # (code, message, cmd, result)
         self.infer_callback: Callable | None = None  # (code, message, result, response)
+        self.progress_callback: Callable | None = None  # (cmd, info): progress of slow commands (not in the reference)
         self.connected = False
         self.retry: RetryPolicy = NO_RETRY  # AICluster(retry=...) sets it
         self.manager_id: str | None = None
@@ -200,7 +202,7 @@ class ClusterClient:
 
     def command(self, cmd: str, args: dict, on_done: Callable | None = None, on_progress: Callable | None = None) -> Pending:
         self.check_connected()
-        p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done, on_progress=on_progress)
+        p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done, on_progress=on_progress, cmd=cmd)
         self._pending[p.rid] = p
         try:
             self._send("mgmt", P.COMMAND, {"rid": p.rid, "cmd": cmd, "args": args})
@@ -356,8 +358,9 @@ class ClusterClient:
 
     def _on_progress(self, msg: P.Message) -> None:
         p = self._pending.get(str(msg.header.get("rid")))
-        if p is not None and p.on_progress is not None and isinstance(msg.header.get("info"), dict):
-            self.deliver(p.on_progress, msg.header["info"])
+        listener = (p.on_progress or self.progress_callback) if p is not None else None
+        if listener is not None and isinstance(msg.header.get("info"), dict):
+            self.deliver(listener, p.cmd, msg.header["info"])  # type: ignore[union-attr]
 
     def _on_event(self, msg: P.Message) -> None:
         h = msg.header

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import HINTS, InfinibrainException, error_from_code, exit_status, make_error
+from .errors import HINTS, InfinibrainException, exit_status, make_error
 from .inference import AICluster
 from .types import ContainerConfig
 
@@ -176,27 +176,14 @@ def cmd_deploy(c: AICluster, args: argparse.Namespace) -> int:
 
 
 def load_with_progress(c: AICluster, cfg: dict, boards: list[str], quiet: bool) -> Any:
-    """load_inference_async, showing its progress events as a bar, waiting for its end."""
-    done = threading.Event()
-    outcome: dict = {}
+    """load_inference, showing its progress events as a bar on stderr."""
     bar = ProgressBar()
-
-    def callback(code: int, message: str, cmd: str, result: Any) -> None:
-        if cmd == "load_inference_progress":
-            if not quiet:
-                bar.update(result or {})
-            return
-        outcome.update(code=code, message=message, result=result)
-        done.set()
-
-    c.load_inference_async(cfg, boards, func=callback)
-    while not done.wait(0.5):
-        if c._client._closed:
-            raise make_error(111, detail="the connection was released")
-    bar.close()
-    if outcome["code"]:
-        raise error_from_code(outcome["code"], outcome["message"])
-    return outcome["result"]
+    c.set_progress_callback(None if quiet else lambda cmd, info: bar.update(info))
+    try:
+        return c.load_inference(cfg, boards)
+    finally:
+        c.set_progress_callback(None)
+        bar.close()
 
 
 def handlers_of(c: AICluster, name: str) -> list:

@@ -87,6 +87,13 @@ class AICluster:
         self._client.infer_callback = infer_callback
         self._client.manage_callback = manage_callback
 
+    def set_progress_callback(self, progress_callback: Callable[[str, dict], None] | None) -> None:
+        """Not in the reference: ``progress_callback(cmd, info)`` receives the progress of
+        this AICluster's slow management calls (sync, ``_async`` or ``_future``), e.g. an
+        image being sent and loaded: ``info`` = {"stage", "done", "total", "board"}. The
+        reference's callbacks are still called once, with the outcome."""
+        self._client.progress_callback = progress_callback
+
     def release(self) -> None:
         """Release the communication resources; pending calls end with 111."""
         self._client.close()
@@ -394,9 +401,11 @@ class AICluster:
     # ---- futures: the management APIs as concurrent.futures.Future (not in the reference) ----------
     # Each is built from the same Call as its sync and _async twins.
 
-    def load_inference_future(self, container_config: Any, coprocessor_name: Any) -> Future:
-        """load_inference as a Future of its ContainerHandler(s)."""
-        return self._future(self._load(container_config, coprocessor_name))
+    def load_inference_future(self, container_config: Any, coprocessor_name: Any,
+                              on_progress: Callable[[str, dict], None] | None = None) -> Future:
+        """load_inference as a Future of its ContainerHandler(s); ``on_progress(cmd, info)``
+        gets this load's progress events."""
+        return _api.future_of(self._connected_client(), self._load(container_config, coprocessor_name), on_progress)
 
     def unload_inference_future(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True) -> Future:
         """unload_inference as a Future of the remaining ContainerHandlers."""

@@ -184,24 +184,26 @@ def test_deploy_shows_image_load_progress(docker_kit, cm, name, tmp_path):
     assert "loading runtime.tar  50%" in cm.log() or "loading runtime.tar  5" in cm.log()  # 10 % steps in the manager log
     ok(cm, "undeploy", name)  # deletes the image too
 
+    # In Python: the progress callback gets the events; the reference's callback only the outcome.
     events: list[tuple] = []
+    progress: list[dict] = []
     done = threading.Event()
     with cm.client() as c:
         def callback(code, message, cmd, result):
             events.append((code, cmd, result))
-            if cmd == "load_inference":
-                done.set()
+            done.set()
 
         from infinibrain import ContainerConfig
 
+        c.set_progress_callback(lambda cmd, info: progress.append({"cmd": cmd, **info}))
         c.load_inference_async(ContainerConfig(name=name, implementation_type="docker", input="Main", output="Main", image_tag=tag,
                                                image_path=str(tmp_path), image_filename="runtime.tar"), "local", func=callback)
         assert done.wait(120)
-        progress = [r for code, cmd, r in events if cmd == "load_inference_progress"]
-        assert events[-1][0] == 0 and events[-1][1] == "load_inference"
+        time.sleep(0.2)
+        assert len(events) == 1 and events[0][:2] == (0, "load_inference")
+        assert {p["cmd"] for p in progress} == {"load_inference"} and all(p["board"] == "local" for p in progress)
         loading = [p for p in progress if p["stage"] == "loading runtime.tar"]
         assert loading[-1]["done"] == loading[-1]["total"] == tar.stat().st_size
         assert [p["done"] for p in loading] == sorted(p["done"] for p in loading)
         assert [p["stage"] for p in progress if not p["stage"].startswith("loading")] == ["preparing", "starting", "ready"]
-        assert all(p["board"] == "local" for p in progress)
         c.unload_inference(name)

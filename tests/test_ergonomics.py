@@ -33,8 +33,10 @@ def test_context_manager_releases(manager):
 
 
 def test_futures_and_asyncio_on_the_same_core(cluster, name):
-    handler = cluster.load_inference_future(echo_config(name), "local").result(30)
+    stages: list[str] = []
+    handler = cluster.load_inference_future(echo_config(name), "local", on_progress=lambda cmd, info: stages.append(info["stage"])).result(30)
     assert handler.suffix_name == f"{name}-local"
+    wait_for(lambda: stages == ["preparing", "starting", "ready"])
     images = [np.full((8, 8, 3), i, np.uint8) for i in range(20)]
     futures = [cluster.infer_image_future(name, img) for img in images]
     assert [f.result(10)["sum"] for f in futures] == [int(img.sum()) for img in images]
@@ -114,7 +116,8 @@ def test_retry_policy_backoff_and_kinds():
 
 def test_wait_for_manager(tmp_path):
     m = ManagerProcess(tmp_path / "m")
-    threading.Timer(1.0, m.start).start()
+    starter = threading.Timer(1.0, m.start)
+    starter.start()
     try:
         started = time.monotonic()
         c = wait_for_manager(port=m.port, timeout=30)
@@ -122,7 +125,7 @@ def test_wait_for_manager(tmp_path):
         assert c.get_coprocessor_handler()
         c.release()
     finally:
-        wait_for(lambda: m.proc is not None, timeout=30)
+        starter.join(30)  # its start() returns once the manager answers
         m.stop()
         m.cleanup()
     started = time.monotonic()
