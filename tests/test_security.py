@@ -147,7 +147,7 @@ def test_curve_on_ssh_and_docker_boards(curve, ssh_boards, docker_kit, tmp_path,
             result = c.infer(name + "d", b"x")[0]
             assert result["board"] == "b2" and result["env"][security.ENV_PUBLIC_KEY]
             c.unload_inference(name + "p")
-            c.unload_inference(name + "d")
+            c.unload_inference(name + "d", delete_image=False)  # the runtime image is shared by other tests
     finally:
         m.stop()
         m.cleanup()
