@@ -89,7 +89,7 @@ class ClusterClient:
         self.retry: RetryPolicy = NO_RETRY  # AICluster(retry=...) sets it
         self.manager_id: str | None = None
         self.hb_interval = 0.5
-        self.max_message_size = 64 * 1024 * 1024  # the manager says its own in hello_ack
+        self.max_message_size = P.DEFAULT_MAX_MESSAGE_SIZE  # the manager says its own in hello_ack
         self._refused = ""  # why the manager refused our connection (CURVE), from the socket monitor
         self._acked_paths: set[str] = set()
         self._last_heard = 0.0

@@ -306,66 +306,57 @@ def cmd_infer(c: AICluster, args: argparse.Namespace) -> int:
 # ---- the parser -------------------------------------------------------------------------------
 
 
+def command(sub: Any, name: str, what: str, run: Callable, *positionals: str, json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand running ``run``, with its positionals ("name?" is optional) and ``--json``."""
+    s = sub.add_parser(name, help=what)
+    for positional in positionals:
+        if positional.endswith("?"):
+            s.add_argument(positional[:-1], nargs="?")
+        else:
+            s.add_argument(positional)
+    if json:
+        s.add_argument("--json", action="store_true")
+    s.set_defaults(run=run)
+    return s
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinibrain", description="see, deploy to and watch an infinibrain cluster")
     p.add_argument("--host", help="the manager's address (default $INFINIBRAIN_MANAGER or 127.0.0.1)")
     p.add_argument("--port", type=int, help="the manager's base port (default $INFINIBRAIN_MANAGER or 5570)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the manager")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command(sub, "status", "boards, containers, distribution, queues, CPU and memory", cmd_status, "name?", json=True)
 
-    s = sub.add_parser("status", help="boards, containers, distribution, queues, CPU and memory")
-    s.add_argument("name", nargs="?", help="one inference only")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=cmd_status)
-
-    s = sub.add_parser("deploy", help="apply a TOML deployment file (only what differs changes)")
-    s.add_argument("file")
+    s = command(sub, "deploy", "apply a TOML deployment file (only what differs changes)", cmd_deploy, "file")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(run=cmd_deploy)
 
-    s = sub.add_parser("undeploy", help="remove an inference (from every board, or one)")
-    s.add_argument("name")
+    s = command(sub, "undeploy", "remove an inference (from every board, or one)", cmd_undeploy, "name")
     s.add_argument("--board")
     s.add_argument("--keep-image", action="store_true", help="leave the Docker image on the boards")
-    s.set_defaults(run=cmd_undeploy)
 
     for name, what in (("start", "start an inference's containers"), ("stop", "stop an inference's containers (kept)")):
-        s = sub.add_parser(name, help=what)
-        s.add_argument("name")
-        s.add_argument("--board")
-        s.set_defaults(run=cmd_start_stop)
+        command(sub, name, what, cmd_start_stop, "name").add_argument("--board")
 
-    s = sub.add_parser("logs", help="what an inference's containers wrote")
-    s.add_argument("name")
+    s = command(sub, "logs", "what an inference's containers wrote", cmd_logs, "name")
     s.add_argument("--lines", type=int, default=100)
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C ends)")
     s.add_argument("--follow-seconds", type=float, default=0.0, help=argparse.SUPPRESS)  # bounded follow, for tests
-    s.set_defaults(run=cmd_logs)
 
-    s = sub.add_parser("queue", help="waiting requests: queue [NAME], queue delete [NAME] [--request N] [--pid P] [--force]")
+    s = command(sub, "queue", "waiting requests: queue [NAME], queue delete [NAME] [--request N] [--pid P] [--force]",
+                cmd_queue, json=True)
     s.add_argument("words", nargs="*", metavar="[delete] [NAME]")
     s.add_argument("--request", type=int, default=0)
     s.add_argument("--pid", type=int, default=0)
     s.add_argument("--force", action="store_true", help="delete other processes' requests too")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=cmd_queue)
 
-    s = sub.add_parser("images", help="the images on the boards")
-    s.add_argument("board", nargs="?")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=cmd_images)
+    command(sub, "images", "the images on the boards", cmd_images, "board?", json=True)
 
-    s = sub.add_parser("put", help="replace a file in an inference's running containers")
-    s.add_argument("file")
-    s.add_argument("name")
+    s = command(sub, "put", "replace a file in an inference's running containers", cmd_put, "file", "name")
     s.add_argument("--to", default=".", help="folder in the container (default: its working folder)")
-    s.set_defaults(run=cmd_put)
 
-    s = sub.add_parser("infer", help="one request: a .npy array or PPM/PGM image, or any file as bytes")
-    s.add_argument("name")
-    s.add_argument("file")
+    s = command(sub, "infer", "one request: a .npy array or PPM/PGM image, or any file as bytes", cmd_infer, "name", "file")
     s.add_argument("--param", default="{}", help="additional information, a JSON object")
-    s.set_defaults(run=cmd_infer)
     return p
 
 

@@ -65,8 +65,8 @@ class AICluster:
     def _run_async(self, call: Call, func: Callable | None) -> str:
         return _api.run_async(self._connected_client(), call, func)
 
-    def _future(self, call: Call) -> Future:
-        return _api.future_of(self._connected_client(), call)
+    def _future(self, call: Call, on_progress: Callable[[str, dict], None] | None = None) -> Future:
+        return _api.future_of(self._connected_client(), call, on_progress)
 
     # ---- beyond the reference: a context manager, futures ----------------------------------
 
@@ -405,7 +405,7 @@ class AICluster:
                               on_progress: Callable[[str, dict], None] | None = None) -> Future:
         """load_inference as a Future of its ContainerHandler(s); ``on_progress(cmd, info)``
         gets this load's progress events."""
-        return _api.future_of(self._connected_client(), self._load(container_config, coprocessor_name), on_progress)
+        return self._future(self._load(container_config, coprocessor_name), on_progress)
 
     def unload_inference_future(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True) -> Future:
         """unload_inference as a Future of the remaining ContainerHandlers."""

@@ -29,6 +29,11 @@ CONTAINER_OUT = 3  # manager XPUB -> containers' SUB: requests, pings
 CONTAINER_IN = 4  # containers' PUB -> manager SUB: hello, results
 PORT_COUNT = 5
 
+# Bytes of one frame a peer may send (the manager's max_message_size, ZMQ_MAXMSGSIZE) when
+# nothing else is said: the manager's default, and what a client or container assumes
+# until it is told.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
 # Message kinds (header "k").
 HELLO = "hello"  # client or container -> manager: prove the path works
 HELLO_ACK = "hello_ack"  # manager -> client

@@ -379,6 +379,7 @@ class Commands:
         for src in sources:
             if not isinstance(src, str) or not os.path.isfile(src) or not os.access(src, os.R_OK):
                 raise make_error(301, detail=f"cannot open {src!r} on the main board")
+        sizes = {src: os.path.getsize(src) for src in sources}
         target = info.get("To") or "."
         if not isinstance(target, str):
             raise make_error(101, "To")
@@ -394,7 +395,7 @@ class Commands:
         for c in self.router.call(containers):
             for src in sources:
                 where = c.runtime.put_file(c.spec, src, target)
-                self.router.metrics.sent_to_board(c.board, os.path.getsize(src))
+                self.router.metrics.sent_to_board(c.board, sizes[src])
                 log.info("put_file: %s -> %s:%s", src, c.id, where)
         return None
 

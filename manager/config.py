@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from infinibrain import protocol as P
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -58,7 +60,7 @@ class ManagerConfig:
     container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this
     engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
-    max_message_size: int = 64 * 1024 * 1024  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
+    max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
     log_level: str = "INFO"

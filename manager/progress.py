@@ -55,24 +55,38 @@ def report(stage: str, done: int = 0, total: int = 0) -> None:
     sink({"stage": stage, "done": done, "total": total, "board": getattr(_local, "board", "")})
 
 
-class CountingReader:
-    """A file object that reports how much of it has been read (an image tar going to an
-    engine), to the sink and, every 10 %, to the manager's log."""
+class Transfer:
+    """The bytes of one transfer or image load: reported to the sink (rate-limited) and
+    logged every 10 % with its rate, whatever moves them (SFTP, an engine reading a tar)."""
 
-    def __init__(self, fh, size: int, stage: str, where: str = "") -> None:
-        self.fh, self.size, self.stage, self.where, self.read_bytes = fh, size, stage, where, 0
+    def __init__(self, where: str, stage: str, size: int) -> None:
+        self.where, self.stage, self.size = where, stage, size
         self.next_log = LOG_STEP
+        self.started = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        report(self.stage, done, self.size)
+        share = done / self.size if self.size else 1.0
+        if share >= self.next_log and share < 1.0:
+            rate = done / 1e6 / max(time.monotonic() - self.started, 1e-6)
+            log.info("%s: %s %3.0f%% (%.0f of %.0f MB, %.0f MB/s)", self.where, self.stage, 100 * share,
+                     done / 1e6, self.size / 1e6, rate)
+            while self.next_log <= share:
+                self.next_log += LOG_STEP
+
+
+class CountingReader:
+    """A file object that counts what is read from it into a Transfer (an image tar that
+    an engine reads)."""
+
+    def __init__(self, fh, transfer: Transfer) -> None:
+        self.fh, self.transfer, self.read_bytes = fh, transfer, 0
 
     def read(self, n: int = -1) -> bytes:
         chunk = self.fh.read(n)
         self.read_bytes += len(chunk)
-        report(self.stage, self.read_bytes, self.size)
-        share = self.read_bytes / self.size if self.size else 1.0
-        if share >= self.next_log and share < 1.0:
-            log.info("%s%s %3.0f%% (%.0f of %.0f MB)", self.where, self.stage, 100 * share, self.read_bytes / 1e6, self.size / 1e6)
-            while self.next_log <= share:
-                self.next_log += LOG_STEP
+        self.transfer(self.read_bytes)
         return chunk
 
     def __len__(self) -> int:
-        return self.size
+        return self.transfer.size

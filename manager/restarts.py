@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import random
-import shlex
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from infinibrain.errors import InfinibrainException, make_error
+
+from .runtimes.run_options import option_value
 
 if TYPE_CHECKING:
     from .state import Container
@@ -38,21 +39,7 @@ class Policy:
 
 def policy_of(cfg: dict) -> Policy | None:
     """The restart policy in ``cfg``'s run_option (None: no restarts); 302 for a bad one."""
-    text = cfg.get("run_option") or ""
-    if "--restart" not in text:
-        return None
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise make_error(302, detail=f"run_option cannot be parsed: {exc}") from None
-    value = None
-    for i, word in enumerate(words):
-        if word == "--restart":
-            if i + 1 >= len(words):
-                raise make_error(302, detail="run_option: --restart needs a value")
-            value = words[i + 1]
-        elif word.startswith("--restart="):
-            value = word.split("=", 1)[1]
+    value = option_value(cfg.get("run_option"), "--restart")
     if value is None or value == "no":
         return None
     kind, _, count = value.partition(":")

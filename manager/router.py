@@ -134,15 +134,17 @@ class Router:
         }
 
     def stats(self) -> dict:
-        """What the manager has dropped and holds, for operators and the fault tests."""
+        """What the manager has dropped and holds (the ``stats`` command): the metrics'
+        figures, the non-zero ones only, plus its memory."""
+        live = self.live_figures()
         return {
             "instance": self.instance,
             "dropped_frames": self.dropped_frames,
-            "dropped_by_port": dict(self.dropped_by_port),
-            "refused_keys": self.guard.denied(),
-            "clients": len(self.clients),
-            "queued": {n: len(q) for n, q in self.queues.items() if q},
-            "in_flight": {c.id: len(c.in_flight) for c in self.containers.values() if c.in_flight},
+            "dropped_by_port": live["dropped_by_port"],
+            "refused_keys": live["refused_keys"],
+            "clients": live["clients"],
+            "queued": {n: depth for n, depth in live["queues"].items() if depth},
+            "in_flight": {c["id"]: c["in_flight"] for c in live["containers"] if c["in_flight"]},
             "max_message_size": self.config.max_message_size,
             "rss_bytes": _rss_bytes(),
         }

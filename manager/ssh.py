@@ -18,7 +18,6 @@ import shlex
 import socket
 import threading
 import time
-from typing import Callable
 
 import paramiko
 
@@ -30,7 +29,6 @@ from .config import BoardConfig, ConfigError
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5  # a dead board is noticed within a few of these even when idle
-PROGRESS_STEP = 0.10  # log a transfer's progress every 10 %
 # Larger SSH windows and packets than paramiko's defaults: image tars are hundreds of MB.
 WINDOW_SIZE = 16 * 1024 * 1024
 MAX_PACKET = 256 * 1024
@@ -225,13 +223,13 @@ class SSHLink:
         except LINK_ERRORS as exc:
             raise self.failed("opening SFTP", exc) from None
 
-    def upload(self, local: str, remote: str, what: str = "", progress: Callable[[int, int], None] | None = None) -> dict:
+    def upload(self, local: str, remote: str, what: str = "") -> dict:
         """Copy ``local`` to ``remote`` on the board through ``remote.part``, renamed only
         when complete, so nothing ever reads half a file. Progress is logged every 10 %;
         returns {"bytes", "seconds"}."""
         size = os.path.getsize(local)
         started = time.monotonic()
-        report = _Progress(self.where, what or os.path.basename(local), size, progress)
+        report = progress.Transfer(self.where, f"sending {what or os.path.basename(local)}", size)
         part = f"{remote}.part"
         sftp = self.sftp()
         try:
@@ -256,26 +254,6 @@ class SSHLink:
         seconds = time.monotonic() - started
         log.info("%s: sent %s (%.0f MB in %.2f s, %.0f MB/s)", self.where, what or local, size / 1e6, seconds, size / 1e6 / max(seconds, 1e-6))
         return {"bytes": size, "seconds": round(seconds, 3)}
-
-
-class _Progress:
-    """Logs a transfer every PROGRESS_STEP of its size and passes bytes on to a callback."""
-
-    def __init__(self, where: str, what: str, size: int, callback: Callable[[int, int], None] | None) -> None:
-        self.where, self.what, self.size, self.callback = where, what, size, callback
-        self.next = PROGRESS_STEP
-        self.started = time.monotonic()
-
-    def __call__(self, sent: int) -> None:
-        if self.callback is not None:
-            self.callback(sent, self.size)
-        progress.report(f"sending {self.what}", sent, self.size)
-        done = sent / self.size if self.size else 1.0
-        if done >= self.next and done < 1.0:
-            rate = sent / 1e6 / max(time.monotonic() - self.started, 1e-6)
-            log.info("%s: sending %s %3.0f%% (%.0f of %.0f MB, %.0f MB/s)", self.where, self.what, 100 * done, sent / 1e6, self.size / 1e6, rate)
-            while self.next <= done:
-                self.next += PROGRESS_STEP
 
 
 def makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:

@@ -171,7 +171,7 @@ class Connector:
 
 def _max_size(value: str | None) -> int:
     try:
-        return int(value) if value else 64 * 1024 * 1024
+        return int(value) if value else P.DEFAULT_MAX_MESSAGE_SIZE
     except ValueError:
         raise argument_error("INFINIBRAIN_MAX_MESSAGE_SIZE", f"must be a number of bytes, got {value!r}") from None
 

@@ -202,7 +202,8 @@ class Engine:
         """Load a ``docker save`` tar into the engine: {"loaded": [what it loaded]}."""
         loaded: list[str] = []
         with open(tar_path, "rb") as fh:
-            reader = progress.CountingReader(fh, os.path.getsize(tar_path), f"loading {os.path.basename(tar_path)}", f"{self.url}: ")
+            transfer = progress.Transfer(self.url, f"loading {os.path.basename(tar_path)}", os.path.getsize(tar_path))
+            reader = progress.CountingReader(fh, transfer)
             try:
                 for chunk in self.client.api.load_image(reader, quiet=True):
                     if chunk.get("error") or chunk.get("errorDetail"):

@@ -95,10 +95,7 @@ ALIASES = {
 def parse_run_option(text: str | None) -> dict[str, Any]:
     """``run_option`` as keyword arguments of ``containers.create``; 302 names a bad option."""
     kwargs: dict[str, Any] = {}
-    try:
-        words = shlex.split(text or "")
-    except ValueError as exc:
-        raise make_error(302, detail=f"run_option cannot be parsed: {exc}") from None
+    words = _words(text)
     i = 0
     while i < len(words):
         word = words[i]
@@ -121,6 +118,32 @@ def parse_run_option(text: str | None) -> dict[str, Any]:
             raise make_error(302, detail=f"run_option: {name}: {exc}") from None
         i += 1
     return kwargs
+
+
+def option_value(text: str | None, option: str) -> str | None:
+    """The value ``text`` gives the value-taking ``option`` (the last one if repeated;
+    None if absent), read by the same rules as ``parse_run_option``; 302 if it has none."""
+    if option not in (text or ""):
+        return None
+    words = _words(text)
+    value = None
+    for i, word in enumerate(words):
+        name, inline = _split(word)
+        if name != option:
+            continue
+        if inline is None:
+            if i + 1 >= len(words):
+                raise make_error(302, detail=f"run_option: {option} needs a value")
+            inline = words[i + 1]
+        value = inline
+    return value
+
+
+def _words(text: str | None) -> list[str]:
+    try:
+        return shlex.split(text or "")
+    except ValueError as exc:
+        raise make_error(302, detail=f"run_option cannot be parsed: {exc}") from None
 
 
 def _split(word: str) -> tuple[str, str | None]:
