@@ -90,7 +90,7 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
     rows = c._client.command("get_container_status", {"inference_name": args.name or ""}).wait()
     containers = [
         {"inference": r["name"], "container": r["suffix_name"], "board": r["allocated_coprocessor"],
-         "type": r["implementation_type"], "status": r["status"], "connect": r["connect_status"],
+         "type": r["implementation_type"], "state": r.get("state"), "status": r["status"], "connect": r["connect_status"],
          "distribution": r.get("distribution"), "operate": r["operate"], "queued": r["queue_num"],
          "in_flight": r["send_data_num"], "cpu": r["cpu_proc"], "memory": r["mem_usage"]}
         for r in rows
@@ -101,7 +101,7 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
     table(boards, ["board", "address"])
     print()
     if containers:
-        table(containers, ["inference", "container", "board", "type", "status", "connect", "distribution",
+        table(containers, ["inference", "container", "board", "type", "state", "status", "connect", "distribution",
                            "operate", "queued", "in_flight", "cpu", "memory"])
     else:
         print("no inferences deployed")
@@ -205,6 +205,19 @@ def cmd_start_stop(c: AICluster, args: argparse.Namespace) -> int:
             continue
         status = h.start() if args.command == "start" else h.stop()
         print(f"{h.suffix_name}: {status.status}, {status.connect_status}")
+    return 0
+
+
+def cmd_restart(c: AICluster, args: argparse.Namespace) -> int:
+    """New containers, one board after another while the others serve (or in place)."""
+    bar = ProgressBar()
+    c.set_progress_callback(None if args.quiet else lambda cmd, info: bar.update(info))
+    try:
+        handlers = c.restart_inference(args.name, args.board or "", rolling=not args.in_place)
+    finally:
+        c.set_progress_callback(None)
+        bar.close()
+    print(f"{args.name}: restarted on {', '.join(sorted(h.allocated_coprocessor for h in handlers))}")
     return 0
 
 
@@ -337,6 +350,11 @@ def parser() -> argparse.ArgumentParser:
 
     for name, what in (("start", "start an inference's containers"), ("stop", "stop an inference's containers (kept)")):
         command(sub, name, what, cmd_start_stop, "name").add_argument("--board")
+
+    s = command(sub, "restart", "restart an inference's containers, rolling (e.g. after put)", cmd_restart, "name")
+    s.add_argument("--board", help="only this board's container (stopped and started in place)")
+    s.add_argument("--in-place", action="store_true", help="stop and start every container at once instead of rolling")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = command(sub, "logs", "what an inference's containers wrote", cmd_logs, "name")
     s.add_argument("--lines", type=int, default=100)

@@ -225,6 +225,14 @@ def format_message(code: int, *fields: Any, detail: str = "") -> str:
     return f"{text}: {detail}" if detail else text
 
 
+def detail_of(code: int, message: str) -> str:
+    """What follows the reference's text in ``message`` (all of it if the text is not there)."""
+    text = MESSAGES.get(code, "")
+    if text and "{}" not in text and message.startswith(text + ": "):
+        return message[len(text) + 2:]
+    return message
+
+
 def make_error(code: int, *fields: Any, detail: str = "") -> InfinibrainException:
     """Build the exception for ``code`` with the reference's message."""
     return error_from_code(code, format_message(code, *fields, detail=detail))
@@ -246,6 +254,7 @@ __all__ = [name for name in dir() if name.endswith("Exception")] + [
     "HINTS",
     "MESSAGES",
     "argument_error",
+    "detail_of",
     "error_from_code",
     "exit_status",
     "format_message",

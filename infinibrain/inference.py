@@ -392,6 +392,31 @@ class AICluster:
 
     # ---- beyond the reference -------------------------------------------------------------------------------
 
+    def _restart(self, inference_name: str, coprocessor_name: str, rolling: bool) -> Call:
+        args = {"inference_name": _api.require_str(inference_name, "inference_name"),
+                "board": _api.require_str(coprocessor_name, "coprocessor_name", allow_empty=True), "rolling": bool(rolling)}
+        return Call("restart_inference", "restart_inference", args, self._handlers)
+
+    def restart_inference(self, inference_name: str, coprocessor_name: str = "", rolling: bool = True) -> list[ContainerHandler]:
+        """Not in the reference: restart the inference's containers, e.g. after put_file.
+
+        ``rolling`` (the default): a new container on every board, started beside the old
+        one, which serves until the new one is ready (so nothing is refused meanwhile);
+        if a new one fails, the old ones keep serving and the error says so. One board
+        (``coprocessor_name``) or ``rolling=False``: the containers are stopped and started
+        again in place, every board at once. Returns the containers restarted.
+        """
+        return self._run(self._restart(inference_name, coprocessor_name, rolling))
+
+    def restart_inference_async(self, inference_name: str, coprocessor_name: str = "", rolling: bool = True,
+                                func: Callable | None = None) -> str:
+        """restart_inference; the containers go to ``func`` or the manage callback."""
+        return self._run_async(self._restart(inference_name, coprocessor_name, rolling), func)
+
+    def restart_inference_future(self, inference_name: str, coprocessor_name: str = "", rolling: bool = True) -> Future:
+        """restart_inference as a Future of the restarted ContainerHandlers."""
+        return self._future(self._restart(inference_name, coprocessor_name, rolling))
+
     def get_container_logs(self, suffix_name: str, coprocessor_name: str, lines: int = 100) -> str:
         """The last ``lines`` lines a container wrote (not in the reference)."""
         args = {"suffix_name": suffix_name, "board": coprocessor_name, "lines": _api.require_int(lines, "lines")}

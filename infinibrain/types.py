@@ -63,6 +63,13 @@ class ContainerConfig(_Wire):
 
     ``inference_modules`` may also be a list of InferenceModulesConfig: one container then
     serves several modules, chosen per request by ``param["sub_inference_name"]``.
+
+    Beyond the reference, after its sixteen attributes (code written to it never sets them):
+    ``warmup``, a sample input on the main board (a ``.npy`` file is sent as an image,
+    anything else as bytes), or ``{"file": ..., "param": {...}, "sub_inference_name": ...}``:
+    each new container must answer it before it receives requests; ``ready_timeout``
+    (ms; None = the manager's ``container_start_timeout_ms``): a container not ready by
+    then has failed its deployment.
     """
 
     name: str | None = None
@@ -81,6 +88,8 @@ class ContainerConfig(_Wire):
     run_command: str | None = None
     run_option: str | None = None
     copy: FileSpec | None = None
+    warmup: str | dict | None = None
+    ready_timeout: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ContainerConfig":

@@ -10,11 +10,17 @@ import logging
 import posixpath
 from pathlib import Path
 
+import os
+import sys
+
+from infinibrain import protocol as P
+
 from .config import BoardConfig, ManagerConfig
 from .runtimes.docker_runtime import DockerRuntime
 from .runtimes.engine import Engine, engine_url
 from .runtimes.external import ExternalRuntime
 from .runtimes.hosts import LocalHost, SSHHost
+from .runtimes.base import Runtime
 from .runtimes.process import LoopRuntime, ProcessRuntime
 from .runtimes.ssh_engine import SSHEngine
 from .ssh import SSHLink
@@ -31,7 +37,7 @@ class Board:
         self.containers_dir, self.logs_dir = board_dirs(config, manager)
         stop_timeout = manager.container_stop_timeout_ms / 1000
         self.host = SSHHost(link, config.python) if link is not None else LocalHost()
-        self.runtimes = {
+        self.runtimes: dict[str, Runtime] = {
             "process": ProcessRuntime(stop_timeout, self.host),
             "Loop": LoopRuntime(stop_timeout, self.host),
             "other": ExternalRuntime(stop_timeout, self.host),
@@ -43,13 +49,29 @@ class Board:
     def ip(self) -> str:
         return self.config.address
 
-    def runtime(self, implementation_type: str):
+    def runtime(self, implementation_type: str) -> Runtime:
         """The runtime for ``implementation_type`` (validated: every board offers every type)."""
         return self.runtimes[implementation_type]
 
-    def paths(self, container_id: str) -> tuple[Path, Path]:
-        """(working directory, log file) of a container on this board."""
-        return self.containers_dir / container_id, self.logs_dir / f"{container_id}.log"
+    def paths(self, instance_id: str, suffix: str) -> tuple[Path, Path]:
+        """(working directory, log file) of an instance on this board: each instance has its
+        own folder; the instances of one placement share its log, so it reads on across restarts."""
+        return self.containers_dir / instance_id, self.logs_dir / f"{suffix}.log"
+
+    def environment(self, manager: ManagerConfig) -> dict[str, str]:
+        """The environment every container of this board gets: where the manager is, and
+        (for processes) the manager's Python first on PATH."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFINIBRAIN_")}
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "/usr/bin:/bin")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(
+            INFINIBRAIN_HOST=self.config.manager_address,
+            INFINIBRAIN_PUB_PORT=str(manager.port + P.CONTAINER_IN),
+            INFINIBRAIN_SUB_PORT=str(manager.port + P.CONTAINER_OUT),
+            INFINIBRAIN_MAX_MESSAGE_SIZE=str(manager.max_message_size),
+            INFINIBRAIN_HEARTBEAT_MS=str(manager.container_heartbeat_ms),
+        )
+        return env
 
     def close(self) -> None:
         self.host.close()
@@ -60,7 +82,7 @@ class Board:
 def board_dirs(config: BoardConfig, manager: ManagerConfig) -> tuple[Path, Path]:
     """(containers' working directories, their logs) on a board. Here: ``work_dir`` (else
     ``<state_dir>/containers``) and ``<state_dir>/logs``; on an ssh board, under ``work_dir``
-    (else ``.infinibrain/<manager port>`` in the SSH user's home)."""
+    (else ``.infinibrain/<manager port>/<board name>`` in the SSH user's home)."""
     if config.transport == "ssh":
         root = ssh_root(config, manager)
         return root / "containers", root / "logs"
@@ -69,8 +91,10 @@ def board_dirs(config: BoardConfig, manager: ManagerConfig) -> tuple[Path, Path]
 
 
 def ssh_root(config: BoardConfig, manager: ManagerConfig) -> Path:
-    """What the manager keeps on an ssh board (containers, logs, images being loaded)."""
-    return Path(config.work_dir or posixpath.join(".infinibrain", str(manager.port)))
+    """What the manager keeps on an ssh board (containers, logs, images being loaded). The
+    default has the board's name in it: two boards reached as one user on one host (or
+    sharing an NFS home) must never share a folder."""
+    return Path(config.work_dir or posixpath.join(".infinibrain", str(manager.port), config.name))
 
 
 def make_boards(config: ManagerConfig) -> dict[str, Board]:

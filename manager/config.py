@@ -44,6 +44,7 @@ class BoardConfig:
     work_dir: str = ""  # where containers' working directories live; "" = under state_dir (local)
     # or ~/.infinibrain/<manager port> on an ssh board
     docker_host: str = ""  # the board's Docker engine; "" = $DOCKER_HOST or the local socket (local boards)
+    surge: bool = True  # an update may run the new container beside the old one (false: one board at a time)
 
 
 @dataclass
@@ -56,7 +57,10 @@ class ManagerConfig:
     default_send_timeout_ms: int = 10_000  # ContainerConfig.send_timeout=None
     default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None
     default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
-    container_start_timeout_ms: int = 30_000  # how long a load waits for its container to connect
+    container_start_timeout_ms: int = 30_000  # a started container is ready (connected, warmed up) by then, or failed
+    container_heartbeat_ms: int = 1_000  # an idle Connector says it is alive this often
+    liveness_timeout_ms: int = 10_000  # idle and silent this long: unhealthy; unhealthy this long: restarted (policy)
+    restart_stable_after_ms: int = 10_000  # running this long after a restart resets the restart backoff
     container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this
     engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
@@ -160,6 +164,9 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         "default_wait_queue_timeout_ms",
         "default_max_send_num",
         "container_start_timeout_ms",
+        "container_heartbeat_ms",
+        "liveness_timeout_ms",
+        "restart_stable_after_ms",
         "container_stop_timeout_ms",
         "engine_timeout_ms",
         "client_timeout_ms",

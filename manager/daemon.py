@@ -1,9 +1,9 @@
 """``infinibrain-manager``: the cluster manager daemon, in the foreground.
 
-It stops cleanly on SIGINT or SIGTERM: the loop ends, the containers it runs as processes
-are stopped (the registry keeps wanting them, so the next start brings them back), and the
-sockets close. Killed with SIGKILL, it leaves its containers running; the next start
-adopts them.
+It stops cleanly on SIGINT or SIGTERM: the loop ends, the containers it started (process
+and Docker alike; not ``other``) are stopped, and the sockets close. The registry keeps
+wanting them, so the next start brings them back. Killed with SIGKILL, it leaves its
+containers running; the next start adopts them.
 """
 from __future__ import annotations
 
@@ -21,32 +21,37 @@ import zmq
 from . import __version__
 from .auth import Guard
 from .boards import close_boards, make_boards
+from .changes import Changes
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, load_config
-from .deployer import Deployer
 from .metrics import Metrics
+from .operations import Operations
+from .reconciler import Reconciler
 from .registry import Registry
-from .restarts import Restarts
 from .router import Router
+from .state import RUNNING_STATES
+from .views import Views
 
 log = logging.getLogger("infinibrain.manager")
 
 
 class Manager:
-    """The daemon's parts wired together: router, deployer, commands, boards."""
+    """The daemon's parts wired together: the router (data plane), the reconciler and its
+    workers (control plane), the command table, the registry, the boards."""
 
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         self.boards = make_boards(config)
         self.registry = Registry(config.state_dir)
         self.router = Router(config, guard=Guard(config, zmq.Context.instance()))
-        self.deployer = Deployer(self.router, self.boards, self.registry, config)
-        self.commands = Commands(self.router, self.deployer, self.boards)
-        self.router.commands = self.commands
-        self.restarts = Restarts(self.router, self.deployer, self.commands)
+        self.operations = Operations()
+        self.reconciler = Reconciler(self.router, self.registry, self.boards, config, self.operations)
+        views = Views(self.router, self.reconciler, self.boards, config, self.operations)
+        changes = Changes(self.reconciler, self.registry, self.router)
+        self.router.commands = Commands(self.router, self.reconciler, changes, views, self.boards, self.operations)
         if config.metrics_port != -1:
             self.router.metrics = Metrics(self.router, config.metrics_host, config.metrics_port)
-        self.deployer.restore(self.commands.pool)
+        self.reconciler.restore()
 
     def run(self) -> None:
         try:
@@ -55,17 +60,26 @@ class Manager:
             self.shutdown()
 
     def shutdown(self) -> None:
-        stoppers = [c for c in self.router.containers.values() if c.running and c.runtime.kind != "other"]
-        for c in stoppers:
-            c.stopping = True
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda c: c.runtime.stop(c.spec), stoppers))
-        self.commands.close()
-        self.deployer.close()
+        stoppers = [c for c in self.router.containers.values()
+                    if c.running and c.state in RUNNING_STATES and c.runtime.kind != "other"]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+            for c, outcome in zip(stoppers, pool.map(_stop_quietly, stoppers)):
+                if outcome:
+                    log.warning("could not stop %s: %s", c.id, outcome)
+        self.operations.close()
+        self.registry.close()
         self.router.metrics.close()
         self.router.close()
         close_boards(self.boards)
         log.info("manager stopped")
+
+
+def _stop_quietly(c) -> str:
+    try:
+        c.runtime.stop(c.spec)
+        return ""
+    except Exception as exc:  # one board that cannot be reached must not keep the others running
+        return str(exc)
 
 
 class JSONFormatter(logging.Formatter):

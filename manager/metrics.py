@@ -13,12 +13,15 @@ state the router thread is changing.
 | infinibrain_queue_depth | gauge | inference |
 | infinibrain_in_flight | gauge | inference, container, board |
 | infinibrain_container_up | gauge | inference, container, board |
-| infinibrain_deployment_seconds | histogram | inference, board |
+| infinibrain_container_state | gauge | inference, container, board, state (1 for its current state) |
+| infinibrain_deployment_seconds | histogram | inference, board (containers that became ready) |
+| infinibrain_deployments_total | counter | inference, board, outcome (ready, failed) |
 | infinibrain_board_bytes_sent_total | counter | board (images and files sent to boards) |
 | infinibrain_container_bytes_total | gauge | container, direction (request payload bytes moved) |
 | infinibrain_dropped_frames_total | counter | port |
 | infinibrain_refused_keys_total | counter | domain (CURVE) |
 | infinibrain_clients | gauge | – |
+| infinibrain_loop_errors_total | counter | where (the router went on after an exception there) |
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ class NullMetrics:
     def ended(self, req: "Request", code: int) -> None:
         pass
 
-    def deployed(self, inference: str, board: str, seconds: float) -> None:
+    def deployed(self, inference: str, board: str, seconds: float, outcome: str) -> None:
         pass
 
     def sent_to_board(self, board: str, nbytes: int) -> None:
@@ -72,8 +75,10 @@ class Metrics(NullMetrics):
                                     ["inference"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.total = Histogram("infinibrain_request_seconds", "Time from a request's acceptance to its answer or error",
                                ["inference"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.deployments = Histogram("infinibrain_deployment_seconds", "Time to deploy and start a container",
+        self.deployments = Histogram("infinibrain_deployment_seconds", "Time to deploy a container until it is ready",
                                      ["inference", "board"], buckets=DEPLOY_BUCKETS, registry=self.registry)
+        self.outcomes = Counter("infinibrain_deployments", "Containers deployed (or restarted), by outcome: ready or failed",
+                                ["inference", "board", "outcome"], registry=self.registry)
         self.board_bytes = Counter("infinibrain_board_bytes_sent", "Image and file bytes sent to boards",
                                    ["board"], registry=self.registry)
         self.registry.register(_Live(router))
@@ -90,8 +95,10 @@ class Metrics(NullMetrics):
         self.requests.labels(req.inference, str(code)).inc()
         self.total.labels(req.inference).observe(time.monotonic() - req.accepted)
 
-    def deployed(self, inference: str, board: str, seconds: float) -> None:
-        self.deployments.labels(inference, board).observe(seconds)
+    def deployed(self, inference: str, board: str, seconds: float, outcome: str) -> None:
+        self.outcomes.labels(inference, board, outcome).inc()
+        if outcome == "ready":
+            self.deployments.labels(inference, board).observe(seconds)
 
     def sent_to_board(self, board: str, nbytes: int) -> None:
         self.board_bytes.labels(board).inc(nbytes)
@@ -121,12 +128,15 @@ class _Live(Collector):
         up = GaugeMetricFamily("infinibrain_container_up", "1 if the container is connected", labels=["inference", "container", "board"])
         moved = GaugeMetricFamily("infinibrain_container_bytes", "Request and result payload bytes moved to and from a container",
                                   labels=["container", "direction"])
-        for c in snap["containers"]:
-            key = [c["inference"], c["id"], c["board"]]
+        state = GaugeMetricFamily("infinibrain_container_state", "1 for the state each container is in",
+                                  labels=["inference", "container", "board", "state"])
+        for c in per_container(snap["containers"]):
+            key = [c["inference"], c["suffix"], c["board"]]
             flying.add_metric(key, c["in_flight"])
             up.add_metric(key, 1 if c["connected"] else 0)
-            moved.add_metric([c["id"], "to"], c["tx_bytes"])
-            moved.add_metric([c["id"], "from"], c["rx_bytes"])
+            state.add_metric([*key, c["state"]], 1)
+            moved.add_metric([c["suffix"], "to"], c["tx_bytes"])
+            moved.add_metric([c["suffix"], "from"], c["rx_bytes"])
         dropped = CounterMetricFamily("infinibrain_dropped_frames", "Malformed messages dropped, by manager port", labels=["port"])
         for port, n in snap["dropped_by_port"].items():
             dropped.add_metric([port], n)
@@ -135,4 +145,22 @@ class _Live(Collector):
             refused.add_metric([domain], n)
         clients = GaugeMetricFamily("infinibrain_clients", "Clients the manager hears from")
         clients.add_metric([], snap["clients"])
-        yield from (depth, flying, up, moved, dropped, refused, clients)
+        errors = CounterMetricFamily("infinibrain_loop_errors", "Exceptions the router logged and went on after, by where",
+                                     labels=["where"])
+        for where, n in snap["loop_errors"].items():
+            errors.add_metric([where], n)
+        yield from (depth, flying, up, state, moved, dropped, refused, clients, errors)
+
+
+def per_container(instances: list[dict]) -> list[dict]:
+    """One row per container (placement): a rolling update runs two instances of one for a
+    while; their figures add up, and the state shown is the newest instance's."""
+    rows: dict[str, dict] = {}
+    for c in sorted(instances, key=lambda c: c["revision"]):
+        row = rows.get(c["suffix"])
+        if row is None:
+            rows[c["suffix"]] = dict(c)
+            continue
+        row.update(in_flight=row["in_flight"] + c["in_flight"], connected=row["connected"] or c["connected"],
+                   tx_bytes=row["tx_bytes"] + c["tx_bytes"], rx_bytes=row["rx_bytes"] + c["rx_bytes"], state=c["state"])
+    return list(rows.values())

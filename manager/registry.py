@@ -1,20 +1,40 @@
-"""The registry: every loaded inference, kept as one inference config file (JSON) each.
+"""The registry: the manager's desired state, and the only state that survives a restart.
 
-This is the manager's desired state and the only state that survives a restart. A file is
-written atomically (temporary file, fsync, rename, fsync of the folder), so a crash leaves
-either the old or the new version, never half of one.
+One inference config file (JSON) per inference says what should run: its settings and
+their revision, the boards it is placed on, and for each board whether it should run and
+receive requests. It also records the instances that run there (ids, pids), so that a
+manager started again adopts them instead of starting duplicates. While a change rolls
+out, ``stable`` keeps the settings that were last all ready, to go back to if the change
+fails (even after a manager restart).
 
-File ``<state_dir>/inferences/<name>.json``::
+Files are written atomically (temporary file, fsync, rename, fsync of the folder) by one
+writer thread, in the order the router thread asked, so a crash leaves either the old or
+the new version of a file, never half of one.
 
-    {"format": 1, "name": "...", "config": {ContainerConfig attributes},
+``<state_dir>/inferences/<name>.json``::
+
+    {"format": 2, "name": "...", "revision": 3, "next_revision": 4,
+     "config": {ContainerConfig attributes},
+     "stable": null | {"revision": 2, "config": {...}},
      "boards": {"<board>": {"distribution": "on", "running": true,
-                            "pid": 1234, "pid_start": 98765, "created": "..."}}}
+                            "instances": [{"id": "<suffix>.r3", "revision": 3,
+                                           "pid": 1234, "pid_start": 98765, "created": "..."}]}}}
+
+Format 1 files (one unnamed instance per board, ``pid``/``pid_start`` on the board entry)
+are read as revision 1 with an instance named as the container was.
+
+What ``put_file`` gave an inference is kept beside it, in ``<state_dir>/files/<name>/``
+(``rel/`` for targets relative to the container's working folder, ``abs/`` for absolute
+ones), so that every container made later (a rolling restart, a new board) has it too.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
+import posixpath
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +45,15 @@ from .validate import normalize_config
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
-class Placement:
-    """One inference on one board: what should be true there, and the process we run."""
+class InstanceRecord:
+    """What runs (or ran) for a placement: enough to find it again after a restart."""
 
-    distribution: str = "on"
-    running: bool = True
+    id: str
+    revision: int
     pid: int | None = None
     pid_start: int | None = None
     created: str = ""
@@ -43,28 +63,92 @@ class Placement:
 
 
 @dataclass
+class Placement:
+    """One inference on one board: what should be true there, and what runs there."""
+
+    distribution: str = "on"
+    running: bool = True
+    instances: list[InstanceRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"distribution": self.distribution, "running": self.running,
+                "instances": [i.to_dict() for i in self.instances]}
+
+    @property
+    def created(self) -> str:
+        return self.instances[-1].created if self.instances else ""
+
+
+@dataclass
+class Stable:
+    """The settings that were last ready everywhere, kept while a change rolls out."""
+
+    revision: int
+    config: dict
+
+
+@dataclass
 class Registration:
     name: str
     config: dict
     boards: dict[str, Placement] = field(default_factory=dict)
+    revision: int = 1
+    next_revision: int = 2
+    stable: Stable | None = None
+
+    def new_revision(self) -> int:
+        """A revision number never used before for this inference."""
+        self.revision, self.next_revision = self.next_revision, self.next_revision + 1
+        return self.revision
+
+    def config_of(self, revision: int) -> dict | None:
+        """The settings of ``revision`` if the registration still knows them."""
+        if revision == self.revision:
+            return self.config
+        if self.stable is not None and revision == self.stable.revision:
+            return self.stable.config
+        return None
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "name": self.name,
+            "revision": self.revision,
+            "next_revision": self.next_revision,
             "config": self.config,
+            "stable": None if self.stable is None else {"revision": self.stable.revision, "config": self.stable.config},
             "boards": {b: p.to_dict() for b, p in self.boards.items()},
         }
 
 
 class Registry:
+    """The registrations (read and changed on the router thread) and their files."""
+
     def __init__(self, state_dir: str | os.PathLike) -> None:
         self.dir = Path(state_dir) / "inferences"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(Path(state_dir), 0o700)
+        self.files = Overlay(Path(state_dir) / "files")
+        self.registrations: dict[str, Registration] = {}
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
+
+    # ---- router thread ------------------------------------------------------------
+
+    def persist(self, name: str) -> concurrent.futures.Future:
+        """Write ``name``'s registration as it is now (or delete its file if it is gone)."""
+        reg = self.registrations.get(name)
+        if reg is None:
+            return self._writer.submit(self.remove, name)
+        # The snapshot is taken now, on the router thread, so the writes keep their order.
+        return self._writer.submit(self.write_dict, name, reg.to_dict())
+
+    # ---- any thread -----------------------------------------------------------------
 
     def load_all(self) -> dict[str, Registration]:
         """Every readable registration; unreadable files are logged and left in place."""
@@ -91,37 +175,7 @@ class Registry:
             data = json.loads(text)
         except ValueError as exc:
             raise make_error(206, detail=f"{path}: {exc}") from None
-        return self._parse(name, path, data)
-
-    @staticmethod
-    def _parse(name: str, path: Path, data: object) -> Registration:
-        def mismatch(why: str) -> InfinibrainException:
-            return make_error(207, detail=f"{path}: {why}")
-
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise mismatch(f"not an inference config file of format {FORMAT}")
-        if data.get("name") != name:
-            raise mismatch(f"it names inference {data.get('name')!r}, expected {name!r}")
-        config = data.get("config")
-        if not isinstance(config, dict) or config.get("name") != name:
-            raise mismatch("its config does not name the same inference")
-        try:
-            config = normalize_config(config)
-        except InfinibrainException as exc:
-            raise mismatch(f"its config is invalid ({exc.message})") from None
-        boards = data.get("boards")
-        if not isinstance(boards, dict):
-            raise mismatch("'boards' is missing")
-        placements = {}
-        for board, raw in boards.items():
-            if not isinstance(raw, dict) or raw.get("distribution") not in ("on", "off"):
-                raise mismatch(f"board {board!r} entry is invalid")
-            known = {k: raw[k] for k in Placement.__dataclass_fields__ if k in raw}
-            placements[board] = Placement(**known)
-        return Registration(name, config, placements)
-
-    def save(self, reg: Registration) -> None:
-        self.write_dict(reg.name, reg.to_dict())
+        return parse(name, path, data)
 
     def write_dict(self, name: str, data: dict) -> None:
         atomic_write(self.path(name), json.dumps(data, indent=2, sort_keys=True))
@@ -132,6 +186,91 @@ class Registry:
         except FileNotFoundError:
             pass
         _fsync_dir(self.dir)
+
+
+def parse(name: str, path: Path, data: object) -> Registration:
+    """A registration from a file's JSON (format 1 or 2); 207 naming what does not fit."""
+
+    def mismatch(why: str) -> InfinibrainException:
+        return make_error(207, detail=f"{path}: {why}")
+
+    if not isinstance(data, dict) or data.get("format") not in (1, FORMAT):
+        raise mismatch(f"not an inference config file of format 1 or {FORMAT}")
+    if data.get("name") != name:
+        raise mismatch(f"it names inference {data.get('name')!r}, expected {name!r}")
+
+    def settings(raw: object, where: str) -> dict:
+        if not isinstance(raw, dict) or raw.get("name") != name:
+            raise mismatch(f"its {where} does not name the same inference")
+        try:
+            return normalize_config(raw)
+        except InfinibrainException as exc:
+            raise mismatch(f"its {where} is invalid ({exc.message})") from None
+
+    config = settings(data.get("config"), "config")
+    legacy = data["format"] == 1
+    revision = 1 if legacy else data.get("revision")
+    if not isinstance(revision, int) or revision < 1:
+        raise mismatch("'revision' must be a positive integer")
+    next_revision = data.get("next_revision", revision + 1)
+    if not isinstance(next_revision, int) or next_revision <= revision:
+        next_revision = revision + 1
+    stable = None
+    raw_stable = data.get("stable")
+    if raw_stable is not None:
+        if not isinstance(raw_stable, dict) or not isinstance(raw_stable.get("revision"), int):
+            raise mismatch("'stable' is invalid")
+        stable = Stable(raw_stable["revision"], settings(raw_stable.get("config"), "stable config"))
+        next_revision = max(next_revision, stable.revision + 1)
+    boards = data.get("boards")
+    if not isinstance(boards, dict):
+        raise mismatch("'boards' is missing")
+    placements = {}
+    for board, raw in boards.items():
+        if not isinstance(raw, dict) or raw.get("distribution") not in ("on", "off"):
+            raise mismatch(f"board {board!r} entry is invalid")
+        if legacy:  # one container per board, named as the suffix
+            records = [{"id": f"{name}-{board}", "revision": 1, "pid": raw.get("pid"),
+                        "pid_start": raw.get("pid_start"), "created": raw.get("created") or ""}]
+        else:
+            records = raw.get("instances") or []
+        try:
+            instances = [InstanceRecord(**{k: r[k] for k in InstanceRecord.__dataclass_fields__ if k in r}) for r in records]
+        except (TypeError, KeyError):
+            raise mismatch(f"board {board!r}: its instances are invalid") from None
+        placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances)
+    return Registration(name, config, placements, revision, next_revision, stable)
+
+
+class Overlay:
+    """The files put_file gave each inference, laid over its script_path in new containers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def of(self, name: str) -> Path | None:
+        folder = self.root / name
+        return folder if folder.is_dir() else None
+
+    def add(self, name: str, source: str, target_dir: str) -> None:
+        """Keep ``source`` as ``target_dir/<its name>`` (worker threads: it may be large)."""
+        part = "abs" if target_dir.startswith("/") else "rel"
+        inside = posixpath.normpath(posixpath.join(target_dir.lstrip("/") or ".", os.path.basename(source)))
+        if inside.startswith(".."):
+            raise make_error(302, detail=f"path {target_dir!r} points outside the container")
+        target = self.root / name / part / inside
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        try:
+            shutil.copy2(source, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def drop(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -6,8 +6,17 @@ forwards answers back. Every request ends in a result or a numbered error: 305 a
 the queue is full, 306 when it waited too long to be sent, 401 when its answer is late,
 402 when its container went away.
 
+Each inference is a ``Service`` (as in the ZeroMQ guide's Majordomo broker): its settings,
+its send-wait queue and its instances, so picking a container looks at that inference's
+instances only, however many others are registered. Only READY instances receive
+requests; what an instance's life is (starting, ready, unhealthy, stopping) is the
+reconciler's business (manager/reconciler.py), told what the wire shows through the
+``Lifecycle`` hooks below.
+
 Slow management work (deploying, stopping, copying files) runs on worker threads that
-reach this state only through ``call`` / ``call_soon``, so the loop never waits on it.
+reach this state only through ``call`` / ``call_soon``, so the loop never waits on it. The
+loop never dies: an exception in a handler, a timer, a hook or a cross-thread call is
+logged, counted (``stats``, ``infinibrain_loop_errors_total``) and the loop goes on.
 """
 from __future__ import annotations
 
@@ -20,8 +29,8 @@ import queue
 import random
 import time
 import uuid
-from collections import deque
-from typing import Any, Callable
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import zmq
 
@@ -32,15 +41,80 @@ from .auth import CLIENTS, CONTAINERS, Guard
 from .config import ManagerConfig
 from .metrics import NullMetrics
 from .registry import Registration
-from .state import Client, Container, Request
+from .state import Client, Instance, Request, State
 from .validate import default_sub_name, module_list
+
+if TYPE_CHECKING:
+    from .commands import Commands
 
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages taken from one socket per pass, so no socket starves the others
 TICK = 0.05  # seconds between timer passes
 PING_INTERVAL = 0.2
-EXIT_CHECK_INTERVAL = 0.5
+SILENT_CLIENT_CHECK = 0.5
+
+
+class Lifecycle(Protocol):
+    """What the router tells the reconciler about instances (router thread)."""
+
+    def connected(self, inst: Instance) -> None:
+        """Its Connector's response path is proven (it said hello)."""
+
+    def heard(self, inst: Instance, beat: bool) -> None:
+        """An UNHEALTHY instance sent something (``beat``: an idle heartbeat)."""
+
+    def overdue(self, inst: Instance, req: Request) -> None:
+        """A request it held passed its answer deadline (it was ended with 401)."""
+
+    def warmed(self, inst: Instance, code: int, message: str) -> None:
+        """Its warm-up request was answered (0) or failed (a numbered error)."""
+
+    def tick(self, now: float) -> None:
+        """The timer pass: look at what runs."""
+
+
+class _NoLifecycle:
+    def connected(self, inst: Instance) -> None:
+        pass
+
+    def heard(self, inst: Instance, beat: bool) -> None:
+        pass
+
+    def overdue(self, inst: Instance, req: Request) -> None:
+        pass
+
+    def warmed(self, inst: Instance, code: int, message: str) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
+
+
+class Service:
+    """One registered inference as the router routes it: settings, queue, instances."""
+
+    def __init__(self, reg: Registration) -> None:
+        self.queue: deque[Request] = deque()
+        self.instances: dict[str, Instance] = {}
+        self.update(reg)
+
+    def update(self, reg: Registration) -> None:
+        """New settings (a change of the registration); the queue and instances stay."""
+        self.reg = reg
+        cfg = reg.config
+        self.name = reg.name
+        self.takes_input = cfg["input"] is not None
+        self.replies = cfg["output"] is not None
+        self.modules = [m["sub_inference_name"] for m in module_list(cfg)] or [reg.name]
+        self.default_sub = default_sub_name(cfg)
+
+    def limit(self, default: int) -> int:
+        return self.reg.config["max_send_num"] or default
+
+    def routable(self, c: Instance) -> bool:
+        placement = self.reg.boards.get(c.board)
+        return c.serving and placement is not None and placement.distribution == "on"
 
 
 class Router:
@@ -49,18 +123,18 @@ class Router:
         self.instance = uuid.uuid4().hex[:12]
         self.ctx = ctx or zmq.Context.instance()
         self.guard = guard or Guard(config, self.ctx)
-        self.registrations: dict[str, Registration] = {}
-        self.containers: dict[str, Container] = {}
-        self.queues: dict[str, deque[Request]] = {}
+        self.services: dict[str, Service] = {}
+        self.containers: dict[str, Instance] = {}  # every instance, by its wire id
         self.clients: dict[str, Client] = {}
-        self.commands: Any = None  # set by the daemon (manager.commands.Commands)
-        self.metrics: Any = NullMetrics()  # set by the daemon when metrics are on (manager.metrics.Metrics)
+        self.commands: Commands | None = None  # set by the daemon
+        self.lifecycle: Lifecycle = _NoLifecycle()  # set by the daemon (manager.reconciler.Reconciler)
+        self.metrics: NullMetrics = NullMetrics()  # set by the daemon when metrics are on (manager.metrics.Metrics)
         self.dropped_frames = 0
         self.dropped_by_port: dict[str, int] = {}
+        self.loop_errors: Counter[str] = Counter()
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
-        self.on_exit: list[Callable[[Container, int], None]] = []  # hooks: a container's process ended
         self._later: list[tuple[float, int, Callable, tuple]] = []
         self._later_seq = itertools.count()
         self._rr = itertools.count()
@@ -71,7 +145,7 @@ class Router:
         self._stop = False
         self._next_tick = 0.0
         self._next_beat = 0.0
-        self._next_exit_check = 0.0
+        self._next_client_check = 0.0
         self.hb_interval = config.heartbeat_interval_ms / 1000
         self._bind()
 
@@ -122,15 +196,17 @@ class Router:
     def live_figures(self) -> dict:
         """Router thread: what the metrics' gauges show (manager/metrics.py)."""
         return {
-            "queues": {n: len(q) for n, q in self.queues.items() if n in self.registrations},
+            "queues": {n: len(svc.queue) for n, svc in self.services.items()},
             "containers": [
-                {"id": c.id, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),
-                 "connected": c.connected, "tx_bytes": c.tx_bytes, "rx_bytes": c.rx_bytes}
+                {"id": c.id, "suffix": c.suffix, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),
+                 "connected": c.connected, "state": c.state.value, "revision": c.revision, "tx_bytes": c.tx_bytes,
+                 "rx_bytes": c.rx_bytes}
                 for c in self.containers.values()
             ],
             "dropped_by_port": dict(self.dropped_by_port),
             "refused_keys": self.guard.denied(),
             "clients": len(self.clients),
+            "loop_errors": dict(self.loop_errors),
         }
 
     def stats(self) -> dict:
@@ -145,9 +221,46 @@ class Router:
             "clients": live["clients"],
             "queued": {n: depth for n, depth in live["queues"].items() if depth},
             "in_flight": {c["id"]: c["in_flight"] for c in live["containers"] if c["in_flight"]},
+            "loop_errors": live["loop_errors"],
             "max_message_size": self.config.max_message_size,
             "rss_bytes": _rss_bytes(),
         }
+
+    # ---- services and instances (the reconciler's door) -----------------------------------
+
+    def open_service(self, reg: Registration) -> None:
+        """Route requests for ``reg`` (new, or new settings of a registered inference)."""
+        svc = self.services.get(reg.name)
+        if svc is None:
+            svc = self.services[reg.name] = Service(reg)
+            for c in self.containers.values():
+                if c.inference == reg.name:
+                    svc.instances[c.id] = c
+        else:
+            svc.update(reg)
+        self.pump(reg.name)
+
+    def close_service(self, name: str, why: str) -> None:
+        """Stop routing ``name``: its waiting requests end with 400."""
+        svc = self.services.pop(name, None)
+        if svc is None:
+            return
+        while svc.queue:
+            self.end(svc.queue.popleft(), 400, detail=f"inference {name!r} {why} while the request waited")
+
+    def add_instance(self, c: Instance) -> None:
+        self.containers[c.id] = c
+        svc = self.services.get(c.inference)
+        if svc is not None:
+            svc.instances[c.id] = c
+
+    def remove_instance(self, c: Instance) -> None:
+        self.container_lost(c, "it was removed", announce=False)
+        if self.containers.get(c.id) is c:
+            del self.containers[c.id]
+        svc = self.services.get(c.inference)
+        if svc is not None and svc.instances.get(c.id) is c:
+            del svc.instances[c.id]
 
     # ---- cross-thread entry points -----------------------------------------------
 
@@ -190,14 +303,19 @@ class Router:
                 return
             try:
                 result = fn(*args)
-            except BaseException as exc:  # handed back to the worker, or logged
+            except BaseException as exc:  # handed back to the worker, or logged and counted
                 if fut is None:
-                    log.exception("router call %s failed", getattr(fn, "__name__", fn))
+                    self._failed("call " + getattr(fn, "__name__", type(fn).__name__))
                 else:
                     fut.set_exception(exc)
             else:
                 if fut is not None:
                     fut.set_result(result)
+
+    def _failed(self, where: str) -> None:
+        """An exception where the loop must go on: logged with its traceback, counted."""
+        self.loop_errors[where.split()[0]] += 1
+        log.exception("router: %s failed; the router goes on", where)
 
     # ---- the loop ----------------------------------------------------------------
 
@@ -214,14 +332,20 @@ class Router:
         poller.register(self._wake_r, zmq.POLLIN)
         log.info("router %s serving on %s:%d-%d", self.instance, self.config.host, self.config.port, self.config.port + P.PORT_COUNT - 1)
         while not self._stop:
-            timeout = max(0.0, self._next_tick - time.monotonic())
-            for sock, _ in poller.poll(timeout * 1000):
-                if sock == self._wake_r:
-                    self._run_calls()
-                else:
-                    self._drain(sock, handlers[sock])
-            if time.monotonic() >= self._next_tick:
-                self._timers()
+            try:
+                timeout = max(0.0, self._next_tick - time.monotonic())
+                for sock, _ in poller.poll(timeout * 1000):
+                    if sock == self._wake_r:
+                        self._run_calls()
+                    else:
+                        self._drain(sock, handlers[sock])
+                if time.monotonic() >= self._next_tick:
+                    self._timers()
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # never reached by the guarded parts below; the last line of defence
+                self._failed("loop")
+                time.sleep(0.01)  # a fault that repeats must not spin a core
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
         for _ in range(BATCH):
@@ -266,6 +390,7 @@ class Router:
             pass
         elif kind == P.COMMAND:
             self.send_client(cid, P.ACK, {"rid": h["rid"]})
+            assert self.commands is not None, "the daemon sets the command table before the loop runs"
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
         elif kind == P.HELLO:
             self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
@@ -283,33 +408,36 @@ class Router:
 
     def end(self, req: Request, code: int, detail: str) -> None:
         """End accepted request ``req`` with a numbered error (and count it)."""
+        if not req.client:  # the manager's own (a warm-up): its instance hears of it
+            c = self.containers.get(req.container or "")
+            if c is not None:
+                self.lifecycle.warmed(c, code, format_message(code, detail=detail))
+            return
         self.fail(req.client, req.rid, code, detail=detail)
         self.metrics.ended(req, code)
 
     def _refuse(self, client: Client, rid: str, name: Any, code: int, *fields: Any, detail: str = "") -> None:
         """Refuse a request before accepting it (and count it)."""
         self.fail(client.id, rid, code, *fields, detail=detail)
-        self.metrics.refused(name if isinstance(name, str) and name in self.registrations else "", code)
+        self.metrics.refused(name if isinstance(name, str) and name in self.services else "", code)
 
     def _on_request(self, client: Client, msg: P.Message) -> None:
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
-        reg = self.registrations.get(name) if isinstance(name, str) else None
-        if reg is None:
+        svc = self.services.get(name) if isinstance(name, str) else None
+        if svc is None:
             return self._refuse(client, rid, name, 400, detail=f"inference {name!r} is not registered")
-        cfg = reg.config
-        if cfg["input"] is None:
+        if not svc.takes_input:
             return self._refuse(client, rid, name, 403, name)
         param = h.get("param")
         sub = param.get("sub_inference_name") if isinstance(param, dict) else None
-        if sub:
-            known = [m["sub_inference_name"] for m in module_list(cfg)] or [name]
-            if sub not in known:
-                return self._refuse(client, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(known)})")
-        waiting = self.queues.setdefault(name, deque())
+        if sub and sub not in svc.modules:
+            return self._refuse(client, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(svc.modules)})")
+        waiting = svc.queue
         if len(waiting) >= self.config.send_queue_size:
             return self._refuse(client, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
         now = time.monotonic()
+        cfg = svc.reg.config
         send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
         answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000
         stamps = list(h.get("ts") or [])
@@ -321,7 +449,7 @@ class Router:
             pid=int(h.get("pid") or client.pid),
             tid=int(h.get("tid") or 0),
             inference=name,
-            sub=sub or default_sub_name(cfg),
+            sub=sub or svc.default_sub,
             param=param if isinstance(param, dict) else {},
             arr=h.get("arr"),
             payload=msg.payload,
@@ -336,57 +464,57 @@ class Router:
 
     # ---- distribution --------------------------------------------------------------
 
+    def waiting(self, name: str = "") -> list[Request]:
+        """The requests in send-wait queues (of inference ``name``, "" = all), oldest first per queue."""
+        return [r for n, svc in self.services.items() if not name or n == name for r in svc.queue]
+
     def take_waiting(self, keep_out: Callable[[Request], bool], name: str = "") -> list[Request]:
         """Remove and return the waiting requests (of inference ``name``, "" = all) that
         ``keep_out`` selects. The caller answers them: nothing may be left unanswered."""
         taken: list[Request] = []
-        for n, waiting in self.queues.items():
+        for n, svc in self.services.items():
             if name and n != name:
                 continue
             chosen, kept = [], []
-            for r in waiting:
+            for r in svc.queue:
                 (chosen if keep_out(r) else kept).append(r)
             if chosen:
-                waiting.clear()
-                waiting.extend(kept)
+                svc.queue.clear()
+                svc.queue.extend(kept)
                 taken.extend(chosen)
         return taken
 
     def pump(self, name: str) -> None:
-        """Send waiting requests of inference ``name`` to containers that can take them."""
-        waiting = self.queues.get(name)
+        """Send waiting requests of inference ``name`` to instances that can take them."""
+        svc = self.services.get(name)
+        if svc is None:
+            return
+        waiting = svc.queue
         while waiting:
-            container = self._pick(name, waiting[0].sub)
+            container = self._pick(svc, waiting[0].sub)
             if container is None:
                 return
-            self._dispatch(container, waiting.popleft())
+            self._dispatch(container, waiting.popleft(), svc.replies)
 
-    def _pick(self, name: str, sub: str) -> Container | None:
-        reg = self.registrations.get(name)
-        if reg is None:
-            return None
-        limit = reg.config["max_send_num"] or self.config.default_max_send_num
-        best: list[Container] = []
+    def _pick(self, svc: Service, sub: str) -> Instance | None:
+        """The least loaded routable instance of ``svc`` serving ``sub`` (round robin among
+        equals); None when none has credit. Looks at this inference's instances only."""
+        limit = svc.limit(self.config.default_max_send_num)
+        best: list[Instance] = []
         least = limit
-        for c in self.containers.values():
-            if c.inference != name or c.stopping or not c.connected or sub not in c.subs:
-                continue
-            placement = reg.boards.get(c.board)
-            if placement is None or placement.distribution != "on":
-                continue
+        for c in svc.instances.values():
             load = len(c.in_flight)
-            if load >= limit:
+            if load > least or sub not in c.subs or not svc.routable(c):
                 continue
             if load < least:
                 best, least = [c], load
-            elif load == least:
+            elif load < limit:
                 best.append(c)
         if not best:
             return None
-        return best[next(self._rr) % len(best)]
+        return best[next(self._rr) % len(best)] if len(best) > 1 else best[0]
 
-    def _dispatch(self, c: Container, req: Request) -> None:
-        reg = self.registrations[req.inference]
+    def _dispatch(self, c: Instance, req: Request, replies: bool = True) -> None:
         req.time_stamp.append(["manager_send", P.now()])
         header = {
             "mkey": req.mkey,
@@ -398,16 +526,27 @@ class Router:
             "param": req.param,
             "arr": req.arr,
             "ts": req.time_stamp,
-            "noreply": reg.config["output"] is None,
+            "noreply": not replies,
         }
         self.container_out.send_multipart(
             P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload), copy=False
         )
         req.container = c.id
         req.answer_deadline = time.monotonic() + req.answer_timeout
-        self.metrics.dispatched(req)
+        if req.client:
+            self.metrics.dispatched(req)
         c.in_flight[req.mkey] = req
         c.tx_bytes += req.nbytes
+
+    def send_warmup(self, c: Instance, payload: list, arr: Any, param: dict, sub: str, timeout: float) -> int:
+        """Send the manager's own request to instance ``c`` (not yet READY), bypassing the
+        queue; its answer or failure reaches ``Lifecycle.warmed``. Returns its key."""
+        now = time.monotonic()
+        req = Request(mkey=next(self._mkeys), client="", rid="warmup", pid=os.getpid(), tid=0, inference=c.inference,
+                      sub=sub, param=param, arr=arr, payload=payload, time_stamp=[["manager_receive", P.now()]],
+                      send_deadline=now, answer_timeout=timeout, accepted=now)
+        self._dispatch(c, req)
+        return req.mkey
 
     # ---- containers ----------------------------------------------------------------
 
@@ -430,11 +569,11 @@ class Router:
             elif c.connected:
                 self.pump(c.inference)
         elif c.subs == {sub}:  # its last subscription: the container is gone
-            self.container_lost(c.id, "its connection closed")
+            self.container_lost(c, "its connection closed")
         else:
             c.subs.discard(sub)
 
-    def _ping(self, c: Container) -> None:
+    def _ping(self, c: Instance) -> None:
         c.last_ping = time.monotonic()
         for sub in c.subs:
             self.container_out.send_multipart(P.encode(P.container_topic(c.id, sub), P.PING, {"mid": self.instance}))
@@ -446,20 +585,28 @@ class Router:
         if c is None:
             log.debug("message from unknown container %r", h.get("cont"))
             return
+        c.last_heard = time.monotonic()
         kind = msg.kind
-        if kind == P.HELLO:
+        if kind not in (P.RESULT, P.TAKEN, P.HEARTBEAT, P.HELLO):
+            raise P.ProtocolError(f"unknown container message kind {kind!r}")
+        # Any message proves its response path (a producer that never receives answers no
+        # ping, but its results arrive); a hello says so in as many words.
+        if kind == P.HELLO or not c.hello:
+            c.heartbeats = c.heartbeats or bool(h.get("hb"))
             if not c.hello:
                 c.hello = True
                 log.info("container %s connected", c.id)
             if c.connected:
-                c.connected_event.set()
+                self.lifecycle.connected(c)
                 self.pump(c.inference)
-        elif kind in (P.RESULT, P.TAKEN):
+        if kind in (P.RESULT, P.TAKEN):
             self._on_answer(c, msg)
-        else:
-            raise P.ProtocolError(f"unknown container message kind {kind!r}")
+        elif kind == P.HEARTBEAT:
+            c.heartbeats = True
+        if c.state is State.UNHEALTHY:
+            self.lifecycle.heard(c, kind == P.HEARTBEAT)
 
-    def _on_answer(self, c: Container, msg: P.Message) -> None:
+    def _on_answer(self, c: Instance, msg: P.Message) -> None:
         h = msg.header
         mkey = h.get("mkey")
         if mkey is None:
@@ -469,59 +616,57 @@ class Router:
             log.debug("late or duplicate answer %r from %s dropped", mkey, c.id)
             return
         c.rx_bytes += sum(len(f) for f in msg.payload)
+        code = 0 if msg.kind == P.TAKEN else int(h.get("code") or 0)
+        if not req.client:
+            self.lifecycle.warmed(c, code, h.get("msg") or "")
+            return self.pump(c.inference)
         stamps = req.time_stamp
         stamps.extend(h.get("ts") or [])
         stamps.append(["manager_result", P.now()])
-        if msg.kind == P.TAKEN:
-            code = 0
-            header = {"rid": req.rid, "code": 0, "msg": "", "resp": self._response(c, req, stamps)}
-            self.send_client(req.client, P.RESULT, header, [P.pack_value(None)])
-        else:
-            code = int(h.get("code") or 0)
-            header = {"rid": req.rid, "code": code, "msg": h.get("msg") or "", "resp": self._response(c, req, stamps)}
-            self.send_client(req.client, P.RESULT, header, msg.payload[:1])
+        header = {"rid": req.rid, "code": code, "msg": "" if msg.kind == P.TAKEN else (h.get("msg") or ""),
+                  "resp": self._response(c, req, stamps)}
+        self.send_client(req.client, P.RESULT, header, [P.pack_value(None)] if msg.kind == P.TAKEN else msg.payload[:1])
         self.metrics.ended(req, code)
         self.pump(c.inference)
 
-    def _response(self, c: Container, req: Request, stamps: list) -> dict:
+    def _response(self, c: Instance, req: Request, stamps: list) -> dict:
         return {
             "pid": req.pid,
             "tid": req.tid,
             "request_no": req.rid,
             "inference_name": req.inference,
             "metadata": req.param,
-            "metadata_sys": {"board": c.board, "container": c.id},
+            "metadata_sys": {"board": c.board, "container": c.suffix, "instance": c.id},
             "sub_inference_name": req.sub,
             "time_stamp": stamps,
         }
 
-    def _on_produced(self, c: Container, msg: P.Message) -> None:
+    def _on_produced(self, c: Instance, msg: P.Message) -> None:
         """A result nobody asked for (input=None, output='Main'): to every client."""
-        reg = self.registrations.get(c.inference)
-        if reg is None or reg.config["output"] is None:
+        svc = self.services.get(c.inference)
+        if svc is None or not svc.replies:
             return
         resp = dict(msg.header.get("resp") or {})
-        resp.update(inference_name=c.inference, metadata_sys={"board": c.board, "container": c.id})
+        resp.update(inference_name=c.inference, metadata_sys={"board": c.board, "container": c.suffix, "instance": c.id})
         self.client_out.send_multipart(
             P.encode(P.TOPIC_EVENT, P.EVENT, {"code": 0, "msg": "", "what": "result", "resp": resp}, msg.payload[:1]),
             copy=False,
         )
 
-    def container_lost(self, cid: str, why: str) -> None:
-        """Container ``cid`` is gone: its requests end with 402, and 114 is announced."""
-        c = self.containers.get(cid)
-        if c is None:
-            return
+    def container_lost(self, c: Instance, why: str, announce: bool = True) -> None:
+        """Instance ``c`` is gone from the wire: its requests end with 402, and 114 is
+        announced if it was serving (not when it was stopped on purpose)."""
         was_connected = c.connected
+        if was_connected:
+            c.lost_at = time.monotonic()
         c.hello = False
         c.subs.clear()
-        c.connected_event.clear()
         for req in list(c.in_flight.values()):
-            self.end(req, 402, detail=f"container {cid} went away while serving it ({why})")
+            self.end(req, 402, detail=f"container {c.suffix} went away while serving it ({why})")
         c.in_flight.clear()
-        if was_connected and not c.stopping:
-            log.warning("container %s of %s disconnected: %s", cid, c.inference, why)
-            self.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": cid, "coprocessor": c.board})
+        if was_connected and announce and c.state is not State.STOPPING:
+            log.warning("container %s of %s disconnected: %s", c.id, c.inference, why)
+            self.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": c.suffix, "coprocessor": c.board})
 
     def announce(self, code: int, *fields: Any, info: dict | None = None, what: str = "unsubscribe", message: str = "") -> None:
         """An event for every client's manage callback: ``(code, message, what, info)``
@@ -534,45 +679,56 @@ class Router:
     def _timers(self) -> None:
         now = time.monotonic()
         self._next_tick = now + TICK
+        # Each part on its own: one that fails must not keep the others from running.
+        for part in (self._run_later, self._beat, self._expire_waiting, self._expire_in_flight, self._ping_silent,
+                     self.lifecycle.tick, self._forget_silent_clients):
+            try:
+                part(now)
+            except Exception:
+                self._failed(f"timer {getattr(part, '__name__', part)}")
+
+    def _run_later(self, now: float) -> None:
         while self._later and self._later[0][0] <= now:
             _, _, fn, args = heapq.heappop(self._later)
             try:
                 fn(*args)
             except Exception:
-                log.exception("timed call %s failed", getattr(fn, "__name__", fn))
+                self._failed(f"timed {getattr(fn, '__name__', fn)}")
+
+    def _beat(self, now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + self.hb_interval
             self.client_out.send_multipart(P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
-        for name, waiting in self.queues.items():
+
+    def _expire_waiting(self, now: float) -> None:
+        for name, svc in self.services.items():
+            waiting = svc.queue
             while waiting and waiting[0].send_deadline <= now:
                 req = waiting.popleft()
                 self.end(req, 306, detail=f"no container of {name!r} took it in time")
-        for c in self.containers.values():
+
+    def _expire_in_flight(self, now: float) -> None:
+        for c in list(self.containers.values()):
+            if not c.in_flight:
+                continue
             late = [r for r in c.in_flight.values() if r.answer_deadline <= now]
             for req in late:
                 del c.in_flight[req.mkey]
-                self.end(req, 401, detail=f"container {c.id} did not answer in {req.answer_timeout:g} s")
+                self.end(req, 401, detail=f"container {c.suffix} did not answer in {req.answer_timeout:g} s")
+                if req.client:
+                    self.lifecycle.overdue(c, req)
             if late:
                 self.pump(c.inference)
+
+    def _ping_silent(self, now: float) -> None:
+        for c in self.containers.values():
             if c.subs and not c.hello and now - c.last_ping >= PING_INTERVAL:
                 self._ping(c)
-        if now >= self._next_exit_check:
-            self._next_exit_check = now + EXIT_CHECK_INTERVAL
-            self._check_exits()
-            self._forget_silent_clients(now)
-
-    def _check_exits(self) -> None:
-        for c in self.containers.values():
-            if c.running and not c.stopping:
-                code = c.runtime.exited(c.spec)
-                if code is not None:
-                    c.running = False
-                    log.warning("container %s exited with status %s", c.id, code)
-                    self.container_lost(c.id, f"its process exited with status {code}")
-                    for hook in self.on_exit:
-                        hook(c, code)
 
     def _forget_silent_clients(self, now: float) -> None:
+        if now < self._next_client_check:
+            return
+        self._next_client_check = now + SILENT_CLIENT_CHECK
         limit = self.config.client_timeout_ms / 1000
         for cid in [cid for cid, cl in self.clients.items() if now - cl.last_seen > limit]:
             del self.clients[cid]

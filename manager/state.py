@@ -1,15 +1,39 @@
-"""What the router keeps in memory: requests, containers, clients.
+"""What the manager keeps in memory about what runs: instances, requests, clients.
 
 All of it is owned by the router thread; worker threads reach it only through
-``Router.call`` / ``Router.call_soon``, so none of it needs a lock.
+``Router.call`` / ``Router.call_soon``, so none of it needs a lock. Worker threads may read
+an instance's ``spec`` and ``runtime``, which never change after the instance is made.
+
+An *instance* is one container of one inference on one board at one revision of its
+settings. A placement (inference, board; the reference's ContainerHandler, named by its
+``suffix_name``) usually has one; during a rolling update it has two for a while, the old
+revision draining while the new one starts.
 """
 from __future__ import annotations
 
-import threading
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .runtimes.base import ContainerSpec
+from .runtimes.base import ContainerSpec, Runtime
+
+
+class State(str, enum.Enum):
+    """Where an instance is in its life. Only READY instances receive requests."""
+
+    PENDING = "pending"  # wanted; a worker has not started it yet
+    STARTING = "starting"  # being made or started, or waiting for its Connector (and warm-up)
+    READY = "ready"  # connected (and warmed up): it serves
+    UNHEALTHY = "unhealthy"  # its process lives but it held a request past its deadline or fell silent
+    STOPPING = "stopping"  # draining its requests, or being stopped
+    STOPPED = "stopped"  # not running, on purpose
+    FAILED = "failed"  # it exited by itself, or could not start or become ready
+
+    def __str__(self) -> str:
+        return self.value
+
+
+RUNNING_STATES = (State.STARTING, State.READY, State.UNHEALTHY, State.STOPPING)
 
 
 @dataclass
@@ -17,7 +41,7 @@ class Request:
     """One inference request inside the manager, from acceptance to its answer."""
 
     mkey: int  # the manager's own number for it; containers answer with it
-    client: str
+    client: str  # "" for the manager's own requests (warm-ups)
     rid: str  # the client's request number
     pid: int
     tid: int
@@ -43,29 +67,55 @@ class Request:
         return sum(len(f) for f in self.payload)
 
 
-@dataclass
-class Container:
-    """One inference on one board, as the router sees it."""
+@dataclass(eq=False)
+class Instance:
+    """One container of an inference on a board, as the manager sees it."""
 
-    id: str  # ContainerHandler.suffix_name
+    id: str  # its identity on the wire (INFINIBRAIN_INSTANCE): <suffix_name>.r<revision>
+    suffix: str  # ContainerHandler.suffix_name: <inference>-<board>
     inference: str
     board: str
+    revision: int
     spec: ContainerSpec
-    runtime: Any
+    runtime: Runtime
+    state: State = State.PENDING
+    # The wire: what the router knows of its Connector(s).
     subs: set[str] = field(default_factory=set)  # subscriptions seen on the XPUB socket
     hello: bool = False  # its response path has been proven
-    running: bool = False  # its process is believed to run
-    stopping: bool = False  # an intentional stop is under way: no 114 for it
+    heartbeats: bool = False  # its Connector says it beats while idle (liveness)
+    last_heard: float = 0.0  # monotonic time of its last message
+    last_ping: float = 0.0
     in_flight: dict[int, Request] = field(default_factory=dict)
     tx_bytes: int = 0
     rx_bytes: int = 0
-    last_ping: float = 0.0
-    deployment: dict = field(default_factory=dict)  # what its last deployment took (image sent, seconds)
-    connected_event: threading.Event = field(default_factory=threading.Event)
+    # The lifecycle: what the reconciler knows.
+    running: bool = False  # its process is believed to run
+    ready_deadline: float = 0.0  # STARTING: ready by then, or it failed
+    drain_deadline: float = 0.0  # STOPPING: its requests have until then
+    since: float = 0.0  # when it entered its state
+    why: str = ""  # what put it in its state (unhealthy, failed)
+    warmup: tuple | None = None  # (payload, array description, param, module) sent once it connects
+    warmup_key: int | None = None  # the mkey of its warm-up request, while it runs
+    lost_at: float = 0.0  # when its connection was last lost
+    probed_at: float = 0.0  # when the board was last asked whether its process still runs
+    deploy_started: float = 0.0  # when its last start step began (0: adopted, not deployed by us)
+    pid: int | None = None
+    pid_start: int | None = None
+    created: str = ""
+    deployment: dict = field(default_factory=dict)  # what its deployment took (image sent, seconds)
 
     @property
     def connected(self) -> bool:
         return self.hello and bool(self.subs)
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests may be sent to it now."""
+        return self.state is State.READY and self.hello and bool(self.subs)
+
+
+def instance_id(suffix: str, revision: int) -> str:
+    return f"{suffix}.r{revision}"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from infinibrain.errors import make_error
 
 from .config import NAME_RE
 from .restarts import policy_of
-from .runtimes.run_options import parse_run_option
+from .run_options import parse_run_option
 
 IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
 MAX_SEND_NUM_LIMIT = 1024
@@ -36,6 +36,9 @@ CONFIG_KEYS = (
     "run_command",
     "run_option",
     "copy",
+    # Beyond the reference (types.ContainerConfig): readiness.
+    "warmup",
+    "ready_timeout",
 )
 
 
@@ -76,6 +79,7 @@ def normalize_config(raw: Any) -> dict:
     for key in ("send_timeout", "wait_queue_timeout"):
         cfg[key] = _optional_int(cfg[key], key, 1, 24 * 3600 * 1000)
     cfg["max_send_num"] = _optional_int(cfg["max_send_num"], "max_send_num", 1, MAX_SEND_NUM_LIMIT)
+    cfg["ready_timeout"] = _optional_int(cfg["ready_timeout"], "ready_timeout", 1, 24 * 3600 * 1000)
     if not isinstance(cfg["force_update"], (bool, type(None))):
         raise param_error(f"force_update must be True or False, got {cfg['force_update']!r}")
     cfg["force_update"] = bool(cfg["force_update"])
@@ -86,6 +90,7 @@ def normalize_config(raw: Any) -> dict:
             cfg[key] = None
     cfg["inference_modules"] = _modules(cfg["inference_modules"])
     cfg["copy"] = _copy_entries(cfg["copy"])
+    cfg["warmup"] = _warmup(cfg["warmup"], cfg)
     if cfg["run_command"] is not None:
         try:
             if not shlex.split(cfg["run_command"]):
@@ -110,6 +115,43 @@ def _check_docker(cfg: dict) -> None:
     parse_run_option(cfg["run_option"])
     if cfg["image_filename"] and cfg["image_path"] and not os.path.isabs(cfg["image_path"]):
         raise param_error(f"image_path must be an absolute path, got {cfg['image_path']!r}")
+
+
+def _warmup(value: Any, cfg: dict) -> dict | None:
+    """A warm-up: a sample input file on the main board (``.npy``: an image request, else
+    bytes), or {"file", "param", "sub_inference_name"}; stored as that dict."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = {"file": value}
+    if not isinstance(value, dict):
+        raise param_error("warmup must be a file path or a dict {'file': ..., 'param': {...}, 'sub_inference_name': ...}")
+    extra = sorted(set(value) - {"file", "param", "sub_inference_name"})
+    if extra:
+        raise param_error(f"warmup: unknown key {extra[0]!r} (file, param, sub_inference_name)")
+    path, param, sub = value.get("file"), value.get("param") or {}, value.get("sub_inference_name") or None
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise param_error(f"warmup.file must be an absolute path on the main board, got {path!r}")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise param_error(f"warmup.file {path!r} cannot be read on the main board")
+    if isinstance(param, str):
+        try:
+            param = json.loads(param)
+        except ValueError as exc:
+            raise param_error(f"warmup.param is not JSON: {exc}") from None
+    if not isinstance(param, dict):
+        raise param_error("warmup.param must be a dict")
+    modules = [m["sub_inference_name"] for m in module_list(cfg)] or [cfg["name"]]
+    if sub is not None and sub not in modules:
+        raise param_error(f"warmup.sub_inference_name {sub!r} is not a module of the inference (it has {', '.join(modules)})")
+    return {"file": path, "param": param, "sub_inference_name": sub}
+
+
+def image_file(cfg: dict) -> str | None:
+    """The ``docker save`` tar a config names (image_path joined with image_filename), if any."""
+    if not cfg.get("image_filename") and not cfg.get("image_path"):
+        return None
+    return os.path.join(cfg.get("image_path") or "", cfg.get("image_filename") or "")
 
 
 def _main_or_none(value: Any, key: str) -> str | None:

@@ -130,12 +130,13 @@ def kill_leftovers(state_dir: Path) -> None:
         except ValueError:
             continue
         for placement in data.get("boards", {}).values():
-            pid = placement.get("pid")
-            if pid:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            for instance in placement.get("instances") or [placement]:
+                pid = instance.get("pid")
+                if pid:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
 
 
 @contextmanager

@@ -85,7 +85,9 @@ def test_log_functions():
 DATA_CLASSES = {
     "ContainerConfig": ["name", "implementation_type", "input", "output", "send_timeout", "wait_queue_timeout", "force_update",
                         "max_send_num", "script_path", "inference_modules", "image_path", "image_filename", "image_tag",
-                        "run_command", "run_option", "copy"],
+                        "run_command", "run_option", "copy",
+                        # ours, after the reference's (docs/DECISIONS.md, "Control plane")
+                        "warmup", "ready_timeout"],
     "InferenceModulesConfig": ["sub_inference_name", "script_tag", "model_tag", "script", "model"],
     "InferenceResponse": ["pid", "tid", "request_no", "inference_name", "metadata", "metadata_sys", "sub_inference_name",
                           "time_stamp", "elapsed_time"],

@@ -87,7 +87,7 @@ def test_reference_flow_on_two_ssh_boards(docker_kit, ssh_boards, sm, name):
         echo = name + "p"
         cluster.load_inference(echo_config(echo), "all")
         result = cluster.infer_image(echo, np.zeros((4, 4, 3), np.uint8))
-        work = ssh_boards.dir / result["board"] / "work" / "containers" / f"{echo}-{result['board']}"
+        work = ssh_boards.dir / result["board"] / "work" / "containers" / f"{echo}-{result['board']}.r1"  # one folder per instance
         assert result["cwd"] == str(work) and "echo.py" in result["cwd_files"]
         assert result["env"]["INFINIBRAIN_BOARD"] == result["board"]
         cluster.put_file(echo, {"file": str(note), "To": "in/"})

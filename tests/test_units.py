@@ -9,7 +9,7 @@ import pytest
 
 from infinibrain.errors import InfinibrainException
 from infinibrain.manager.config import ConfigError, embedded_default, load_config, parse_config
-from infinibrain.manager.registry import Placement, Registration, Registry
+from infinibrain.manager.registry import InstanceRecord, Placement, Registration, Registry, Stable
 from infinibrain.manager.runtimes.process import safe_join
 from infinibrain.manager.validate import normalize_config
 
@@ -55,10 +55,15 @@ def test_registry_round_trip_is_atomic_and_private(tmp_path):
     reg = Registry(tmp_path / "state")
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
     config = normalize_config({"name": "cam", "implementation_type": "process", "run_command": "python x.py"})
-    reg.save(Registration("cam", config, {"local": Placement(distribution="off", pid=12)}))
+    placement = Placement(distribution="off", instances=[InstanceRecord("cam-local.r3", 3, pid=12, pid_start=99)])
+    reg.registrations["cam"] = Registration("cam", config, {"local": placement}, revision=3, next_revision=5,
+                                            stable=Stable(2, config))
+    reg.persist("cam").result(10)
     assert [p.name for p in (tmp_path / "state" / "inferences").iterdir()] == ["cam.json"]  # no temp files left
     back = reg.read("cam")
-    assert back.config == config and back.boards["local"].distribution == "off" and back.boards["local"].pid == 12
+    assert back.config == config and back.boards["local"].distribution == "off"
+    assert back.boards["local"].instances == [InstanceRecord("cam-local.r3", 3, pid=12, pid_start=99)]
+    assert (back.revision, back.next_revision, back.stable.revision) == (3, 5, 2)
     assert list(reg.load_all()) == ["cam"]
     (tmp_path / "state" / "inferences" / "junk.json").write_text("{")
     assert list(reg.load_all()) == ["cam"]  # a broken file is skipped, not fatal
@@ -68,6 +73,23 @@ def test_registry_round_trip_is_atomic_and_private(tmp_path):
             reg.read(name)
         codes.append(err.value.code)
     assert codes == [205, 206]
+    del reg.registrations["cam"]
+    reg.persist("cam").result(10)
+    assert not (tmp_path / "state" / "inferences" / "cam.json").exists()
+    reg.close()
+
+
+def test_registry_reads_format_1_as_revision_1(tmp_path):
+    """A file written before instances had revisions: its container is adopted by its old name."""
+    reg = Registry(tmp_path / "state")
+    config = normalize_config({"name": "cam", "implementation_type": "process", "run_command": "python x.py"})
+    old = {"format": 1, "name": "cam", "config": config,
+           "boards": {"b1": {"distribution": "on", "running": True, "pid": 7, "pid_start": 70, "created": "t"}}}
+    reg.path("cam").write_text(json.dumps(old))
+    back = reg.read("cam")
+    assert back.revision == 1 and back.next_revision == 2 and back.stable is None
+    assert back.boards["b1"].instances == [InstanceRecord("cam-b1", 1, 7, 70, "t")]
+    reg.close()
 
 
 def test_validation_normalizes():
@@ -94,7 +116,7 @@ def test_paths_stay_inside_the_container(tmp_path):
 
 
 def test_run_option_maps_docker_run_options_to_sdk_arguments(monkeypatch):
-    from infinibrain.manager.runtimes.run_options import parse_run_option
+    from infinibrain.manager.run_options import parse_run_option
 
     monkeypatch.setenv("IB_PASS", "from-manager")
     args = parse_run_option(
@@ -130,7 +152,7 @@ def test_run_option_maps_docker_run_options_to_sdk_arguments(monkeypatch):
     ],
 )
 def test_run_option_refuses_what_it_does_not_know_with_302(text, needle):
-    from infinibrain.manager.runtimes.run_options import parse_run_option
+    from infinibrain.manager.run_options import parse_run_option
 
     with pytest.raises(InfinibrainException) as info:
         parse_run_option(text)

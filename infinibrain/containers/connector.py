@@ -9,6 +9,11 @@ share one container.
 
 An image arrives as a read-only numpy array over the received message (no copy); call
 ``.copy()`` before changing it in place.
+
+Liveness: while a Connector waits in ``receive_request(_image)`` it tells the manager it
+is idle and alive every ``INFINIBRAIN_HEARTBEAT_MS`` (default 1000) if it has sent
+nothing else meanwhile. A module stuck in its own code sends nothing; the manager then
+stops sending it requests (docs/OPERATIONS.md, "Container lifecycle").
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ class Connector:
         sub_name = sub_name if sub_name is not None else env.get("INFINIBRAIN_SUB_NAME")
         host_ip = host_ip or env.get("INFINIBRAIN_HOST")
         self.container_id = env.get("INFINIBRAIN_CONTAINER", "")
+        # Who this is on the wire: the instance the manager started (a rolling update runs
+        # two of one container for a while), else the container itself (started by hand).
+        self._wire_id = env.get("INFINIBRAIN_INSTANCE") or self.container_id
         if not isinstance(sub_name, str) or not sub_name or "/" in sub_name:
             raise argument_error("sub_name", "" if not sub_name else "must be a name without '/'")
         if not isinstance(host_ip, str) or not host_ip:
@@ -52,13 +60,15 @@ class Connector:
         except security.KeyFileError as exc:
             raise argument_error("INFINIBRAIN_CURVE_SERVER_KEY", str(exc)) from None
         self.max_message_size = _max_size(env.get("INFINIBRAIN_MAX_MESSAGE_SIZE"))
+        self._beat_every = _heartbeat_seconds(env.get("INFINIBRAIN_HEARTBEAT_MS"))
+        self._last_sent = 0.0
         self.sub_name = sub_name
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
         self._sub.rcvhwm = 0
         security.arm_client(self._sub, keys)
-        self._sub.subscribe(P.container_topic(self.container_id, sub_name))
+        self._sub.subscribe(P.container_topic(self._wire_id, sub_name))
         self._sub.connect(f"tcp://{host_ip}:{sub}")
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.linger = 1000  # let a last result leave before the program exits
@@ -73,11 +83,12 @@ class Connector:
         self._pub.close()
 
     def _send(self, kind: str, header: dict, payload: list | tuple = ()) -> None:
-        header["cont"] = self.container_id
+        header["cont"] = self._wire_id
         self._pub.send_multipart(P.encode(P.TOPIC_MANAGER, kind, header, payload), copy=False)
+        self._last_sent = time.monotonic()
 
     def _hello(self) -> None:
-        self._send(P.HELLO, {"sub": self.sub_name})
+        self._send(P.HELLO, {"sub": self.sub_name, "hb": int(self._beat_every * 1000)})
 
     def _receive(self, timeout: float) -> tuple[P.Message, InferenceResponse]:
         """The next request (answering the manager's pings meanwhile)."""
@@ -85,9 +96,16 @@ class Connector:
             raise argument_error("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout if timeout else None
         while True:
-            wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._sub.poll(wait):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not self._sub.poll(0):
                 raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401)
+            beat_at = self._last_sent + self._beat_every
+            if now >= beat_at:  # idle: say so
+                self._send(P.HEARTBEAT, {"sub": self.sub_name})
+                beat_at = now + self._beat_every
+            until = beat_at if deadline is None else min(beat_at, deadline)
+            if not self._sub.poll(max(0, int((until - now) * 1000)) + 1):
+                continue
             frames = self._sub.recv_multipart(copy=False)
             try:
                 msg = P.decode(frames)
@@ -167,6 +185,14 @@ class Connector:
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
         self._send(P.RESULT, header, [packed])
+
+
+def _heartbeat_seconds(value: str | None) -> float:
+    try:
+        ms = int(value) if value else 1000
+    except ValueError:
+        raise argument_error("INFINIBRAIN_HEARTBEAT_MS", f"must be a number of milliseconds, got {value!r}") from None
+    return max(ms, 10) / 1000
 
 
 def _max_size(value: str | None) -> int:

@@ -1,9 +1,10 @@
 """The runtime seam: how a container of one implementation type runs on one board.
 
 A runtime is small on purpose (prepare, prepared, start, adopt, alive_now, stop, exited, stats,
-put_file, remove, remove_image, logs); the router and the commands never know which one
-they talk to: ``process``, ``Loop`` and ``other`` (runtimes/process.py, external.py) and
-``docker``/``nvidia`` (runtimes/docker_runtime.py) all answer the same calls.
+put_file, remove, remove_image, logs, files_size); the reconciler and the views never know
+which one they talk to: ``process``, ``Loop`` and ``other`` (runtimes/process.py, external.py)
+and ``docker``/``nvidia`` (runtimes/docker_runtime.py) all answer the same calls. Every
+method but ``exited`` (which reads a poll, never the network) runs on worker threads.
 """
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ from ..config import BoardConfig
 class ContainerSpec:
     """Everything a runtime needs to run one container of an inference on a board."""
 
-    container_id: str  # also ContainerHandler.suffix_name
+    container_id: str  # the instance's id (state.instance_id): names its files, process, Docker container
     inference: str
     board: BoardConfig
     config: dict  # the normalized ContainerConfig
     work_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    suffix: str = ""  # ContainerHandler.suffix_name (the placement); "" = container_id
+    files: Path | None = None  # what put_file gave the inference (registry.Overlay), laid over script_path
+
+    @property
+    def suffix_name(self) -> str:
+        return self.suffix or self.container_id
 
 
 @dataclass
@@ -35,7 +42,7 @@ class RunInfo:
 
 
 class Runtime(Protocol):
-    kind: str
+    kind: str  # the implementation_type it runs
 
     def prepare(self, spec: ContainerSpec) -> dict | None:
         """Put the container's files in place (may be slow; never called on the router thread).
@@ -73,3 +80,6 @@ class Runtime(Protocol):
 
     def logs(self, spec: ContainerSpec, lines: int) -> str:
         """The last lines the container wrote."""
+
+    def files_size(self, spec: ContainerSpec) -> int:
+        """What get_images reports as the size of a container without an image (its files)."""

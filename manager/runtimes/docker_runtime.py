@@ -28,11 +28,11 @@ import docker.errors
 
 from infinibrain.errors import make_error
 
-from ..validate import copy_list
+from ..validate import copy_list, image_file
 from .base import ContainerSpec, RunInfo
 from .engine import LABEL_MANAGER, Engine
 from .process import human_bytes
-from .run_options import parse_run_option
+from ..run_options import parse_run_option
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class DockerRuntime:
             LABEL_MANAGER: self.engine.manager_id,
             "infinibrain.board": spec.board.name,
             "infinibrain.inference": spec.inference,
-            "infinibrain.suffix": spec.container_id,
+            "infinibrain.suffix": spec.suffix_name,
+            "infinibrain.instance": spec.container_id,
             LABEL_SPEC: spec_hash(spec),
         }
 
@@ -101,7 +102,7 @@ class DockerRuntime:
     def prepare(self, spec: ContainerSpec) -> dict:
         with self.engine.errors(self._doing(spec, "creating")):
             args = self.create_args(spec)
-            tar = _image_file(spec.config)
+            tar = image_file(spec.config)
             image, figures = self.engine.ensure_image(args["image"], tar)
             if spec.config.get("script_path") and "working_dir" not in args and not image["Config"].get("WorkingDir"):
                 args["working_dir"] = DEFAULT_WORKDIR
@@ -114,6 +115,7 @@ class DockerRuntime:
                     self._put(container, workdir, _tree_entries(Path(spec.config["script_path"])))
                 for entry in copy_list(spec.config):
                     self._copy_in(container, workdir, Path(entry["From"]), entry["To"])
+                self._put_overlay(container, workdir, spec.files)
         except BaseException:
             self.remove(spec)  # leave no half-made container behind
             raise
@@ -126,6 +128,18 @@ class DockerRuntime:
         return attrs is not None and attrs["Config"]["Labels"].get(LABEL_SPEC) == spec_hash(spec)
 
     # ---- files ---------------------------------------------------------------------------
+
+    def _put_overlay(self, container, workdir: str, files: Path | None) -> None:
+        """What put_file gave the inference: relative targets under the working
+        directory, absolute ones from the root (as put_file writes them)."""
+        if files is None:
+            return
+        for part, base in (("rel", workdir), ("abs", "/")):
+            if (files / part).is_dir():
+                self._put(container, base, _tree_entries(files / part))
+
+    def files_size(self, spec: ContainerSpec) -> int:
+        return 0  # a Docker container's size is its image's (get_images lists the engine's)
 
     def _copy_in(self, container, workdir: str, source: Path, to: str) -> None:
         target = posixpath.join(workdir, to)
@@ -320,12 +334,6 @@ def spec_hash(spec: ContainerSpec) -> str:
     """What the container was made from: a changed setting means a new container."""
     made_of = {"config": spec.config, "env": {k: v for k, v in spec.env.items() if k.startswith("INFINIBRAIN_")}}
     return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _image_file(cfg: dict) -> str | None:
-    if not cfg.get("image_filename") and not cfg.get("image_path"):
-        return None
-    return os.path.join(cfg.get("image_path") or "", cfg.get("image_filename") or "")
 
 
 def _tree_entries(root: Path) -> list[tuple[str, Path]]:

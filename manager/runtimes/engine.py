@@ -42,13 +42,17 @@ def engine_url(docker_host: str) -> str:
 
 
 class Engine:
+    # One load of a tag at a time per engine, across every board that reaches it (emulated
+    # boards reach one engine through several addresses): the second finds it loaded.
+    _loads: dict[tuple[str, str], threading.Lock] = {}
+    _loads_lock = threading.Lock()
+
     def __init__(self, url: str, manager_id: str, timeout: float) -> None:
         self.url = engine_url(url)
         self.manager_id = manager_id
         self.timeout = timeout
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
-        self._image_locks: dict[str, threading.Lock] = {}
         self._info: tuple[float, dict] | None = None
         # container name -> (running, exit code, when seen); written by the poller and by our own calls
         self._states: dict[str, tuple[bool, int | None, float]] = {}
@@ -175,10 +179,12 @@ class Engine:
 
     def ensure_image(self, tag: str, tar_path: str | None) -> tuple[dict, dict]:
         """Image ``tag``'s description, loading it from ``tar_path`` (a ``docker save`` tar)
-        first if the engine lacks it. One load per tag at a time. Also returns what the load
-        took ({} when the image was there already): bytes, seconds to send and to load."""
-        with self._lock:
-            lock = self._image_locks.setdefault(tag, threading.Lock())
+        first if the engine lacks it. One load per tag and engine at a time. Also returns what
+        the load took ({} when the image was there already): bytes, seconds to send and to load."""
+        if self.image(tag) is not None:
+            return self.image(tag), {}
+        with Engine._loads_lock:
+            lock = Engine._loads.setdefault((self.identity(), tag), threading.Lock())
         with lock:
             found = self.image(tag)
             if found is not None:

@@ -58,6 +58,11 @@ class ProcessRuntime:
                 host.put(Path(spec.config["script_path"]), fresh)
             for entry in copy_list(spec.config):
                 self._copy_in(Path(entry["From"]), fresh, entry["To"])
+            # What put_file gave the inference; inside a process container every path,
+            # absolute or not, is under its working folder.
+            for part in ("rel", "abs"):
+                if spec.files is not None and (spec.files / part).is_dir():
+                    host.put(spec.files / part, fresh)
             self._check_scripts(spec, fresh)
             self._write_env_file(spec, fresh)
         except BaseException:
