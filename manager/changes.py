@@ -83,18 +83,19 @@ class Changes:
         self.registry.persist(reg.name)
 
     def _watch(self, what: str, reg: Registration, boards: list[str], undo: Callable[[], None] | None,
-               sink: Sink = None, commit: Callable[[], object] | None = None,
+               sink: Sink = None, commit: Callable[[], None] | None = None,
                before: Snapshot | None = None) -> concurrent.futures.Future:
         """Hand the edit just made to ``reg`` to the reconciler. ``before``: the desired state
         before it (None: a new registration), so a failure waits for what it changed only."""
         self._settled(reg)
         touched = list(boards) if before is None else before.touched(reg)
 
-        def done() -> object:
-            if reg.stable is not None and self.registrations.get(reg.name) is reg:
+        def done() -> concurrent.futures.Future:
+            if commit is not None:
+                commit()
+            if self.registrations.get(reg.name) is reg:
                 reg.stable = None  # every placement is ready on the new revision
-                self.registry.persist(reg.name)
-            return commit() if commit is not None else None
+            return self.registry.persist(reg.name)  # after every write before it
 
         return self.reconciler.watch(Change(what, reg.name, boards, commit=done, undo=undo, sink=sink, touched=touched))
 
@@ -182,15 +183,14 @@ class Changes:
         for s in slots:
             s.removing = True
 
-        def commit() -> None:
+        def commit() -> concurrent.futures.Future:
             for s in slots:
                 s.removing = False
                 reg.boards.pop(s.board, None)
             if not reg.boards:
                 self.registry.files.drop(name)
                 self._drop(name, "was unloaded")
-            else:
-                self.registry.persist(name)
+            return self.registry.persist(name)
 
         def undo() -> None:
             for s in slots:
@@ -225,7 +225,6 @@ class Changes:
             for board in gone:
                 self.reconciler.slot(name, board).removing = False
                 reg.boards.pop(board, None)
-            self.registry.persist(name)
 
         def undo_all() -> None:
             for board in gone:

@@ -621,9 +621,16 @@ class Reconciler:
                 s.change = None
         if error is None:
             try:
-                change.future.set_result(change.commit())
+                result = change.commit()
             except Exception as exc:
                 change.future.set_exception(exc)
+                return
+            # A commit's answer may be the write of the registry: the command ends once it is on disk.
+            if isinstance(result, concurrent.futures.Future):
+                result.add_done_callback(lambda f: change.future.set_exception(f.exception()) if f.exception()
+                                         else change.future.set_result(None))
+            else:
+                change.future.set_result(result)
             return
         detail = detail_of(error.code, error.message)
         if change.undo is not None:
@@ -682,6 +689,6 @@ class Reconciler:
             inst.ready_deadline = time.monotonic() + self._ready_timeout(inst)
         self.poke()
 
-    def _settle(self, reg: Registration) -> None:
+    def _settle(self, reg: Registration) -> concurrent.futures.Future:
         reg.stable = None
-        self.registry.persist(reg.name)
+        return self.registry.persist(reg.name)

@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import shlex
+import stat
 import socket
 import threading
 import time
@@ -267,7 +268,13 @@ def makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
             missing.append(folder)
             folder = posixpath.dirname(folder)
     for path in reversed(missing):
-        sftp.mkdir(path, 0o755)
+        try:
+            sftp.mkdir(path, 0o755)
+        except OSError:
+            # Made meanwhile by someone else (boards deployed in parallel may share a home);
+            # anything else is still an error.
+            if not stat.S_ISDIR(sftp.stat(path).st_mode):
+                raise
 
 
 def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:

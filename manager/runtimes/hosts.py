@@ -336,9 +336,12 @@ class SSHHost:
                     sftp.chmod(posixpath.join(cwd, SECRETS_FILE), 0o600)
                     fh.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in secrets.items()))
             load_secrets = f". ./{SECRETS_FILE}; rm -f {SECRETS_FILE}\n"
-        log_q, cwd_q = shlex.quote(log_path), shlex.quote(cwd)
+        # Relative paths are from the SSH user's home (as SFTP has them); the log is written
+        # after the script changed folder, so it is named from $HOME.
+        log_q = shlex.quote(log_path) if log_path.startswith("/") else f'"$HOME"/{shlex.quote(log_path)}'
+        cwd_q = shlex.quote(cwd)
         script = (
-            f"mkdir -p {shlex.quote(posixpath.dirname(log_path))} && cd {cwd_q} || exit 97\n"
+            f"mkdir -p \"$(dirname {log_q})\" && cd {cwd_q} || exit 97\n"
             f"{load_secrets}"
             f"rm -f {EXIT_FILE}; printf %s {shlex.quote(start_line(argv))} >> {log_q}\n"
             f"command -v {shlex.quote(argv[0])} >/dev/null 2>&1 || {{ echo 'not found' >&2; exit 127; }}\n"
