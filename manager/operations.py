@@ -165,7 +165,8 @@ def load_warmup(cfg: dict) -> tuple[list, Any, dict, str] | None:
     try:
         if path.endswith(".npy"):
             array = np.ascontiguousarray(np.load(path, allow_pickle=False))
-            payload, arr = [array], P.array_meta(array)
+            payload: list = [array]
+            arr = P.array_meta(array)
         else:
             with open(path, "rb") as fh:
                 payload, arr = [fh.read()], None

@@ -22,8 +22,8 @@ _local = threading.local()
 
 
 @contextmanager
-def reporting(sink: Callable[[dict], None]) -> Iterator[None]:
-    """Send this thread's progress events to ``sink`` while the block runs."""
+def reporting(sink: Callable[[dict], None] | None) -> Iterator[None]:
+    """Send this thread's progress events to ``sink`` while the block runs (None: nowhere)."""
     previous = getattr(_local, "sink", None)
     _local.sink, _local.last = sink, {}
     try:

@@ -27,6 +27,7 @@ until it shows life again, and is restarted when its restart policy allows.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class Change:
     what: str
     name: str
     boards: list[str]
-    commit: Callable[[], object] = lambda: None
+    commit: Callable[[], object] = lambda: None  # noqa: E731
     undo: Callable[[], None] | None = None
     sink: Callable[[dict], None] | None = None
     touched: list[str] = field(default_factory=list)  # the boards whose desired state it changed
@@ -178,8 +179,8 @@ class Reconciler:
             for board, placement in list(reg.boards.items()):
                 self._converge(self.slot(name, board), reg, placement, now)
         for key, s in list(self.slots.items()):
-            reg = self.registrations.get(s.name)
-            if reg is None or s.board not in reg.boards:
+            owner = self.registrations.get(s.name)
+            if owner is None or s.board not in owner.boards:
                 self._converge(s, None, None, now)
                 if not s.instances and not s.busy:
                     del self.slots[key]
@@ -327,7 +328,7 @@ class Reconciler:
 
         fut.add_done_callback(lambda f: self.router.call_soon(finished, f))
 
-    def _failed_step(self, s: Slot, what: str, error: BaseException, backoff: bool = True) -> InfinibrainException:
+    def _failed_step(self, s: Slot, what: str, error: BaseException | None, backoff: bool = True) -> InfinibrainException:
         exc = error if isinstance(error, InfinibrainException) else make_error(999, detail=f"{type(error).__name__}: {error}")
         s.error, s.error_at = exc, time.monotonic()
         if backoff:
@@ -410,7 +411,7 @@ class Reconciler:
             if inst.state in (State.STOPPED, State.FAILED) and not inst.running:
                 if remove or (s.name in self.registrations and inst.revision != self.registrations[s.name].revision):
                     self._step(s, inst, "removing", ops.stop, inst.spec, inst.runtime, True,
-                               done=lambda f, i=inst: self._removed(s, i, f))
+                               done=functools.partial(self._removed, s, inst))
                     return
                 continue
             return self._retire(s, inst, now, remove)
@@ -572,6 +573,7 @@ class Reconciler:
             return False
         inst = next(iter(s.instances.values()))
         # Ready means serving: connected (an ``other`` container is run by someone else).
+        assert reg is not None
         return inst.revision == reg.revision and inst.state is State.READY and (inst.connected or inst.runtime.kind == "other")
 
     def _broken(self, s: Slot, change: Change) -> str:
@@ -678,7 +680,7 @@ class Reconciler:
                     inst.pid, inst.pid_start, inst.created = record.pid, record.pid_start, record.created
                     adopting.append((inst, self.ops.submit(ops.adopt, inst.spec, inst.runtime, record.pid, record.pid_start)))
             if reg.stable is not None:  # a change was under way: finish it, or go back if it fails
-                self.watch(Change("rollout", name, list(reg.boards), commit=lambda r=reg: self._settle(r)))
+                self.watch(Change("rollout", name, list(reg.boards), commit=functools.partial(self._settle, reg)))
         for inst, fut in adopting:
             try:
                 adopted = fut.result(timeout=self.config.engine_timeout_ms / 1000 + 30)

@@ -234,12 +234,20 @@ def parse(name: str, path: Path, data: object) -> Registration:
                         "pid_start": raw.get("pid_start"), "created": raw.get("created") or ""}]
         else:
             records = raw.get("instances") or []
-        try:
-            instances = [InstanceRecord(**{k: r[k] for k in InstanceRecord.__dataclass_fields__ if k in r}) for r in records]
-        except (TypeError, KeyError):
-            raise mismatch(f"board {board!r}: its instances are invalid") from None
+        instances = [i for i in map(_record, records) if i is not None]
+        if len(instances) != len(records):
+            raise mismatch(f"board {board!r}: its instances are invalid")
         placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances)
     return Registration(name, config, placements, revision, next_revision, stable)
+
+
+def _record(raw: object) -> InstanceRecord | None:
+    """One instance of a file, None if it is not one."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not isinstance(raw.get("revision"), int):
+        return None
+    pid, start = raw.get("pid"), raw.get("pid_start")
+    return InstanceRecord(raw["id"], raw["revision"], pid if isinstance(pid, int) else None,
+                          start if isinstance(start, int) else None, str(raw.get("created") or ""))
 
 
 class Overlay:

@@ -334,7 +334,7 @@ class Router:
         while not self._stop:
             try:
                 timeout = max(0.0, self._next_tick - time.monotonic())
-                for sock, _ in poller.poll(timeout * 1000):
+                for sock, _ in poller.poll(int(timeout * 1000)):
                     if sock == self._wake_r:
                         self._run_calls()
                     else:
@@ -425,7 +425,7 @@ class Router:
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
         svc = self.services.get(name) if isinstance(name, str) else None
-        if svc is None:
+        if svc is None or not isinstance(name, str):
             return self._refuse(client, rid, name, 400, detail=f"inference {name!r} is not registered")
         if not svc.takes_input:
             return self._refuse(client, rid, name, 403, name)
@@ -475,7 +475,8 @@ class Router:
         for n, svc in self.services.items():
             if name and n != name:
                 continue
-            chosen, kept = [], []
+            chosen: list[Request] = []
+            kept: list[Request] = []
             for r in svc.queue:
                 (chosen if keep_out(r) else kept).append(r)
             if chosen:
@@ -581,7 +582,7 @@ class Router:
     def _on_container_frames(self, frames: list) -> None:
         msg = P.decode(frames)
         h = msg.header
-        c = self.containers.get(h.get("cont"))
+        c = self.containers.get(str(h.get("cont")))
         if c is None:
             log.debug("message from unknown container %r", h.get("cont"))
             return

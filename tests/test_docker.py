@@ -294,3 +294,24 @@ def test_container_killed_on_the_engine_is_402_and_114_then_start_brings_it_back
     assert again.id == container.id  # the same container, started again
     assert dcluster.infer_image(name, colour(0))["board"] == "b1"
     dcluster.unload_inference(name, delete_image=False)
+
+
+def test_an_update_with_a_missing_tar_touches_nothing(docker_kit, dm, dcluster, name, tmp_path):
+    """A typo in the new tar's name: refused before any container stops; the old ones serve on."""
+    dcluster.load_inference(echo(name), "all")
+    before = {c.id for c in docker_kit.containers(dm) if c.labels["infinibrain.inference"] == name}
+    assert len(before) == 2
+    with pytest.raises(InfinibrainException) as err:
+        dcluster.load_inference(echo(name, image_tag=f"ib-test/absent:{name}", image_path=str(tmp_path),
+                                     image_filename="clasifier.tar", force_update=True), "all")
+    assert err.value.code == 302 and "clasifier.tar" in err.value.message and "cannot be opened" in err.value.message
+    running = [c for c in docker_kit.containers(dm) if c.labels["infinibrain.inference"] == name]
+    assert {c.id for c in running} == before and all(c.status == "running" for c in running)
+    assert served_by(dcluster, name, 8) == {"b1", "b2"}
+    assert dcluster.get_container_handler(name)[0].image_tag == RUNTIME
+    # A rolling update on Docker boards: new containers, then the old ones go.
+    dcluster.load_inference(echo(name, max_send_num=3, force_update=True), "all")
+    after = {c.id for c in docker_kit.containers(dm) if c.labels["infinibrain.inference"] == name}
+    assert len(after) == 2 and not after & before
+    assert served_by(dcluster, name, 8) == {"b1", "b2"}
+    dcluster.unload_inference(name, delete_image=False)

@@ -138,7 +138,7 @@ def test_public_api_passes_mypy():
     mypy = shutil.which("mypy") or str(Path(sys.executable).parent / "mypy")
     if not Path(mypy).exists():
         pytest.skip("mypy is not installed (pip install -e '.[test]' installs it)")
-    out = subprocess.run([mypy, "--ignore-missing-imports", "--no-error-summary", str(ROOT / "infinibrain")],
+    out = subprocess.run([mypy, "--ignore-missing-imports", "--no-error-summary", str(ROOT / "infinibrain"), str(ROOT / "manager")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:]
     assert (ROOT / "infinibrain" / "py.typed").exists()

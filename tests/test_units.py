@@ -167,3 +167,59 @@ def test_docker_config_needs_an_image_tag_and_valid_options():
         normalize_config({"name": "d", "implementation_type": "nvidia", "image_tag": "x:1", "run_option": "--rm"})
     assert info.value.code == 302 and "--rm" in info.value.message
     assert normalize_config({"name": "d", "image_tag": "x:1"})["implementation_type"] == "docker"
+
+
+def test_snapshot_says_which_boards_an_edit_touched_and_undoes_it():
+    from infinibrain.manager.changes import Snapshot
+
+    config = normalize_config({"name": "cam", "implementation_type": "Loop"})
+    reg = Registration("cam", config, {"a": Placement(), "b": Placement(distribution="off")})
+    before = Snapshot.of(reg)
+    reg.boards["b"].running = False
+    reg.boards["c"] = Placement()
+    assert before.touched(reg) == ["b", "c"]
+    before.restore(reg)
+    assert sorted(reg.boards) == ["a", "b"] and reg.boards["b"].running and reg.boards["b"].distribution == "off"
+    reg.new_revision()  # new settings: every board gets new containers
+    assert before.touched(reg) == ["a", "b"] and reg.revision == 2 and reg.next_revision == 3
+    before.restore(reg)
+    assert reg.revision == 1 and reg.next_revision == 3  # a revision number is never used twice
+
+
+def test_locks_conflict_per_placement_and_per_inference():
+    from infinibrain.manager.commands import WHOLE, Locks
+
+    locks = Locks()
+    locks.take([("cam", "b1")])
+    assert locks.conflicts([("cam", "b2")]) == []  # another board of the same inference
+    assert locks.conflicts([("cam", "b1")]) == ["cam"]
+    assert locks.conflicts([("cam", WHOLE)]) == ["cam"]  # a change of the whole inference
+    assert locks.conflicts([("mic", WHOLE)]) == []
+    locks.take([("mic", WHOLE)])
+    assert locks.conflicts([("mic", "b9")]) == ["mic"]
+    locks.release([("cam", "b1")])
+    assert locks.conflicts([("cam", WHOLE)]) == [] and locks.busy("mic") and not locks.busy("cam")
+
+
+def test_restart_backoff_doubles_with_jitter_up_to_its_bound():
+    from infinibrain.manager.restarts import Backoff
+
+    b = Backoff(0.5, 30.0)
+    delays = [b.next_delay() for _ in range(10)]
+    assert 0.4 <= delays[0] <= 0.6 and 0.8 <= delays[1] <= 1.2 and all(d <= 36.0 for d in delays)
+    assert 24.0 <= delays[-1] <= 36.0 and b.tries == 10
+    b.reset()
+    assert b.tries == 0 and b.next_delay() <= 0.6
+
+
+def test_warmup_settings_are_checked(tmp_path):
+    sample = tmp_path / "s.npy"
+    sample.write_bytes(b"x")
+    cfg = normalize_config({"name": "a", "implementation_type": "Loop", "warmup": str(sample), "ready_timeout": 5000})
+    assert cfg["warmup"] == {"file": str(sample), "param": {}, "sub_inference_name": None} and cfg["ready_timeout"] == 5000
+    for bad, needle in (("relative.npy", "absolute"), (str(tmp_path / "none.npy"), "cannot be read"),
+                        ({"file": str(sample), "colour": 1}, "colour"),
+                        ({"file": str(sample), "sub_inference_name": "nope"}, "nope")):
+        with pytest.raises(InfinibrainException) as err:
+            normalize_config({"name": "a", "implementation_type": "Loop", "warmup": bad})
+        assert err.value.code == 302 and needle in err.value.message

@@ -170,7 +170,7 @@ class DockerRuntime:
         """Write ``entries`` (path under ``folder`` -> file here) into the container,
         making ``folder`` and any folders it lacks."""
         folder = posixpath.normpath(folder)
-        base, missing = folder, []
+        base, missing = folder, list[str]()
         while base != "/" and self._stat(container, base) is None:
             base, tail = posixpath.split(base)
             missing.insert(0, tail)

@@ -120,7 +120,7 @@ class Engine:
         while not self._closed.wait(POLL_INTERVAL):
             asked = time.monotonic()
             try:
-                found = self._client.api.containers(all=True, filters={"label": f"{LABEL_MANAGER}={self.manager_id}"})
+                found = self.client.api.containers(all=True, filters={"label": f"{LABEL_MANAGER}={self.manager_id}"})
             except Exception as exc:  # the engine went away; keep the last known states
                 log.debug("engine poll failed: %s", exc)
                 continue
@@ -181,8 +181,9 @@ class Engine:
         """Image ``tag``'s description, loading it from ``tar_path`` (a ``docker save`` tar)
         first if the engine lacks it. One load per tag and engine at a time. Also returns what
         the load took ({} when the image was there already): bytes, seconds to send and to load."""
-        if self.image(tag) is not None:
-            return self.image(tag), {}
+        found = self.image(tag)
+        if found is not None:
+            return found, {}
         with Engine._loads_lock:
             lock = Engine._loads.setdefault((self.identity(), tag), threading.Lock())
         with lock:
@@ -202,7 +203,7 @@ class Engine:
             log.info("loaded %s from %s on %s (%.0f MB in %.1f s)", ", ".join(loaded) or "nothing", tar_path, self.url,
                      size / 1e6, time.monotonic() - started)
             self._tag_loaded(tag, tar_path, loaded)
-            return self.image(tag), figures
+            return self.image(tag) or {}, figures
 
     def _load(self, tar_path: str) -> dict:
         """Load a ``docker save`` tar into the engine: {"loaded": [what it loaded]}."""
