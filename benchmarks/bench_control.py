@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_infer import Baseline, latency, throughput_ours  # noqa: E402
-from conftest import SCRIPTS, ManagerProcess, SSHBoards, echo_config, free_base_port  # noqa: E402
+from conftest import ManagerProcess, SSHBoards, echo_config, free_base_port  # noqa: E402
 
 from infinibrain import ContainerConfig  # noqa: E402
 

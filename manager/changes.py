@@ -160,7 +160,7 @@ class Changes:
 
     def check_unload(self, name: str, board: str) -> None:
         """300, or 303 if removing ``name``'s containers (on ``board``) would cut requests."""
-        reg = self._registered(name)
+        reg = self.registry.registered(name)
         boards = [b for b in reg.boards if not board or b == board]
         whole = len(boards) == len(reg.boards)
         instances = [i for i in self.reconciler.instances_of(name) if i.board in boards]
@@ -174,7 +174,7 @@ class Changes:
     def unload(self, name: str, board: str) -> concurrent.futures.Future:
         """Remove ``name``'s containers (on ``board``; "" = everywhere)."""
         self.check_unload(name, board)
-        reg = self._registered(name)
+        reg = self.registry.registered(name)
         boards = [b for b in reg.boards if not board or b == board]
         whole = len(boards) == len(reg.boards)
         if whole:
@@ -236,14 +236,14 @@ class Changes:
     # ---- one board, one container -----------------------------------------------------------
 
     def add(self, name: str, board: str, sink: Sink) -> concurrent.futures.Future:
-        reg = self._registered(name)
+        reg = self.registry.registered(name)
         undo, before = self._undo_to(reg)
         reg.boards.setdefault(board, Placement()).running = True
         return self._watch("add_inference", reg, [board], undo, sink, before=before)
 
     def set_running(self, what: str, name: str, board: str, running: bool, sink: Sink) -> concurrent.futures.Future:
         """Start (or stop) the container of ``name`` on ``board``, keeping its files."""
-        reg = self._registered(name)
+        reg = self.registry.registered(name)
         undo, before = self._undo_to(reg)
         reg.boards[board].running = running
         return self._watch(what, reg, [board], undo, sink, before=before)
@@ -251,7 +251,7 @@ class Changes:
     def restart(self, name: str, sink: Sink) -> concurrent.futures.Future:
         """New containers for every board, rolled out as new settings would be (so files
         put_file changed are read afresh), the old ones serving until the new are ready."""
-        reg = self._registered(name)
+        reg = self.registry.registered(name)
         undo, before = self._undo_to(reg)
         self._roll(reg, reg.config)
         return self._watch("restart_inference", reg, list(reg.boards), undo, sink, before=before)
@@ -266,11 +266,6 @@ class Changes:
             self.router.pump(name)
         return gather([self.registry.persist(n) for n in names])
 
-    def _registered(self, name: str) -> Registration:
-        reg = self.registrations.get(name)
-        if reg is None:
-            raise make_error(300, detail=f"inference {name!r}")
-        return reg
 
 
 def _settings(cfg: dict) -> dict:

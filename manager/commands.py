@@ -30,7 +30,7 @@ from .changes import Changes
 from .operations import Operations, gather
 from .reconciler import Reconciler
 from .router import Router
-from .state import Client, Instance
+from .state import Client, Instance, State
 from .validate import normalize_config
 from .views import Views
 
@@ -295,7 +295,7 @@ class Commands:
         if not isinstance(target, str):
             raise make_error(101, "To")
         reg = self.views.registered(name)
-        instances = [i for b in reg.boards if (i := self.reconciler.current(name, b)) is not None]
+        instances = [i for b in reg.boards if (i := self.reconciler.current(name, b)) is not None and i.state is not State.PENDING]
         queued = len(self.router.services[name].queue) if name in self.router.services else 0
         running = sum(len(i.in_flight) for i in self.reconciler.instances_of(name))
         if queued or running:

@@ -27,6 +27,7 @@ until it shows life again, and is restarted when its restart policy allows.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import time
@@ -273,13 +274,13 @@ class Reconciler:
         return inst
 
     def _relabel(self, s: Slot, inst: Instance, reg: Registration) -> None:
-        """An ``other`` container is run by someone else: new settings are only ours to know."""
-        s.instances.pop(inst.id)
-        self.router.remove_instance(inst)
-        fresh = self.make_instance(reg, s.board, reg.revision, reg.config)
-        fresh.state, fresh.running = (State.STOPPED, False) if inst.state is State.STOPPED else (State.STARTING, True)
-        fresh.ready_deadline = time.monotonic() + self._ready_timeout(fresh)
-        self._record(fresh)
+        """An ``other`` container is run by someone else: new settings are only ours to know
+        (the same instance goes on, its requests with it)."""
+        board = self.boards[s.board]
+        inst.revision = reg.revision
+        inst.spec = dataclasses.replace(inst.spec, config=reg.config)
+        inst.runtime = board.runtime(reg.config["implementation_type"])
+        self._record(inst)
         self.poke()
 
     def _set(self, inst: Instance, state: State, why: str = "") -> None:
@@ -688,6 +689,8 @@ class Reconciler:
                 adopted = False
             inst.running = adopted
             inst.state = State.STARTING if adopted else State.STOPPED
+            if adopted and inst.runtime.kind == "other":
+                inst.state = State.READY  # someone else runs it: registered is all we can make it
             inst.ready_deadline = time.monotonic() + self._ready_timeout(inst)
         self.poke()
 

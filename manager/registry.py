@@ -41,6 +41,7 @@ from pathlib import Path
 
 from infinibrain.errors import InfinibrainException, make_error
 
+from .runtimes.hosts import copy_atomic
 from .validate import normalize_config
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,13 @@ class Registry:
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
+
+    def registered(self, name: str) -> Registration:
+        """The registration of ``name`` (router thread); 300 if there is none."""
+        reg = self.registrations.get(name)
+        if reg is None:
+            raise make_error(300, detail=f"inference {name!r}")
+        return reg
 
     # ---- router thread ------------------------------------------------------------
 
@@ -266,16 +274,7 @@ class Overlay:
         inside = posixpath.normpath(posixpath.join(target_dir.lstrip("/") or ".", os.path.basename(source)))
         if inside.startswith(".."):
             raise make_error(302, detail=f"path {target_dir!r} points outside the container")
-        target = self.root / name / part / inside
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        try:
-            shutil.copy2(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        copy_atomic(source, str(self.root / name / part / inside), mode=0o700)
 
     def drop(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)

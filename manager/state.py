@@ -2,7 +2,8 @@
 
 All of it is owned by the router thread; worker threads reach it only through
 ``Router.call`` / ``Router.call_soon``, so none of it needs a lock. Worker threads may read
-an instance's ``spec`` and ``runtime``, which never change after the instance is made.
+an instance's ``spec`` and ``runtime``, which never change after the instance is made
+(but for an ``other`` container's, which no worker runs).
 
 An *instance* is one container of one inference on one board at one revision of its
 settings. A placement (inference, board; the reference's ContainerHandler, named by its

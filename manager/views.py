@@ -42,10 +42,7 @@ class Views:
     # ---- lookups (raise the reference's errors) --------------------------------------------
 
     def registered(self, name: str) -> Registration:
-        reg = self.registrations.get(name)
-        if reg is None:
-            raise make_error(300, detail=f"inference {name!r}")
-        return reg
+        return self.reconciler.registry.registered(name)
 
     def board(self, name: str) -> Board:
         board = self.boards.get(name)

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import SCRIPTS, echo_config, manager_stats, wait_for
+from conftest import SCRIPTS, echo_config, wait_for
 from infinibrain import ContainerConfig, InferenceModulesConfig
 from infinibrain.errors import InfinibrainException, exit_status
 from loadgen import Load, events_of

@@ -58,6 +58,20 @@ def _old_name(work: str) -> str:
     return posixpath.join(posixpath.dirname(work), f".{posixpath.basename(work)}.old")
 
 
+def copy_atomic(source: str, target: str, mode: int = 0o777) -> None:
+    """Copy ``source`` to ``target`` on this host: written beside it, then renamed, so a
+    reader never sees half a file. Missing folders are made (with ``mode``)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True, mode=mode)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+    os.close(fd)
+    try:
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def start_line(argv: list[str]) -> str:
     return f"--- start {datetime.now(timezone.utc).isoformat()} {shlex.join(argv)}\n"
 
@@ -102,15 +116,7 @@ class LocalHost:
         shutil.rmtree(old, ignore_errors=True)
 
     def put_atomic(self, source: str, target: str) -> None:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
-        os.close(fd)
-        try:
-            shutil.copy2(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        copy_atomic(source, target)
 
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
