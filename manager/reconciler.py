@@ -99,10 +99,6 @@ class Slot:
     removing: bool = False  # being unloaded: converged when no instance is left
     change: Change | None = None
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.name, self.board
-
 
 class Reconciler:
     """Router thread only (every method), but for what it hands to ``Operations``."""
@@ -202,7 +198,7 @@ class Reconciler:
                 return self._relabel(s, olds[0], reg)
             if s.error is not None and s.change is not None:
                 return  # its change failed here: the change undoes itself
-            if olds and not self._surge(s, reg):
+            if olds and not self.boards[s.board].config.surge:
                 live = [i for i in olds if i.state not in (State.STOPPED, State.FAILED)]
                 if live:
                     if not s.replacing and any(o.replacing for o in self.slots.values() if o.name == s.name and o is not s):
@@ -240,9 +236,6 @@ class Reconciler:
             self._retire(s, target, now, remove=False)  # stopped, then started again: placement wants it
 
     # ---- instances ------------------------------------------------------------------------
-
-    def _surge(self, s: Slot, reg: Registration) -> bool:
-        return self.boards[s.board].config.surge
 
     def _new_instance(self, s: Slot, reg: Registration) -> Instance:
         inst = self.make_instance(reg, s.board, reg.revision, reg.config)
@@ -637,7 +630,7 @@ class Reconciler:
             return
         detail = detail_of(error.code, error.message)
         if change.undo is not None:
-            serving = sorted({i.suffix for i in self.instances_of(change.name) if i.state is State.READY})
+            serving = sorted({i.suffix for i in self.instances_of(change.name) if i.serving})
             if not back:
                 detail += f"; rolling back has not finished yet ({stuck or 'it goes on'})"
             if serving:
