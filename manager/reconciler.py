@@ -332,7 +332,8 @@ class Reconciler:
 
     def _start(self, s: Slot, inst: Instance, fresh: bool) -> None:
         self._set(inst, State.STARTING)
-        inst.warmup_key, inst.deploy_started = None, time.monotonic()
+        inst.warmup_key = None
+        inst.deploy_started = inst.started_at = time.monotonic()
         self._step(s, inst, "starting", ops.start, inst.spec, inst.runtime, fresh, done=lambda f: self._started(s, inst, f))
 
     def _started(self, s: Slot, inst: Instance, f: concurrent.futures.Future) -> None:
@@ -490,7 +491,7 @@ class Reconciler:
         s.restarting = why
         if inst.state is State.UNHEALTHY:
             self._set(inst, State.STARTING, "restarting")
-            inst.deploy_started = time.monotonic()
+            inst.deploy_started = inst.started_at = time.monotonic()
             self.router.container_lost(inst, f"it is restarted ({why})", announce=False)
             self._step(s, inst, "restarting", ops.restart, inst.spec, inst.runtime, done=lambda f: self._started(s, inst, f))
         else:
@@ -542,6 +543,9 @@ class Reconciler:
                 continue
             if inst.state is State.STARTING and not s.busy:
                 self._fail(s, inst, f"exited with status {code} while starting")
+            elif s.change is not None and s.change.error is None and inst.started_at < s.change.started:
+                # It was running before the command that now wants it: that command starts it again.
+                self._set(inst, State.STOPPED, f"exited with status {code}")
             else:
                 self._set(inst, State.FAILED, f"exited with status {code}")
 

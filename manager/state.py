@@ -99,7 +99,8 @@ class Instance:
     warmup_key: int | None = None  # the mkey of its warm-up request, while it runs
     lost_at: float = 0.0  # when its connection was last lost
     probed_at: float = 0.0  # when the board was last asked whether its process still runs
-    deploy_started: float = 0.0  # when its last start step began (0: adopted, not deployed by us)
+    deploy_started: float = 0.0  # when its start step began, until it is ready (0: adopted, or ready)
+    started_at: float = 0.0  # when its last start step began
     pid: int | None = None
     pid_start: int | None = None
     created: str = ""
