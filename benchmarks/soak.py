@@ -129,7 +129,7 @@ def main() -> int:
         admin.load_inference(ContainerConfig(
             name=NAME, implementation_type="Loop", input="Main", output="Main", max_send_num=4,
             send_timeout=SEND_TIMEOUT_MS, wait_queue_timeout=ANSWER_TIMEOUT_MS, run_option="--restart on-failure"), "all")
-        stats = lambda: admin._client.command("stats", {}).wait()  # noqa: E731
+        stats = admin.stats
         rss_start = stats()["rss_bytes"]
         ctx = mp.get_context("spawn")
         out = ctx.Queue()

@@ -7,8 +7,9 @@ data class and exception is importable from here too.
 """
 __version__ = "0.1.0"
 
-from .errors import *  # noqa: F401,F403 - the exception classes are part of the public API
-from .errors import __all__ as _error_names
+from .errors import *  # noqa: F401,F403 - the exception classes (errors.EXCEPTIONS) are public API
+from .errors import EXCEPTIONS as _error_names
+from .errors import NotImplemented  # noqa: A004 - the reference's short name, by name only (not in __all__)
 from .types import (
     ContainerConfig,
     ContainerDistributionStatus,
@@ -37,5 +38,5 @@ __all__ = [
     "InferenceModulesConfig",
     "InferenceResponse",
     "QueueInfo",
-    *[n for n in _error_names if n.endswith("Exception")],
+    *_error_names,
 ]

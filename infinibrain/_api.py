@@ -125,11 +125,6 @@ def report_async(client: "ClusterClient", name: str, error: InfinibrainException
     return next_request_no()
 
 
-def one_or_list(items: list) -> Any:
-    """The reference returns "the structure" where one is meant; several come as a list."""
-    return items[0] if len(items) == 1 else items
-
-
 def require_str(value: Any, name: str, allow_empty: bool = False) -> str:
     if value is None or not isinstance(value, str) or (not value and not allow_empty):
         raise argument_error(name, "" if value in (None, "") else f"must be a string, got {type(value).__name__}")

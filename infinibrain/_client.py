@@ -66,17 +66,27 @@ class Pending:
     inference: str = ""
     tid: int = 0
     sent: float = 0.0
+    accepted: threading.Event | None = None  # set when acknowledged or ended (only when asked for)
+
+    def wait_accepted(self) -> None:
+        """Until the manager acknowledged or refused it (bounded: no acknowledgement in
+        ACK_TIMEOUT ends it with 402)."""
+        assert self.accepted is not None
+        if not self.accepted.wait(max(self.deadline - time.monotonic(), 0) + ANSWER_GRACE):
+            raise make_error(402, detail=f"the manager did not acknowledge request {self.rid}")
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
+        bound = None if self.deadline == float("inf") else max(self.deadline - time.monotonic(), 0) + COMMAND_TIMEOUT
         try:
-            return self.future.result(timeout=max(self.deadline - time.monotonic(), 0) + COMMAND_TIMEOUT)
+            return self.future.result(timeout=bound)
         except concurrent.futures.TimeoutError:
             raise make_error(401, detail=f"no answer to request {self.rid}") from None
 
 
 class ClusterClient:
-    def __init__(self, host: str, port: int, connect_timeout: float, logger: logging.Logger | None = None) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float,
+                 logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
         self.host, self.port = host, port
         self.logger = logger or log
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
@@ -211,10 +221,12 @@ class ClusterClient:
             raise
         return p
 
-    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None) -> Pending:
+    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
+              wait_accept: bool = False) -> Pending:
         self.check_connected()
         tid = threading.get_native_id()
-        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid)
+        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
+                    accepted=threading.Event() if wait_accept else None)
         sent = P.now()
         p.sent = sent
         header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", sent]]}
@@ -230,13 +242,19 @@ class ClusterClient:
         """Run ``fn(*args)`` on the callback thread."""
         self._callbacks.put((fn, args))
 
-    def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None) -> None:
+    def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "") -> None:
+        """End ``p``: its future, and its callback (which gets the reference's message only)."""
         if code == 0:
             p.future.set_result((result, response) if p.kind == "infer" else result)
         else:
-            exc = error_from_code(code, message)
+            exc = error_from_code(code, message, detail)
             exc.response = response  # type: ignore[attr-defined]
             p.future.set_exception(exc)
+        if p.accepted is not None:
+            p.accepted.set()
+        if p.on_done is not None and code and detail:
+            # A callback gets the reference's message only: the detail is in the log.
+            self.logger.debug("request %s ended with [%d] %s: %s", p.rid, code, message, detail)
         if p.on_done is not None:
             self.deliver(p.on_done, code, message, result if code == 0 else None, response)
 
@@ -245,7 +263,7 @@ class ClusterClient:
             p = self._pending.pop(rid, None)
             if p is not None:
                 code = infer_code if p.kind == "infer" else 111
-                self._finish(p, code, format_message(code, detail=why), response=self._bare_response(p))
+                self._finish(p, code, format_message(code), response=self._bare_response(p), detail=why)
 
     def _bare_response(self, p: Pending) -> InferenceResponse | None:
         if p.kind != "infer":
@@ -330,7 +348,12 @@ class ClusterClient:
         if p is not None and not p.acked:
             p.acked = True
             timeout = msg.header.get("timeout")
-            p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
+            if p.kind == "infer" and timeout is None and "timeout" in msg.header:
+                p.deadline = float("inf")  # no answer limit: the manager's liveness still ends it
+            else:
+                p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
+            if p.accepted is not None:
+                p.accepted.set()
 
     def _on_result(self, msg: P.Message) -> None:
         h = msg.header
@@ -344,8 +367,8 @@ class ClusterClient:
             try:
                 result = P.unpack_value(msg.payload[0]) if msg.payload else None
             except P.ProtocolError as exc:
-                code, h["msg"] = 999, format_message(999, detail=f"result could not be decoded: {exc}")
-        self._finish(p, code, h.get("msg") or "", result, response)
+                code, h["msg"], h["detail"] = 999, format_message(999), f"result could not be decoded: {exc}"
+        self._finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "")
 
     def _on_reply(self, msg: P.Message) -> None:
         h = msg.header
@@ -354,7 +377,7 @@ class ClusterClient:
             return
         code = int(h.get("code") or 0)
         result = P.unpack_value(msg.payload[0]) if (code == 0 and msg.payload) else None
-        self._finish(p, code, h.get("msg") or "", result)
+        self._finish(p, code, h.get("msg") or "", result, detail=h.get("detail") or "")
 
     def _on_progress(self, msg: P.Message) -> None:
         p = self._pending.get(str(msg.header.get("rid")))
@@ -408,7 +431,7 @@ class ClusterClient:
                     why = f"the manager did not acknowledge request {p.rid}"
                 else:
                     code, why = (401, f"no answer to request {p.rid} in time") if p.kind == "infer" else (111, f"no reply to command {p.rid}")
-                self._finish(p, code, format_message(code, detail=why), response=self._bare_response(p))
+                self._finish(p, code, format_message(code), response=self._bare_response(p), detail=why)
         if self.manager_id is None:
             return  # still in the first handshake
         if self.connected:

@@ -159,7 +159,7 @@ def cmd_deploy(c: AICluster, args: argparse.Namespace) -> int:
         try:
             load_with_progress(c, cfg, wanted, args.quiet)
         except InfinibrainException as exc:
-            if not before or not (exc.code == 203 or "registered with other settings" in exc.message):
+            if not before or not (exc.code == 203 or "registered with other settings" in exc.detail):
                 raise
             load_with_progress(c, {**cfg, "force_update": True}, wanted, args.quiet)
             changed = True
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(cluster, args)
     except InfinibrainException as exc:
         hint = HINTS.get(exc.code)
-        print(f"infinibrain: [{exc.code}] {exc.message}" + (f"\n  what to do: {hint}" if hint else ""), file=sys.stderr)
+        print(f"infinibrain: [{exc.code}] {exc.text}" + (f"\n  what to do: {hint}" if hint else ""), file=sys.stderr)
         return exit_status(exc.code)
     except KeyboardInterrupt:
         return 130

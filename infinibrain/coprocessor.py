@@ -31,13 +31,14 @@ class CoprocessorHandler:
 
     def _distribution(self, name: str, inference_name: str, on: bool) -> Call:
         _api.require_str(inference_name, "inference_name", allow_empty=True)
-        return Call(
-            name,
-            "board_distribution",
-            {"board": self.name, "inference_name": inference_name, "on": on},
-            lambda rows: _api.one_or_list([ContainerDistributionStatus.from_dict(r) for r in rows]),
-            safe=True,
-        )
+
+        def convert(rows: list) -> Any:
+            # One inference named: its container on this board; "" (all of them): a list.
+            statuses = [ContainerDistributionStatus.from_dict(r) for r in rows]
+            return statuses[0] if inference_name else statuses
+
+        return Call(name, "board_distribution", {"board": self.name, "inference_name": inference_name, "on": on},
+                    convert, safe=True)
 
     def _add(self, inference_name: str) -> Call:
         _api.require_str(inference_name, "inference_name")
@@ -54,8 +55,8 @@ class CoprocessorHandler:
     def start_distribution(self, inference_name: str = "") -> Any:
         """Enable ``inference_name`` ("" = every inference) on this board.
 
-        Returns the ContainerDistributionStatus, or a list of them when several containers
-        were switched.
+        Returns its ContainerDistributionStatus; with "" a list of them, one per inference
+        on the board.
         """
         return _api.run(self._client(), self._distribution("start_distribution", inference_name, True))
 

@@ -20,13 +20,22 @@ Class tree::
     ├── ContainerReceiveTimeoutException      401
     ├── ContainerDisconnectException          402
     ├── InvalidInferenceNameException         403
+    ├── RequestDeletedException               404  (ours: delete_queue removed the request)
     ├── SSHConnectionException                500
     ├── NotImplementedException               900
     └── UnknownException                      999  (no code in the reference; ours)
 
-A code travels on the wire as an int with a message; ``error_from_code`` turns it back
-into the right class on the other side, so a code raised and a code passed to a callback
-are always the same number.
+``message`` is the reference's text, verbatim (its ``{}`` filled in); ``detail`` says
+what was wrong in this case (the argument, the board, the container's last log lines);
+``str(exc)`` shows both. A code travels on the wire as an int with its message and
+detail; ``error_from_code`` turns it back into the right class on the other side, so a
+code raised and a code passed to a callback are always the same number.
+
+The reference's own names work too: the short names of its chapter 8
+(``InvalidArgument``, ``SendQueueFull``, ...) and the spellings printed in its chapters 4.3
+and 4.4 (``CoprocesorNotFoundExpection``, ...) are the same classes. ``NotImplemented``
+(the short name of NotImplementedException) is importable by name but left out of ``*``
+imports, so that it never shadows Python's own ``NotImplemented`` unasked.
 """
 from __future__ import annotations
 
@@ -38,17 +47,23 @@ class InfinibrainException(Exception):
 
     code: int = 999
 
-    def __init__(self, message: str = "", code: int | None = None) -> None:
+    def __init__(self, message: str = "", code: int | None = None, detail: str = "") -> None:
         if code is not None:
             self.code = code
         self.message = message or MESSAGES.get(self.code, "")
+        self.detail = detail
         super().__init__(self.message)
 
+    @property
+    def text(self) -> str:
+        """The message and its detail: what ``str`` shows, without the code."""
+        return f"{self.message}: {self.detail}" if self.detail else self.message
+
     def __str__(self) -> str:
-        return f"[{self.code}] {self.message}"
+        return f"[{self.code}] {self.text}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.code))
+        return (type(self), (self.message, self.code, self.detail))
 
 
 class InvalidArgumentException(InfinibrainException):
@@ -119,6 +134,10 @@ class InvalidInferenceNameException(InfinibrainException):
     code = 403
 
 
+class RequestDeletedException(InfinibrainException):
+    code = 404
+
+
 class SSHConnectionException(InfinibrainException):
     code = 500
 
@@ -160,6 +179,7 @@ ERROR_TABLE: dict[int, tuple[type[InfinibrainException], str]] = {
     401: (ContainerReceiveTimeoutException, "Response TimeOut Error"),
     402: (ContainerDisconnectException, "Response Disconnect Error"),
     403: (InvalidInferenceNameException, "{} does not accept data."),
+    404: (RequestDeletedException, "Request deleted from the send wait queue"),
     500: (SSHConnectionException, "SSH error"),
     900: (NotImplementedException, "not support this command"),
     999: (UnknownException, "unknown error"),
@@ -194,6 +214,7 @@ HINTS: dict[int, str] = {
     401: "the container did not answer in time: see `infinibrain logs NAME`, or raise wait_queue_timeout",
     402: "the container went away while serving it: see `infinibrain logs NAME`",
     403: "this inference takes no requests (input = None)",
+    404: "delete_queue removed it before it was sent; send it again if it is still wanted",
     500: "check the board: is it on, is sshd running, are its key and known_hosts right?",
     900: "this command is not supported",
     999: "see the manager's log for the cause",
@@ -225,23 +246,15 @@ def format_message(code: int, *fields: Any, detail: str = "") -> str:
     return f"{text}: {detail}" if detail else text
 
 
-def detail_of(code: int, message: str) -> str:
-    """What follows the reference's text in ``message`` (all of it if the text is not there)."""
-    text = MESSAGES.get(code, "")
-    if text and "{}" not in text and message.startswith(text + ": "):
-        return message[len(text) + 2:]
-    return message
-
-
 def make_error(code: int, *fields: Any, detail: str = "") -> InfinibrainException:
-    """Build the exception for ``code`` with the reference's message."""
-    return error_from_code(code, format_message(code, *fields, detail=detail))
+    """Build the exception for ``code``: the reference's message (``fields`` filled in) and a detail."""
+    return error_from_code(code, format_message(code, *fields), detail)
 
 
-def error_from_code(code: int, message: str) -> InfinibrainException:
-    """Turn a (code, message) pair received from the wire back into its exception."""
+def error_from_code(code: int, message: str, detail: str = "") -> InfinibrainException:
+    """Turn a (code, message, detail) received from the wire back into its exception."""
     cls = ERROR_TABLE.get(code, (UnknownException, ""))[0]
-    return cls(message, code)
+    return cls(message, code, detail)
 
 
 def argument_error(name: str, why: str = "") -> InvalidArgumentException:
@@ -249,14 +262,37 @@ def argument_error(name: str, why: str = "") -> InvalidArgumentException:
     return make_error(100, name, detail=why)  # type: ignore[return-value]
 
 
-__all__ = [name for name in dir() if name.endswith("Exception")] + [
-    "ERROR_TABLE",
-    "HINTS",
-    "MESSAGES",
-    "argument_error",
-    "detail_of",
-    "error_from_code",
-    "exit_status",
-    "format_message",
-    "make_error",
-]
+# The reference's other names for the same classes.
+SHORT_NAMES: dict[str, type[InfinibrainException]] = {
+    "InvalidArgument": InvalidArgumentException,
+    "SocketConnection": SocketConnectionException,
+    "ConnectionFailed": ConnectionFailedException,
+    "InferenceUnsubscribe": InferenceUnsubscribeException,
+    "InferenceNameNotFound": InferenceNameNotFoundException,
+    "InvalidOperation": InvalidOperationException,
+    "CoprocessorNotFound": CoprocessorNotFoundException,
+    "SendQueueFull": SendQueueFullException,
+    "SendQueueTimeout": SendQueueTimeoutException,
+    "ContainerNotFound": ContainerNotFoundException,
+    "Permission": PermissionException,
+    "APIConflict": APIConflictException,
+    "ContainerReceiveTimeout": ContainerReceiveTimeoutException,
+    "ContainerDisconnect": ContainerDisconnectException,
+    "InvalidInferenceName": InvalidInferenceNameException,
+    "SSHConnection": SSHConnectionException,
+    "Unknown": UnknownException,
+    # as printed in chapters 4.3 and 4.4
+    "CoprocesorNotFoundExpection": CoprocessorNotFoundException,
+    "ContainerNotFoundExpection": ContainerNotFoundException,
+    "SSHConnectionExpection": SSHConnectionException,
+    "UnknownExpection": UnknownException,
+}
+globals().update(SHORT_NAMES)
+NotImplemented = NotImplementedException  # noqa: A001 - the reference's name; never in __all__
+
+EXCEPTIONS = [name for name, value in list(globals().items())
+              if isinstance(value, type) and issubclass(value, InfinibrainException) and name != "NotImplemented"]
+
+# What ``from infinibrain.errors import *`` gives: the exception classes (by every name
+# but NotImplemented), not the table and helpers (import those by name).
+__all__ = EXCEPTIONS

@@ -34,7 +34,7 @@ class AICluster:
     """
 
     def __init__(self, host_ip: str | None = None, port: int | None = None, timeout: float = 5.0,
-                 logger: logging.Logger | None = None, *, retry: RetryPolicy | None = None) -> None:
+                 logger: logging.Logger | logging.LoggerAdapter | None = None, *, retry: RetryPolicy | None = None) -> None:
         env_host, env_port = _manager_from_env()
         host = host_ip or env_host or DEFAULT_HOST
         port = port if port is not None else (env_port or DEFAULT_PORT)
@@ -59,14 +59,20 @@ class AICluster:
         self._client.check_connected()
         return self._client
 
-    def _run(self, call: Call) -> Any:
-        return _api.run(self._connected_client(), call)
+    # Each API checks the connection first, then its arguments (``build``), as chapter 8 orders them.
 
-    def _run_async(self, call: Call, func: Callable | None) -> str:
-        return _api.run_async(self._connected_client(), call, func)
+    def _run(self, build: Callable[..., Call], *args: Any, **kwargs: Any) -> Any:
+        client = self._connected_client()
+        return _api.run(client, build(*args, **kwargs))
 
-    def _future(self, call: Call, on_progress: Callable[[str, dict], None] | None = None) -> Future:
-        return _api.future_of(self._connected_client(), call, on_progress)
+    def _run_async(self, func: Callable | None, build: Callable[..., Call], *args: Any, **kwargs: Any) -> str:
+        client = self._connected_client()
+        return _api.run_async(client, build(*args, **kwargs), func)
+
+    def _future(self, build: Callable[..., Call], *args: Any, on_progress: Callable[[str, dict], None] | None = None,
+                **kwargs: Any) -> Future:
+        client = self._connected_client()
+        return _api.future_of(client, build(*args, **kwargs), on_progress)
 
     # ---- beyond the reference: a context manager, futures ----------------------------------
 
@@ -98,14 +104,14 @@ class AICluster:
         """Release the communication resources; pending calls end with 111."""
         self._client.close()
 
-    def get_logger(self) -> logging.Logger:
+    def get_logger(self) -> logging.Logger | logging.LoggerAdapter:
         """The logger AICluster uses."""
         return self._logger
 
-    def set_logger(self, logger: logging.Logger) -> None:
+    def set_logger(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
         """Use ``logger`` from now on."""
-        if not isinstance(logger, logging.Logger):
-            raise argument_error("logger", "must be a logging.Logger")
+        if not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+            raise argument_error("logger", "must be a logging.Logger (or a logging.LoggerAdapter)")
         self._logger = logger
         self._client.logger = logger
 
@@ -116,8 +122,10 @@ class AICluster:
         try:
             self._client.handshake()
         except InfinibrainException as exc:
-            raise make_error(110, detail=exc.message) from None
+            raise make_error(110, detail=exc.detail or exc.message) from None
 
+
+    connect_aiclustor = connect_aicluster  # the spelling printed in the reference's chapter 2
     # ---- 2.2 load_inference --------------------------------------------------------------
 
     def _load(self, container_config: Any, coprocessor_name: Any) -> Call:
@@ -142,8 +150,10 @@ class AICluster:
         single = single_config and isinstance(boards, str) and boards != "all"
 
         def convert(rows: list) -> Any:
+            # The manager answers for exactly the boards named (in order): one config on one
+            # named board is one ContainerHandler, anything else a list.
             handlers = self._handlers(rows)
-            return handlers[0] if single and len(handlers) == 1 else handlers
+            return handlers[0] if single else handlers
 
         return Call("load_inference", "load_inference", {"configs": wire, "boards": boards}, convert)
 
@@ -152,11 +162,11 @@ class AICluster:
 
         Returns the ContainerHandler (one config on one named board) or a list of them.
         """
-        return self._run(self._load(container_config, coprocessor_name))
+        return self._run(self._load, container_config, coprocessor_name)
 
     def load_inference_async(self, container_config: Any, coprocessor_name: Any, func: Callable | None = None) -> str:
         """load_inference; the handlers go to ``func`` or the manage callback."""
-        return self._run_async(self._load(container_config, coprocessor_name), func)
+        return self._run_async(func, self._load, container_config, coprocessor_name)
 
     # ---- 2.4 unload_inference ---------------------------------------------------------------
 
@@ -173,12 +183,12 @@ class AICluster:
 
         Returns the containers that remain afterwards.
         """
-        return self._run(self._unload(inference_name, coprocessor_name, delete_image))
+        return self._run(self._unload, inference_name, coprocessor_name, delete_image)
 
     def unload_inference_async(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True,
                                func: Callable | None = None) -> str:
         """unload_inference; the remaining containers go to ``func`` or the manage callback."""
-        return self._run_async(self._unload(inference_name, coprocessor_name, delete_image), func)
+        return self._run_async(func, self._unload, inference_name, coprocessor_name, delete_image)
 
     # ---- 2.5 - 2.8 queries -----------------------------------------------------------------------
 
@@ -191,39 +201,44 @@ class AICluster:
 
     def get_coprocessor_handler(self, inference_name: str = "") -> list[CoprocessorHandler]:
         """The boards the inference is registered on ("" = every board)."""
-        return self._run(self._query("get_coprocessor_handler", inference_name, self._coprocessors))
+        return self._run(self._query, "get_coprocessor_handler", inference_name, self._coprocessors)
 
     def get_coprocessor_handler_async(self, inference_name: str = "", func: Callable | None = None) -> str:
         """get_coprocessor_handler, to ``func`` or the manage callback."""
-        return self._run_async(self._query("get_coprocessor_handler", inference_name, self._coprocessors), func)
+        return self._run_async(func, self._query, "get_coprocessor_handler", inference_name, self._coprocessors)
 
     def get_coprocessor_images(self, inference_name: str = "") -> list[CoprocessorImages]:
         """The images of the boards the inference is on ("" = every board)."""
-        return self._run(self._query("get_coprocessor_images", inference_name, _images))
+        return self._run(self._query, "get_coprocessor_images", inference_name, _images)
 
     def get_coprocessor_images_async(self, inference_name: str = "", func: Callable | None = None) -> str:
         """get_coprocessor_images, to ``func`` or the manage callback."""
-        return self._run_async(self._query("get_coprocessor_images", inference_name, _images), func)
+        return self._run_async(func, self._query, "get_coprocessor_images", inference_name, _images)
 
     def get_container_handler(self, inference_name: str = "") -> list[ContainerHandler]:
         """The inference's containers ("" = every container)."""
-        return self._run(self._query("get_container_handler", inference_name, self._handlers))
+        return self._run(self._query, "get_container_handler", inference_name, self._handlers)
 
     def get_container_handler_async(self, inference_name: str = "", func: Callable | None = None) -> str:
         """get_container_handler, to ``func`` or the manage callback."""
-        return self._run_async(self._query("get_container_handler", inference_name, self._handlers), func)
+        return self._run_async(func, self._query, "get_container_handler", inference_name, self._handlers)
 
     def get_container_status(self, inference_name: str = "") -> list[ContainerStatus]:
         """Status and figures of the inference's containers ("" = every container)."""
-        return self._run(self._query("get_container_status", inference_name, _statuses))
+        return self._run(self._query, "get_container_status", inference_name, _statuses)
 
     def get_container_status_async(self, inference_name: str = "", func: Callable | None = None) -> str:
         """get_container_status, to ``func`` or the manage callback."""
-        return self._run_async(self._query("get_container_status", inference_name, _statuses), func)
+        return self._run_async(func, self._query, "get_container_status", inference_name, _statuses)
 
     # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
 
-    def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None) -> Pending:
+    def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
+                detached: bool = False, wait_accept: bool = False) -> Pending:
+        """Send one request. ``detached``: the call returns before the answer (``_async``,
+        ``_future``), so a buffer the caller may change is copied first (a read-only array
+        or immutable bytes go zero-copy). ``wait_accept``: the request is acknowledged or
+        refused before this returns (bounded), so a refusal can be raised."""
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
         what = "image_data" if image else "in_data"
@@ -236,30 +251,40 @@ class AICluster:
             if data.dtype.hasobject:
                 raise argument_error(what, "an array of Python objects cannot be sent")
             array = np.ascontiguousarray(data)
+            if detached and array.flags.writeable:
+                array = array.copy()  # the caller may reuse its buffer (a camera loop) once we return
             payload, arr = array, P.array_meta(array)
         else:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise argument_error(what, f"must be bytes, got {type(data).__name__}")
+            if detached and not isinstance(data, bytes) and not memoryview(data).readonly:
+                data = bytes(data)
             payload, arr = data, None
         size = memoryview(payload).nbytes
         if size > client.max_message_size:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done)
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done, wait_accept)
 
     def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
-        return _api.with_retries(attempt, self._client.retry, "infer")
+        try:
+            return _api.with_retries(attempt, self._client.retry, "infer")
+        except InfinibrainException as exc:
+            # 403 reaches the infer callback too (chapter 8: "as exception" and "to callback").
+            if exc.code == 403 and self._client.infer_callback is not None:
+                self._client.deliver(self._client.infer_callback, exc.code, exc.message, None, getattr(exc, "response", None))
+            raise
 
     def infer_image_future(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> "Future[Any]":  # noqa: B006
         """infer_image as a ``concurrent.futures.Future`` of the result (not in the reference;
         ``await asyncio.wrap_future(...)`` in asyncio code)."""
         self._connected_client()
-        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None),
+        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None, detached=True),
                                lambda answer: answer[0], self._client.retry, "infer")
 
     def infer_future(self, inference_name: str, in_data: bytes, param: Any = {}) -> "Future[tuple[Any, InferenceResponse]]":  # noqa: B006
         """infer as a ``concurrent.futures.Future`` of (result, InferenceResponse)."""
         self._connected_client()
-        return _api.run_future(lambda: self._submit(inference_name, in_data, param, False, None),
+        return _api.run_future(lambda: self._submit(inference_name, in_data, param, False, None, detached=True),
                                tuple, self._client.retry, "infer")
 
     def _infer_callback(self, func: Callable | None) -> Callable:
@@ -268,6 +293,20 @@ class AICluster:
             raise argument_error("func", "no callback given and no infer_callback set with set_callback")
         return callback
 
+    def _send_async(self, inference_name: Any, data: Any, param: Any, image: bool, func: Callable | None,
+                    raised: tuple[int, ...]) -> str:
+        """An ``_async`` inference: sent, and acknowledged or refused before it returns.
+        The codes in ``raised`` are raised here (and passed to the callback too, as the
+        reference's table has them); every other outcome goes to the callback only."""
+        self._connected_client()
+        callback = self._infer_callback(func)
+        pending = self._submit(inference_name, data, param, image, callback, detached=True, wait_accept=True)
+        pending.wait_accepted()
+        refused = pending.future.exception() if pending.future.done() else None
+        if isinstance(refused, InfinibrainException) and refused.code in raised:
+            raise refused
+        return pending.rid
+
     def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
         """Run the inference on an image; returns what the container sent back."""
         result, _response = self._infer_retrying(lambda: self._submit(inference_name, image_data, param, True, None).wait())
@@ -275,10 +314,10 @@ class AICluster:
 
     def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
         """Run the inference on an image; ``func(code, message, result, response)`` or the
-        infer callback gets the outcome. Do not change the array until then."""
-        self._connected_client()
-        callback = self._infer_callback(func)
-        return self._submit(inference_name, image_data, param, True, callback).rid
+        infer callback gets the outcome. The image is copied unless it is read-only
+        (``image.setflags(write=False)`` sends it without a copy: then do not change it
+        until the callback ran). InvalidInferenceNameException (403) is raised at once."""
+        return self._send_async(inference_name, image_data, param, True, func, raised=(403,))
 
     def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
         """Run the inference on bytes; returns (result, InferenceResponse)."""
@@ -286,10 +325,10 @@ class AICluster:
         return result, response
 
     def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
-        """Run the inference on bytes; the outcome goes to ``func`` or the infer callback."""
-        self._connected_client()
-        callback = self._infer_callback(func)
-        return self._submit(inference_name, in_data, param, False, callback).rid
+        """Run the inference on bytes; the outcome goes to ``func`` or the infer callback.
+        InvalidInferenceNameException (403) and ContainerDisconnectException (402, the
+        manager did not acknowledge it) are raised at once."""
+        return self._send_async(inference_name, in_data, param, False, func, raised=(403, 402))
 
     def infer_voice(self, *args: Any, **kwargs: Any) -> Any:
         """Not supported: NotImplementedException (900)."""
@@ -309,12 +348,17 @@ class AICluster:
 
     # ---- 2.13 put_file -------------------------------------------------------------------------------
 
-    def _put(self, inference_name: str, file_info: Any) -> Call:
+    def _put(self, inference_name: str, file_info: Any, bad_keys: bool = True) -> Call:
+        """The put_file call; with ``bad_keys``, a key that is not one of FILE_INFO_KEYS is
+        raised (101) here too (the ``_async`` form hands it to the callback instead)."""
         name = _api.require_str(inference_name, "inference_name")
         if file_info is None or (isinstance(file_info, dict) and not file_info):
             raise argument_error("file_info")
         if not isinstance(file_info, dict):
             raise argument_error("file_info", "must be a dict such as {'model': '/path/to/file'}")
+        error = self._bad_key(file_info)
+        if error is not None and bad_keys:
+            raise error
         return Call("put_file", "put_file", {"inference_name": name, "file_info": dict(file_info)}, lambda _r: None)
 
     @staticmethod
@@ -328,20 +372,16 @@ class AICluster:
         ``file_info``: ``{"script"|"model"|"file": path or [paths], "To": folder in the
         container (default: its working folder)}``. Files are replaced atomically.
         """
-        call = self._put(inference_name, file_info)
-        error = self._bad_key(file_info)
-        if error is not None:
-            raise error
-        return self._run(call)
+        return self._run(self._put, inference_name, file_info)
 
     def put_file_async(self, inference_name: str, file_info: dict, func: Callable | None = None) -> str:
         """put_file; the outcome goes to ``func`` or the manage callback (101 too)."""
         client = self._connected_client()
-        call = self._put(inference_name, file_info)
+        call = self._put(inference_name, file_info, bad_keys=False)
         error = self._bad_key(file_info)
         if error is not None:
             return _api.report_async(client, "put_file", error, func)
-        return self._run_async(call, func)
+        return _api.run_async(client, call, func)
 
     # ---- 2.14 / 2.15 queues ------------------------------------------------------------------------------
 
@@ -356,11 +396,11 @@ class AICluster:
 
     def get_queue_info(self, inference_name: str = "", request_no: int = 0, pid: int = 0) -> list[QueueInfo]:
         """Requests waiting in send-wait queues (0 / "" = all)."""
-        return self._run(self._queue("get_queue_info", inference_name, request_no, pid))
+        return self._run(self._queue, "get_queue_info", inference_name, request_no, pid)
 
     def get_queue_info_async(self, inference_name: str = "", request_no: int = 0, pid: int = 0, func: Callable | None = None) -> str:
         """get_queue_info, to ``func`` or the manage callback."""
-        return self._run_async(self._queue("get_queue_info", inference_name, request_no, pid), func)
+        return self._run_async(func, self._queue, "get_queue_info", inference_name, request_no, pid)
 
     def delete_queue(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False) -> list[QueueInfo]:
         """Cancel waiting requests; returns the queues afterwards.
@@ -368,27 +408,29 @@ class AICluster:
         Without ``force_delete`` only this process's requests are deleted, and naming
         another process's pid is PermissionException (308). A deleted request ends with 306.
         """
-        return self._run(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)))
+        return self._run(self._queue, "delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete))
 
     def delete_queue_async(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False,
                            func: Callable | None = None) -> str:
         """delete_queue, to ``func`` or the manage callback."""
-        return self._run_async(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)), func)
+        return self._run_async(func, self._queue, "delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete))
 
     # ---- 2.16 reload_inference --------------------------------------------------------------------------
 
     def _reload(self, inference_name: str) -> Call:
         name = _api.require_str(inference_name, "inference_name")
-        return Call("reload_inference", "reload_inference", {"inference_name": name},
-                    lambda rows: _api.one_or_list(self._handlers(rows)))
+        return Call("reload_inference", "reload_inference", {"inference_name": name}, self._handlers)
 
-    def reload_inference(self, inference_name: str) -> Any:
-        """Start the inference's containers again from its inference config file."""
-        return self._run(self._reload(inference_name))
+    def reload_inference(self, inference_name: str) -> list[ContainerHandler]:
+        """Start the inference's containers again from its inference config file.
+
+        Returns a list of ContainerHandler, one per board of the inference (always a list:
+        an inference may be on several boards)."""
+        return self._run(self._reload, inference_name)
 
     def reload_inference_async(self, inference_name: str, func: Callable | None = None) -> str:
         """reload_inference, to ``func`` or the manage callback."""
-        return self._run_async(self._reload(inference_name), func)
+        return self._run_async(func, self._reload, inference_name)
 
     # ---- beyond the reference -------------------------------------------------------------------------------
 
@@ -406,21 +448,26 @@ class AICluster:
         (``coprocessor_name``) or ``rolling=False``: the containers are stopped and started
         again in place, every board at once. Returns the containers restarted.
         """
-        return self._run(self._restart(inference_name, coprocessor_name, rolling))
+        return self._run(self._restart, inference_name, coprocessor_name, rolling)
 
     def restart_inference_async(self, inference_name: str, coprocessor_name: str = "", rolling: bool = True,
                                 func: Callable | None = None) -> str:
         """restart_inference; the containers go to ``func`` or the manage callback."""
-        return self._run_async(self._restart(inference_name, coprocessor_name, rolling), func)
+        return self._run_async(func, self._restart, inference_name, coprocessor_name, rolling)
 
     def restart_inference_future(self, inference_name: str, coprocessor_name: str = "", rolling: bool = True) -> Future:
         """restart_inference as a Future of the restarted ContainerHandlers."""
-        return self._future(self._restart(inference_name, coprocessor_name, rolling))
+        return self._future(self._restart, inference_name, coprocessor_name, rolling)
+
+    def stats(self) -> dict:
+        """Not in the reference: the manager's own figures (requests queued and in flight,
+        dropped frames by port, refused keys, clients, loop errors, its memory)."""
+        return self._run(lambda: Call("stats", "stats", {}, safe=True))
 
     def get_container_logs(self, suffix_name: str, coprocessor_name: str, lines: int = 100) -> str:
         """The last ``lines`` lines a container wrote (not in the reference)."""
-        args = {"suffix_name": suffix_name, "board": coprocessor_name, "lines": _api.require_int(lines, "lines")}
-        return self._run(Call("logs", "logs", args, safe=True))
+        return self._run(lambda: Call("logs", "logs", {"suffix_name": suffix_name, "board": coprocessor_name,
+                                                       "lines": _api.require_int(lines, "lines")}, safe=True))
 
 
     # ---- futures: the management APIs as concurrent.futures.Future (not in the reference) ----------
@@ -430,39 +477,35 @@ class AICluster:
                               on_progress: Callable[[str, dict], None] | None = None) -> Future:
         """load_inference as a Future of its ContainerHandler(s); ``on_progress(cmd, info)``
         gets this load's progress events."""
-        return self._future(self._load(container_config, coprocessor_name), on_progress)
+        return self._future(self._load, container_config, coprocessor_name, on_progress=on_progress)
 
     def unload_inference_future(self, inference_name: str = "", coprocessor_name: str = "", delete_image: bool = True) -> Future:
         """unload_inference as a Future of the remaining ContainerHandlers."""
-        return self._future(self._unload(inference_name, coprocessor_name, delete_image))
+        return self._future(self._unload, inference_name, coprocessor_name, delete_image)
 
     def get_coprocessor_handler_future(self, inference_name: str = "") -> Future:
-        return self._future(self._query("get_coprocessor_handler", inference_name, self._coprocessors))
+        return self._future(self._query, "get_coprocessor_handler", inference_name, self._coprocessors)
 
     def get_coprocessor_images_future(self, inference_name: str = "") -> Future:
-        return self._future(self._query("get_coprocessor_images", inference_name, _images))
+        return self._future(self._query, "get_coprocessor_images", inference_name, _images)
 
     def get_container_handler_future(self, inference_name: str = "") -> Future:
-        return self._future(self._query("get_container_handler", inference_name, self._handlers))
+        return self._future(self._query, "get_container_handler", inference_name, self._handlers)
 
     def get_container_status_future(self, inference_name: str = "") -> Future:
-        return self._future(self._query("get_container_status", inference_name, _statuses))
+        return self._future(self._query, "get_container_status", inference_name, _statuses)
 
     def put_file_future(self, inference_name: str, file_info: dict) -> Future:
-        call = self._put(inference_name, file_info)
-        error = self._bad_key(file_info)
-        if error is not None:
-            raise error
-        return self._future(call)
+        return self._future(self._put, inference_name, file_info)
 
     def get_queue_info_future(self, inference_name: str = "", request_no: int = 0, pid: int = 0) -> Future:
-        return self._future(self._queue("get_queue_info", inference_name, request_no, pid))
+        return self._future(self._queue, "get_queue_info", inference_name, request_no, pid)
 
     def delete_queue_future(self, inference_name: str = "", request_no: int = 0, pid: int = 0, force_delete: bool = False) -> Future:
-        return self._future(self._queue("delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete)))
+        return self._future(self._queue, "delete_queue", inference_name, request_no, pid, force_delete=bool(force_delete))
 
     def reload_inference_future(self, inference_name: str) -> Future:
-        return self._future(self._reload(inference_name))
+        return self._future(self._reload, inference_name)
 
 
 def wait_for_manager(host_ip: str | None = None, port: int | None = None, timeout: float = 30.0, **kwargs: Any) -> AICluster:
@@ -477,7 +520,7 @@ def wait_for_manager(host_ip: str | None = None, port: int | None = None, timeou
             return AICluster(host_ip, port, timeout=max(min(left, 2.0), 0.1), **kwargs)
         except (SocketConnectionException, ConnectionFailedException) as exc:
             if time.monotonic() + pause >= deadline:
-                raise make_error(110, detail=f"no manager within {timeout:g} s ({exc.message})") from None
+                raise make_error(110, detail=f"no manager within {timeout:g} s ({exc.text})") from None
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 

@@ -48,6 +48,11 @@ EVENT = "ev"  # manager -> all clients: 114 and produced results
 PING = "ping"  # manager -> container: please say hello on your response path
 PROGRESS = "prog"  # manager -> client: progress of a slow command (an image sent, loaded)
 
+# A container id a Connector gives itself when it runs without INFINIBRAIN_CONTAINER (started
+# by hand with explicit arguments): "~" and a random token. The manager attaches it to an
+# ``other`` container serving its module.
+ANONYMOUS = "~"
+
 # Topics.
 TOPIC_HEARTBEAT = b"hb"
 TOPIC_EVENT = b"ev"

@@ -168,7 +168,7 @@ class Commands:
         if error is None:
             header = {"rid": rid, "code": 0, "msg": ""}
         else:
-            header = {"rid": rid, "code": error.code, "msg": error.message}
+            header = {"rid": rid, "code": error.code, "msg": error.message, "detail": error.detail}
         self.router.send_client(cid, P.REPLY, header, [P.pack_value(result)])
 
     # ---- locks ----------------------------------------------------------------------------------
@@ -205,7 +205,8 @@ class Commands:
         yield gather([self.ops.submit(ops.check_files, p.cfg) for p in plans if p.work]
                      + [self.ops.submit(ops.check_board, self.boards[b], p.cfg, board=b) for p in plans for b in p.work])
         yield gather([self.changes.load(p, ctx.sink) for p in plans])
-        return [h for p in plans for h in self.views.handlers(p.name)]
+        # The containers this call concerns: each config on each board it named, in that order.
+        return [self.views.handler(self.views.registered(p.name), b) for p in plans for b in boards]
 
     def _board_list(self, value: Any) -> list[str]:
         if value == "all":
@@ -369,7 +370,7 @@ class Commands:
             matches = [r for r in matches if r.pid == client.pid]
         doomed = set(map(id, matches))
         for r in self.router.take_waiting(lambda r: id(r) in doomed):
-            self.router.end(r, 306, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
+            self.router.end(r, 404, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
         return self.views.queue_info(self.router.waiting())
 
     # ---- CoprocessorHandler / ContainerHandler switches -----------------------------------------

@@ -55,7 +55,7 @@ class ManagerConfig:
     heartbeat_interval_ms: int = 500
     send_queue_size: int = 256  # per inference; a request beyond it gets 305
     default_send_timeout_ms: int = 10_000  # ContainerConfig.send_timeout=None
-    default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None
+    default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None; 0 = no limit
     default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
     container_start_timeout_ms: int = 30_000  # a started container is ready (connected, warmed up) by then, or failed
     container_heartbeat_ms: int = 1_000  # an idle Connector says it is alive this often
@@ -161,7 +161,6 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         "heartbeat_interval_ms",
         "send_queue_size",
         "default_send_timeout_ms",
-        "default_wait_queue_timeout_ms",
         "default_max_send_num",
         "container_start_timeout_ms",
         "container_heartbeat_ms",
@@ -174,6 +173,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.default_wait_queue_timeout_ms < 0:
+        raise ConfigError(f"manager.default_wait_queue_timeout_ms must be 0 (no limit) or positive, got {cfg.default_wait_queue_timeout_ms}")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"manager.log_format must be 'text' or 'json', got {cfg.log_format!r}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -127,11 +127,11 @@ def give_up(spec: ContainerSpec, runtime: Runtime, lines: int = 15) -> str:
     try:
         runtime.stop(spec)
     except InfinibrainException as exc:
-        log.warning("could not stop the failed container %s: %s", spec.container_id, exc.message)
+        log.warning("could not stop the failed container %s: %s", spec.container_id, exc.text)
     try:
         return runtime.logs(spec, lines)
     except InfinibrainException as exc:
-        return f"(its log cannot be read: {exc.message})"
+        return f"(its log cannot be read: {exc.text})"
 
 
 def remove_quietly(spec: ContainerSpec, runtime: Runtime) -> None:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from infinibrain.errors import InfinibrainException, detail_of, make_error
+from infinibrain.errors import InfinibrainException, make_error
 
 from . import operations as ops
 from .boards import Board
@@ -44,7 +44,7 @@ from .restarts import Backoff, policy_of
 from .router import Router
 from .runtimes.base import ContainerSpec
 from .state import RUNNING_STATES, Instance, Request, State, instance_id
-from .validate import default_sub_name
+from .validate import default_sub_name, module_list
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class Reconciler:
         s.error, s.error_at = exc, time.monotonic()
         if backoff:
             s.retry_at = time.monotonic() + s.retry.next_delay()
-        log.warning("%s of %s on %s failed: %s", what, s.name, s.board, exc.message)
+        log.warning("%s of %s on %s failed: %s", what, s.name, s.board, exc.text)
         return exc
 
     def _start(self, s: Slot, inst: Instance, fresh: bool) -> None:
@@ -340,7 +340,7 @@ class Reconciler:
         if f.exception() is not None:
             exc = self._failed_step(s, "starting", f.exception(), backoff=False)
             inst.running = False
-            self._set(inst, State.FAILED, exc.message)
+            self._set(inst, State.FAILED, exc.detail or exc.message)
             s.restarting = ""
             return
         s.retry.reset()
@@ -497,9 +497,13 @@ class Reconciler:
         else:
             self._start(s, inst, fresh=False)
 
-    def _tell_restart(self, code: int, message: str, inst: Instance, tries: int) -> None:
+    def _tell_restart(self, code: int, text: str, inst: Instance, tries: int) -> None:
+        """A restart (0: ``text`` is the message) or giving up (302: ``text`` is the detail)."""
         info = {"inference_name": inst.inference, "suffix_name": inst.suffix, "coprocessor": inst.board, "tries": tries}
-        self.router.announce(code, info=info, what="restart", message=message)
+        if code == 0:
+            self.router.announce(0, info=info, what="restart", message=text)
+        else:
+            self.router.announce(code, info=info, what="restart", detail=text)
 
     # ---- what the wire shows (router.Lifecycle) ---------------------------------------------------
 
@@ -526,6 +530,29 @@ class Reconciler:
             self._ready(s, inst)
         else:
             self._fail(s, inst, f"failed its warm-up: [{code}] {message}")
+
+    def stranger(self, wire_id: str, sub: str) -> Instance | None:
+        """A Connector started by hand without a container identity: it becomes the
+        instance of the first ``other`` container that serves module ``sub`` and has no
+        program connected."""
+        for name, reg in self.registrations.items():
+            cfg = reg.config
+            modules = [m["sub_inference_name"] for m in module_list(cfg)] or [name]
+            if cfg["implementation_type"] != "other" or sub not in modules:
+                continue
+            for board in reg.boards:
+                inst = self.current(name, board)
+                if inst is None or inst.connected or inst.state is not State.READY:
+                    continue
+                s = self.slot(name, board)
+                s.instances.pop(inst.id, None)
+                self.router.rekey(inst, wire_id)
+                s.instances[inst.id] = inst
+                self._record(inst)
+                log.info("a Connector started by hand for module %r serves %s", sub, inst.suffix)
+                return inst
+        log.warning("a Connector started by hand for module %r: no 'other' container of that module is free", sub)
+        return None
 
     def _check_exits(self) -> None:
         for inst in list(self.router.containers.values()):
@@ -577,7 +604,7 @@ class Reconciler:
     def _broken(self, s: Slot, change: Change) -> str:
         """Why placement ``s`` failed ``change`` ("" = it did not)."""
         if s.error is not None and s.error_at >= change.started:
-            return detail_of(s.error.code, s.error.message)
+            return s.error.detail or s.error.message
         reg = self.registrations.get(s.name)
         if reg is None or s.board not in reg.boards or not reg.boards[s.board].running:
             return ""
@@ -610,7 +637,7 @@ class Reconciler:
         stuck = [s for s in waiting if not s.busy and s.error is not None and s.error_at >= change.undone_at]
         back = all(self._converged(s) for s in waiting)
         if back or now - change.undone_at > ROLLBACK_BOUND or all(self._converged(s) or s in stuck for s in waiting):
-            why = detail_of(stuck[0].error.code, stuck[0].error.message) if stuck and stuck[0].error is not None else ""
+            why = (stuck[0].error.detail or stuck[0].error.message) if stuck and stuck[0].error is not None else ""
             self._finish(change, slots, change.error, back, why)
 
     def _finish(self, change: Change, slots: list[Slot], error: InfinibrainException | None, back: bool = True,
@@ -632,7 +659,7 @@ class Reconciler:
             else:
                 change.future.set_result(result)
             return
-        detail = detail_of(error.code, error.message)
+        detail = error.detail or error.message
         if change.undo is not None:
             serving = sorted({i.suffix for i in self.instances_of(change.name) if i.serving})
             if not back:

@@ -213,7 +213,7 @@ def parse(name: str, path: Path, data: object) -> Registration:
         try:
             return normalize_config(raw)
         except InfinibrainException as exc:
-            raise mismatch(f"its {where} is invalid ({exc.message})") from None
+            raise mismatch(f"its {where} is invalid ({exc.text})") from None
 
     config = settings(data.get("config"), "config")
     legacy = data["format"] == 1

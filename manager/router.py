@@ -73,6 +73,10 @@ class Lifecycle(Protocol):
     def tick(self, now: float) -> None:
         """The timer pass: look at what runs."""
 
+    def stranger(self, wire_id: str, sub: str) -> Instance | None:
+        """A Connector without a container identity (started by hand with explicit
+        arguments) subscribed for module ``sub``: the instance it now is, if any."""
+
 
 class _NoLifecycle:
     def connected(self, inst: Instance) -> None:
@@ -89,6 +93,9 @@ class _NoLifecycle:
 
     def tick(self, now: float) -> None:
         pass
+
+    def stranger(self, wire_id: str, sub: str) -> Instance | None:
+        return None
 
 
 class Service:
@@ -254,6 +261,19 @@ class Router:
         if svc is not None:
             svc.instances[c.id] = c
 
+    def rekey(self, c: Instance, wire_id: str) -> None:
+        """Instance ``c`` is reached as ``wire_id`` from now on (an ``other`` container's
+        program started by hand, whose Connector named itself)."""
+        old = c.id
+        self.container_lost(c, "another program took its place", announce=False)
+        self.containers.pop(old, None)
+        c.id = wire_id
+        self.containers[wire_id] = c
+        svc = self.services.get(c.inference)
+        if svc is not None:
+            svc.instances.pop(old, None)
+            svc.instances[wire_id] = c
+
     def remove_instance(self, c: Instance) -> None:
         self.container_lost(c, "it was removed", announce=False)
         if self.containers.get(c.id) is c:
@@ -403,15 +423,14 @@ class Router:
 
     def fail(self, cid: str, rid: str, code: int, *fields: Any, detail: str = "") -> None:
         """End request ``rid`` of client ``cid`` with a numbered error."""
-        message = format_message(code, *fields, detail=detail)
-        self.send_client(cid, P.RESULT, {"rid": rid, "code": code, "msg": message})
+        self.send_client(cid, P.RESULT, {"rid": rid, "code": code, "msg": format_message(code, *fields), "detail": detail})
 
     def end(self, req: Request, code: int, detail: str) -> None:
         """End accepted request ``req`` with a numbered error (and count it)."""
         if not req.client:  # the manager's own (a warm-up): its instance hears of it
             c = self.containers.get(req.container or "")
             if c is not None:
-                self.lifecycle.warmed(c, code, format_message(code, detail=detail))
+                self.lifecycle.warmed(c, code, detail or format_message(code))
             return
         self.fail(req.client, req.rid, code, detail=detail)
         self.metrics.ended(req, code)
@@ -439,7 +458,9 @@ class Router:
         now = time.monotonic()
         cfg = svc.reg.config
         send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
-        answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000
+        # 0 in the manager's configuration: no limit on the answer (a container that goes
+        # away still ends the request with 402; the client's liveness check still holds).
+        answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000 or float("inf")
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         req = Request(
@@ -459,7 +480,8 @@ class Router:
             accepted=now,
         )
         waiting.append(req)
-        self.send_client(client.id, P.ACK, {"rid": rid, "timeout": send_timeout + answer_timeout})
+        bound = send_timeout + answer_timeout
+        self.send_client(client.id, P.ACK, {"rid": rid, "timeout": bound if bound != float("inf") else None})
         self.pump(name)
 
     # ---- distribution --------------------------------------------------------------
@@ -560,6 +582,8 @@ class Router:
             raise P.ProtocolError(f"subscription to a topic no container uses: {bytes(data[1:65])!r}")
         cid, sub = parsed
         c = self.containers.get(cid)
+        if c is None and data[0] == 1 and cid.startswith(P.ANONYMOUS):
+            c = self.lifecycle.stranger(cid, sub)
         if c is None:
             log.debug("subscription from unknown container %r", cid)
             return
@@ -619,13 +643,13 @@ class Router:
         c.rx_bytes += sum(len(f) for f in msg.payload)
         code = 0 if msg.kind == P.TAKEN else int(h.get("code") or 0)
         if not req.client:
-            self.lifecycle.warmed(c, code, h.get("msg") or "")
+            self.lifecycle.warmed(c, code, h.get("detail") or h.get("msg") or "")
             return self.pump(c.inference)
         stamps = req.time_stamp
         stamps.extend(h.get("ts") or [])
         stamps.append(["manager_result", P.now()])
         header = {"rid": req.rid, "code": code, "msg": "" if msg.kind == P.TAKEN else (h.get("msg") or ""),
-                  "resp": self._response(c, req, stamps)}
+                  "detail": h.get("detail") or "", "resp": self._response(c, req, stamps)}
         self.send_client(req.client, P.RESULT, header, [P.pack_value(None)] if msg.kind == P.TAKEN else msg.payload[:1])
         self.metrics.ended(req, code)
         self.pump(c.inference)
@@ -669,10 +693,13 @@ class Router:
             log.warning("container %s of %s disconnected: %s", c.id, c.inference, why)
             self.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": c.suffix, "coprocessor": c.board})
 
-    def announce(self, code: int, *fields: Any, info: dict | None = None, what: str = "unsubscribe", message: str = "") -> None:
+    def announce(self, code: int, *fields: Any, info: dict | None = None, what: str = "unsubscribe", message: str = "",
+                 detail: str = "") -> None:
         """An event for every client's manage callback: ``(code, message, what, info)``
-        (114 with "unsubscribe", a restart with "restart")."""
-        header = {"code": code, "msg": message or format_message(code, *fields), "what": what, "info": info or {}}
+        (114 with "unsubscribe", a restart with "restart"). ``message``: for code 0, which
+        the reference gives no text; ``detail`` also goes in ``info["detail"]``."""
+        info = dict(info or {}, detail=detail) if detail else (info or {})
+        header = {"code": code, "msg": message or format_message(code, *fields), "detail": detail, "what": what, "info": info}
         self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, header))
 
     # ---- timers ----------------------------------------------------------------------

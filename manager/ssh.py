@@ -113,12 +113,12 @@ class SSHLink:
                 self._client = None
                 log.warning("%s: the SSH connection was lost; reconnecting", self.where)
             if self._failure is not None and self._failure[0] >= asked:
-                raise error_from_code(self._failure[1].code, self._failure[1].message)
+                raise error_from_code(self._failure[1].code, self._failure[1].message, self._failure[1].detail)
             try:
                 self._client = self._connect()
             except InfinibrainException as exc:
                 if self._failure is None:
-                    log.warning("%s is unreachable: %s", self.where, exc.message)
+                    log.warning("%s is unreachable: %s", self.where, exc.text)
                 self._failure = (time.monotonic(), exc)
                 raise
             if self._failure is not None:

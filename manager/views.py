@@ -78,7 +78,7 @@ class Views:
             host_location=list(reg.boards),
             max_send_num=cfg["max_send_num"] or self.config.default_max_send_num,
             send_timeout=cfg["send_timeout"] or self.config.default_send_timeout_ms,
-            wait_queue_timeout=cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms,
+            wait_queue_timeout=cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms or None,  # None: no limit
             deployment=dict(inst.deployment) if inst is not None else {},
         )
         return out
@@ -183,7 +183,7 @@ def _images_of(board: Board, instances: list[Instance]) -> dict:
     except InfinibrainException as exc:
         if uses_engine or exc.code != 500:
             raise
-        log.debug("board %s has no Docker engine (%s); listing its process containers only", board.name, exc.message)
+        log.debug("board %s has no Docker engine (%s); listing its process containers only", board.name, exc.text)
     for inst in instances:
         if inst.runtime.kind in ("docker", "nvidia"):
             continue

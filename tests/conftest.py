@@ -211,7 +211,7 @@ def echo_config(name: str, **kw):
 
 def manager_stats(cluster: AICluster) -> dict:
     """The manager's own figures (the ``stats`` command): dropped frames, queues, memory."""
-    return cluster._client.command("stats", {}).wait()
+    return cluster.stats()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):

@@ -128,7 +128,7 @@ def test_queue_and_queue_delete(cm, name, tmp_path):
         out = ib(cm, "queue", "delete", name, "--pid", str(os.getpid()))
         assert out.returncode == exit_status(308) and "--force" in out.stderr
         assert "0 request(s) still waiting" in ok(cm, "queue", "delete", name, "--force")
-        wait_for(lambda: codes == [306, 306, 306])
+        wait_for(lambda: codes == [404, 404, 404])  # deleted: RequestDeletedException
         assert "no requests waiting" in ok(cm, "queue")
     ok(cm, "undeploy", name)
 

@@ -49,7 +49,7 @@ def test_a_container_that_never_connects_fails_its_deployment(fresh_manager, nam
         with pytest.raises(InfinibrainException) as err:
             c.load_inference(echo_config(name, run_command="python silent.py"), "local")
         assert err.value.code == 302 and time.monotonic() - started < 15
-        message = err.value.message
+        message = str(err.value)
         assert f"{name}-local" in message and "did not become ready within 2 s" in message
         assert "never connected" in message and "loading the model (forever)" in message  # its last log lines
         assert name not in [h.name for h in c.get_container_handler()]  # nothing left behind
@@ -80,11 +80,11 @@ def test_warm_up_is_answered_before_requests_and_a_failing_one_fails_the_load(fr
         bad = name + "b"
         with pytest.raises(InfinibrainException) as err:
             c.load_inference(echo_config(bad, warmup={"file": str(sample), "param": {"bad_result": True}}), "local")
-        assert err.value.code == 302 and "failed its warm-up: [999]" in err.value.message
+        assert err.value.code == 302 and "failed its warm-up: [999]" in str(err.value)
         assert bad not in [h.name for h in c.get_container_handler()]
         with pytest.raises(InfinibrainException) as err:
             c.load_inference(echo_config(bad, warmup=str(tmp_path / "missing.npy")), "local")
-        assert err.value.code == 302 and "warmup.file" in err.value.message
+        assert err.value.code == 302 and "warmup.file" in str(err.value)
         c.unload_inference(name)
 
 
@@ -120,13 +120,13 @@ def test_a_failed_update_keeps_the_old_version_serving(fresh_manager, name):
             # A command that fails at start: the new containers fail, the old ones never stop.
             with pytest.raises(InfinibrainException) as err:
                 c.load_inference(versioned(name, run_command="python failstart.py", force_update=True), "all")
-            message = err.value.message
+            message = str(err.value)
             assert err.value.code == 302 and "exited with status 7" in message and "model file missing" in message
             assert "the previous version keeps serving on" in message
             # A container that never connects: the same.
             with pytest.raises(InfinibrainException) as err:
                 c.load_inference(versioned(name, run_command="python silent.py", force_update=True), "local")
-            assert "did not become ready" in err.value.message and "keeps serving" in err.value.message
+            assert "did not become ready" in str(err.value) and "keeps serving" in str(err.value)
             time.sleep(0.5)
         load.check_all_ended(allowed=set())
         assert {(a["board"], a["pid"]) for a in answers(c, name, 10)} == pids  # the same processes
@@ -137,7 +137,7 @@ def test_a_failed_update_keeps_the_old_version_serving(fresh_manager, name):
         # A file that does not exist is found before anything is touched.
         with pytest.raises(InfinibrainException) as err:
             c.load_inference(versioned(name, script_path="/no/such/dir", force_update=True), "all")
-        assert err.value.code == 302 and "/no/such/dir" in err.value.message
+        assert err.value.code == 302 and "/no/such/dir" in str(err.value)
         assert {(a["board"], a["pid"]) for a in answers(c, name, 10)} == pids
         c.unload_inference(name)
 

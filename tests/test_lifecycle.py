@@ -133,7 +133,7 @@ def test_reload_from_the_inference_config_file(cluster, manager, name):
     data["config"]["max_send_num"] = 7
     path.write_text(json.dumps(data))
     reloaded = cluster.reload_inference(name)
-    assert isinstance(reloaded, ContainerHandler) and reloaded.max_send_num == 7
+    assert [type(h) for h in reloaded] == [ContainerHandler] and reloaded[0].max_send_num == 7  # always a list
     assert cluster.infer(name, b"x")[0]["shape"] == [1]
 
     path.write_text("{ not json")
@@ -150,7 +150,7 @@ def test_reload_from_the_inference_config_file(cluster, manager, name):
     path.write_text(json.dumps(data))
     with pytest.raises(InvalidArgumentException) as err:
         cluster.reload_inference(name)
-    assert err.value.code == 207 and "max_send_num" in err.value.message
+    assert err.value.code == 207 and "max_send_num" in str(err.value)
     path.unlink()
     with pytest.raises(InvalidArgumentException) as err:
         cluster.reload_inference(name)
@@ -188,7 +188,7 @@ def test_one_dead_path_is_111_naming_it():
     try:
         with pytest.raises(ConnectionFailedException) as err:
             AICluster(port=port, timeout=1.5)
-        assert err.value.code == 111 and f"inference port {port}" in err.value.message
+        assert err.value.code == 111 and f"inference port {port}" in str(err.value)
     finally:
         stop.set()
         t.join(5)

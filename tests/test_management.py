@@ -119,13 +119,13 @@ def test_put_file_replaces_files_and_checks_keys(cluster, name, tmp_path):
 
     with pytest.raises(InvalidArgumentException) as err:
         cluster.put_file(name, {"modle": str(model)})
-    assert err.value.code == 101 and "modle" in err.value.message
+    assert err.value.code == 101 and "modle" in str(err.value)
     with pytest.raises(InvalidArgumentException) as err:
         cluster.put_file(name, {"model": str(tmp_path / "missing.bin")})
-    assert err.value.code == 301 and "missing.bin" in err.value.message
+    assert err.value.code == 301 and "missing.bin" in str(err.value)
     with pytest.raises(InvalidArgumentException) as err:
         cluster.put_file(name, {"model": str(model), "To": "../../escape"})
-    assert err.value.code == 302 and "outside" in err.value.message
+    assert err.value.code == 302 and "outside" in str(err.value)
     with pytest.raises(InferenceNameNotFoundException) as err:
         cluster.put_file("nope", {"model": str(model)})
     assert err.value.code == 300
@@ -189,10 +189,10 @@ def test_load_validation_errors(cluster, name, tmp_path):
         with pytest.raises(InvalidArgumentException) as err:
             cluster.load_inference(cfg, "local")
         assert err.value.code == code, (cfg, err.value)
-        assert needle in err.value.message, (needle, err.value.message)
+        assert needle in str(err.value), (needle, str(err.value))
     with pytest.raises(CoprocessorNotFoundException) as err:
         cluster.load_inference(echo_config(name), ["local", "nowhere"])
-    assert err.value.code == 304 and "nowhere" in err.value.message
+    assert err.value.code == 304 and "nowhere" in str(err.value)
     assert cluster.get_container_handler() == [] or name not in [h.name for h in cluster.get_container_handler()]
 
 
@@ -200,11 +200,11 @@ def test_a_container_that_fails_to_start_leaves_nothing(cluster, name):
     with pytest.raises(InvalidArgumentException) as err:
         cluster.load_inference(echo_config(name, run_command="python failstart.py"), "local")
     assert err.value.code == 302
-    assert "exited with status 7" in err.value.message and "model file missing" in err.value.message
+    assert "exited with status 7" in str(err.value) and "model file missing" in str(err.value)
     assert name not in [h.name for h in cluster.get_container_handler()]
     with pytest.raises(InvalidArgumentException) as err:
         cluster.load_inference(echo_config(name, run_command="no-such-program --x"), "local")
-    assert "no-such-program" in err.value.message
+    assert "no-such-program" in str(err.value)
 
 
 def test_reload_same_settings_tag_change_and_force_update(cluster, name):
@@ -213,10 +213,10 @@ def test_reload_same_settings_tag_change_and_force_update(cluster, name):
     assert again.suffix_name == f"{name}-local"
     with pytest.raises(InvalidArgumentException) as err:
         cluster.load_inference(echo_config(name, image_tag="v2"), "local")
-    assert err.value.code == 203 and "v1" in err.value.message and "v2" in err.value.message
+    assert err.value.code == 203 and "v1" in str(err.value) and "v2" in str(err.value)
     with pytest.raises(InvalidArgumentException) as err:
         cluster.load_inference(echo_config(name, image_tag="v1", max_send_num=5), "local")
-    assert err.value.code == 302 and "force_update" in err.value.message
+    assert err.value.code == 302 and "force_update" in str(err.value)
     updated = cluster.load_inference(echo_config(name, image_tag="v2", force_update=True, max_send_num=5), "local")
     assert updated.image_tag == "v2" and updated.max_send_num == 5
     assert cluster.infer(name, b"x")[0]["shape"] == [1]
@@ -231,7 +231,7 @@ def test_second_command_on_a_busy_inference_is_309(cluster, name):
     handler.stop_async(func=lambda code, msg, cmd, result: (outcomes.append((code, cmd, result)), ev.set()))
     with pytest.raises(APIConflictException) as err:
         cluster.reload_inference(name)
-    assert err.value.code == 309 and name in err.value.message
+    assert err.value.code == 309 and name in str(err.value)
     assert ev.wait(20)
     assert outcomes[0][0] == 0 and outcomes[0][1] == "stop" and isinstance(outcomes[0][2], ContainerStatus)
     handler.start()
@@ -327,6 +327,6 @@ def test_requests_waiting_for_a_load_that_fails_are_answered(cluster, name):
     got = []
     cluster.infer_async(name, b"x", func=lambda code, msg, result, resp: (got.append((code, msg)), answered.set()))
     assert loaded.wait(30) and answered.wait(30)
-    assert outcome[0][0] == 302 and "exited with status 5" in outcome[0][1]
-    assert got == [(400, got[0][1])] and "unloaded" in got[0][1]
+    assert outcome[0] == (302, "Specified Param Error")  # the callback gets the reference's text
+    assert got == [(400, "Unregistered InferenceName")]
     assert name not in [h.name for h in cluster.get_container_handler()]

@@ -153,8 +153,54 @@ def test_messages_are_the_references_verbatim():
     assert errors.make_error(309, "a, b").message == "a, b is used by other process. Please retry a little later."
     assert errors.make_error(403, "cam").message == "cam does not accept data."
     e = errors.make_error(302, detail="max_send_num must be positive")
-    assert e.message == "Specified Param Error: max_send_num must be positive" and str(e) == f"[302] {e.message}"
+    # The message is the reference's text, verbatim; what was wrong is the detail, shown by str().
+    assert e.message == "Specified Param Error" and e.detail == "max_send_num must be positive"
+    assert str(e) == "[302] Specified Param Error: max_send_num must be positive" and e.text == str(e)[6:]
     import pickle
 
     again = pickle.loads(pickle.dumps(e))
-    assert type(again) is type(e) and (again.code, again.message) == (302, e.message)
+    assert type(again) is type(e) and (again.code, again.message, again.detail) == (302, e.message, e.detail)
+
+
+def test_the_references_own_exception_names_import_and_catch():
+    from infinibrain import (APIConflict, ConnectionFailed, ContainerNotFoundExpection, CoprocesorNotFoundExpection,
+                             InferenceUnsubscribe, InvalidArgument, NotImplemented, SendQueueFull, SocketConnection,
+                             SSHConnectionExpection, UnknownExpection)
+
+    pairs = [(InvalidArgument, 100), (SocketConnection, 110), (ConnectionFailed, 111), (InferenceUnsubscribe, 114),
+             (APIConflict, 309), (SendQueueFull, 305), (NotImplemented, 900), (CoprocesorNotFoundExpection, 304),
+             (ContainerNotFoundExpection, 307), (SSHConnectionExpection, 500), (UnknownExpection, 999)]
+    for cls, code in pairs:
+        with pytest.raises(cls):
+            raise errors.make_error(code, "x")
+    assert infinibrain.InvalidArgument is infinibrain.InvalidArgumentException
+    # A star import gives every exception name but never shadows the builtin NotImplemented.
+    scope: dict = {}
+    exec("from infinibrain import *", scope)
+    assert "NotImplemented" not in scope and "InvalidArgument" in scope and "SendQueueFullException" in scope
+    assert "make_error" not in scope and "ERROR_TABLE" not in scope and "HINTS" not in scope
+    from infinibrain import AICluster
+
+    assert AICluster.connect_aiclustor is AICluster.connect_aicluster
+
+
+EXPORTED = {
+    "__version__", "AICluster", "RetryPolicy", "wait_for_manager", "CoprocessorHandler", "ContainerHandler",
+    "ContainerConfig", "ContainerDistributionStatus", "ContainerStatus", "CoprocessorImages", "InferenceModulesConfig",
+    "InferenceResponse", "QueueInfo",
+}
+
+
+def test_exported_members():
+    """``infinibrain`` is the one place that exports everything (as httpx pins its own)."""
+    exceptions = {name for name in infinibrain.__all__ if name not in EXPORTED}
+    assert EXPORTED <= set(infinibrain.__all__)
+    assert all(isinstance(getattr(infinibrain, n), type) and issubclass(getattr(infinibrain, n), infinibrain.InfinibrainException)
+               for n in exceptions)
+    assert {"InfinibrainException", "InvalidArgumentException", "InvalidArgument", "RequestDeletedException"} <= exceptions
+    assert len(infinibrain.__all__) == len(set(infinibrain.__all__))
+    for name in infinibrain.__all__:
+        assert hasattr(infinibrain, name), name
+    assert infinibrain.inference.__all__ == ["AICluster"]
+    assert infinibrain.containers.__all__ == ["Connector", "container_log_util", "log_setting", "debug", "info", "warning",
+                                              "error", "critical", "exception"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -119,7 +120,8 @@ def test_delete_queue_own_other_and_forced(cluster, manager, name):
         left = cluster.delete_queue(name)
         assert {q.pid for q in left} == {child.pid} and len(left) == 3
         wait_for(lambda: len(got) == 2)
-        assert all(code == 306 and "delete_queue" in message for code, message, _ in got.values())
+        # Ended with their own code and the message that says so (not 306, a timeout).
+        assert all(code == 404 and message == "Request deleted from the send wait queue" for code, message, _ in got.values())
         assert cluster.delete_queue(name, pid=child.pid, force_delete=True) == []
         assert cluster.get_queue_info(name) == []
     finally:
@@ -142,3 +144,29 @@ def test_requests_of_a_dead_client_leave_the_queue(fresh_manager, name):
     child.wait()
     wait_for(lambda: c.get_queue_info(name) == [], timeout=10)
     c.release()
+
+
+def test_a_deleted_request_is_never_sent_again_by_a_retry_policy(manager, name):
+    from infinibrain import AICluster, RequestDeletedException, RetryPolicy
+
+    with AICluster(port=manager.port, retry=RetryPolicy(attempts=5, inference=True)) as c:
+        handler = c.load_inference(echo_config(name), "local")
+        handler.stop_distribution()
+        outcome: list = []
+
+        def call() -> None:
+            try:
+                c.infer(name, b"x")
+            except RequestDeletedException as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=call)
+        t.start()
+        wait_for(lambda: len(c.get_queue_info(name)) == 1)
+        c.delete_queue(name)
+        t.join(10)
+        assert outcome and outcome[0].code == 404 and "delete_queue" in str(outcome[0])
+        time.sleep(0.5)
+        assert c.get_queue_info(name) == []  # not sent again
+        handler.start_distribution()
+        c.unload_inference(name)

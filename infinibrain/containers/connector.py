@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -45,16 +46,18 @@ class Connector:
         host_ip = host_ip or env.get("INFINIBRAIN_HOST")
         self.container_id = env.get("INFINIBRAIN_CONTAINER", "")
         # Who this is on the wire: the instance the manager started (a rolling update runs
-        # two of one container for a while), else the container itself (started by hand).
-        self._wire_id = env.get("INFINIBRAIN_INSTANCE") or self.container_id
+        # two of one container for a while), else the container named in the environment,
+        # else (a program started by hand with explicit arguments) a name of its own, which
+        # the manager gives to an ``other`` container serving ``sub_name``.
+        self._wire_id = env.get("INFINIBRAIN_INSTANCE") or self.container_id or P.ANONYMOUS + uuid.uuid4().hex[:12]
         if not isinstance(sub_name, str) or not sub_name or "/" in sub_name:
             raise argument_error("sub_name", "" if not sub_name else "must be a name without '/'")
         if not isinstance(host_ip, str) or not host_ip:
             raise argument_error("host_ip")
         pub = _port(pub_port or env.get("INFINIBRAIN_PUB_PORT"), "pub_port")
         sub = _port(sub_port or env.get("INFINIBRAIN_SUB_PORT"), "sub_port")
-        if not self.container_id or "/" in self.container_id:
-            raise argument_error("INFINIBRAIN_CONTAINER", "set it to the container's suffix_name (the manager does so in deployed containers)")
+        if "/" in self._wire_id:
+            raise argument_error("INFINIBRAIN_CONTAINER", "a container's suffix_name has no '/'")
         try:
             keys = security.keys_from_env()
         except security.KeyFileError as exc:
@@ -169,19 +172,19 @@ class Connector:
         meta = response.metadata_sys or {}
         if meta.get("noreply"):
             return
-        code, message = 0, ""
+        code, detail = 0, ""
         try:
             packed = P.pack_value(result)
         except (TypeError, ValueError, OverflowError) as exc:
-            code, message = 999, format_message(999, detail=f"the inference's result cannot be sent: {exc}")
+            code, detail = 999, f"the inference's result cannot be sent: {exc}"
             packed = P.pack_value(None)
         if len(packed) > self.max_message_size:
             # The manager would drop the connection on it; the caller gets a numbered error instead.
             code = 999
-            message = format_message(999, detail=f"the inference's result is {len(packed)} bytes, more than the manager's max_message_size of {self.max_message_size}")
+            detail = f"the inference's result is {len(packed)} bytes, more than the manager's max_message_size of {self.max_message_size}"
             packed = P.pack_value(None)
         stamps = [list(s) for s in (response.time_stamp or [])] + [["container_send", P.now()]]
-        header = {"mkey": meta.get("mkey"), "code": code, "msg": message, "ts": stamps}
+        header = {"mkey": meta.get("mkey"), "code": code, "msg": format_message(code) if code else "", "detail": detail, "ts": stamps}
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
         self._send(P.RESULT, header, [packed])

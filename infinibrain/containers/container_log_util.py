@@ -1,8 +1,10 @@
 """container_log_util: logging for inference programs (reference chapter 6).
 
-Every record carries the ``code`` given by the caller (-1 when none) as ``record.code``, and
-the default format shows it. Without ``log_setting`` a default logger writing to stderr is
-used (in a deployed container, stderr goes to the container's log).
+Every record logged through these functions carries the ``code`` given by the caller
+(-1 when none) as ``record.code``; the default format shows ``[code]`` only when one was
+given, and formats any other record on that logger (or its children) as well. Without
+``log_setting`` a default logger writing to stderr is used (in a deployed container,
+stderr goes to the container's log).
 """
 from __future__ import annotations
 
@@ -10,14 +12,28 @@ import logging
 import sys
 
 DEFAULT_NAME = "infinibrain.container"
-FORMAT = "%(asctime)s %(levelname)s [%(code)s] %(name)s: %(message)s"
+FORMAT = "%(asctime)s %(levelname)s%(code_text)s %(name)s: %(message)s"
+NO_CODE = -1
 
 _logger: logging.Logger | None = None
 
 
+class CodeFormatter(logging.Formatter):
+    """FORMAT, with `` [code]`` where a code was given and nothing where none was (so a
+    record from any other code, without ``code``, formats too)."""
+
+    def __init__(self, fmt: str = FORMAT) -> None:
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        code = getattr(record, "code", NO_CODE)
+        record.code_text = f" [{code}]" if code != NO_CODE else ""
+        return super().format(record)
+
+
 def _default_handler() -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(CodeFormatter())
     return handler
 
 
