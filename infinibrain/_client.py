@@ -66,14 +66,6 @@ class Pending:
     inference: str = ""
     tid: int = 0
     sent: float = 0.0
-    accepted: threading.Event | None = None  # set when acknowledged or ended (only when asked for)
-
-    def wait_accepted(self) -> None:
-        """Until the manager acknowledged or refused it (bounded: no acknowledgement in
-        ACK_TIMEOUT ends it with 402)."""
-        assert self.accepted is not None
-        if not self.accepted.wait(max(self.deadline - time.monotonic(), 0) + ANSWER_GRACE):
-            raise make_error(402, detail=f"the manager did not acknowledge request {self.rid}")
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
@@ -100,6 +92,7 @@ class ClusterClient:
         self.manager_id: str | None = None
         self.hb_interval = 0.5
         self.max_message_size = P.DEFAULT_MAX_MESSAGE_SIZE  # the manager says its own in hello_ack
+        self.no_input: frozenset[str] = frozenset()  # inferences with input=None, as the manager tells
         self._refused = ""  # why the manager refused our connection (CURVE), from the socket monitor
         self._acked_paths: set[str] = set()
         self._last_heard = 0.0
@@ -191,6 +184,11 @@ class ClusterClient:
         if not self.connected:
             raise make_error(111, detail=f"not connected to the manager at {self.host}:{self.port}")
 
+    @property
+    def lost(self) -> bool:
+        """The connection was made, and is lost now (until it comes back)."""
+        return not self.connected and not self._closed and self.manager_id is not None
+
     def close(self) -> None:
         if self._closed:
             return
@@ -221,12 +219,10 @@ class ClusterClient:
             raise
         return p
 
-    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
-              wait_accept: bool = False) -> Pending:
+    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None) -> Pending:
         self.check_connected()
         tid = threading.get_native_id()
-        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
-                    accepted=threading.Event() if wait_accept else None)
+        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid)
         sent = P.now()
         p.sent = sent
         header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", sent]]}
@@ -250,8 +246,6 @@ class ClusterClient:
             exc = error_from_code(code, message, detail)
             exc.response = response  # type: ignore[attr-defined]
             p.future.set_exception(exc)
-        if p.accepted is not None:
-            p.accepted.set()
         if p.on_done is not None and code and detail:
             # A callback gets the reference's message only: the detail is in the log.
             self.logger.debug("request %s ended with [%d] %s: %s", p.rid, code, message, detail)
@@ -325,6 +319,7 @@ class ClusterClient:
         self.hb_interval = float(h.get("hb") or 0.5)
         if isinstance(h.get("max"), int) and h["max"] > 0:
             self.max_message_size = h["max"]
+        self._takes_no_input(h)
         with self._link:
             self._refused = ""  # whatever refused us before, this path works now
             self._acked_paths.add(str(h.get("path")))
@@ -352,8 +347,6 @@ class ClusterClient:
                 p.deadline = float("inf")  # no answer limit: the manager's liveness still ends it
             else:
                 p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
-            if p.accepted is not None:
-                p.accepted.set()
 
     def _on_result(self, msg: P.Message) -> None:
         h = msg.header
@@ -385,8 +378,16 @@ class ClusterClient:
         if listener is not None and isinstance(msg.header.get("info"), dict):
             self.deliver(listener, p.cmd, msg.header["info"])  # type: ignore[union-attr]
 
+    def _takes_no_input(self, h: dict) -> None:
+        """The inferences the manager would refuse requests for (input=None): it tells in
+        its hello_ack and whenever the list changes, so the SDK refuses them at call time."""
+        if isinstance(h.get("no_input"), list):
+            self.no_input = frozenset(n for n in h["no_input"] if isinstance(n, str))
+
     def _on_event(self, msg: P.Message) -> None:
         h = msg.header
+        if h.get("what") == "inputs":
+            return self._takes_no_input(h)
         if h.get("what") == "result":
             if self.infer_callback is not None:
                 result = P.unpack_value(msg.payload[0]) if msg.payload else None

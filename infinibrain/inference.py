@@ -234,11 +234,10 @@ class AICluster:
     # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
 
     def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
-                detached: bool = False, wait_accept: bool = False) -> Pending:
+                detached: bool = False) -> Pending:
         """Send one request. ``detached``: the call returns before the answer (``_async``,
         ``_future``), so a buffer the caller may change is copied first (a read-only array
-        or immutable bytes go zero-copy). ``wait_accept``: the request is acknowledged or
-        refused before this returns (bounded), so a refusal can be raised."""
+        or immutable bytes go zero-copy)."""
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
         what = "image_data" if image else "in_data"
@@ -263,7 +262,7 @@ class AICluster:
         size = memoryview(payload).nbytes
         if size > client.max_message_size:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done, wait_accept)
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done)
 
     def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
         try:
@@ -294,18 +293,24 @@ class AICluster:
         return callback
 
     def _send_async(self, inference_name: Any, data: Any, param: Any, image: bool, func: Callable | None,
-                    raised: tuple[int, ...]) -> str:
-        """An ``_async`` inference: sent, and acknowledged or refused before it returns.
-        The codes in ``raised`` are raised here (and passed to the callback too, as the
-        reference's table has them); every other outcome goes to the callback only."""
+                    lost_raises: bool) -> str:
+        """An ``_async`` inference. Raised at call time, and passed to the callback too, as
+        the reference's table has them: 403 (the manager says which inferences take no
+        requests) and, with ``lost_raises``, 402 (the connection to the manager is lost);
+        every other outcome goes to the callback only."""
+        client = self._client
+        if lost_raises and client.lost:
+            callback = self._infer_callback(func)
+            error = make_error(402, detail=f"the connection to the manager at {client.host}:{client.port} is lost")
+            client.deliver(callback, error.code, error.message, None, None)
+            raise error
         self._connected_client()
         callback = self._infer_callback(func)
-        pending = self._submit(inference_name, data, param, image, callback, detached=True, wait_accept=True)
-        pending.wait_accepted()
-        refused = pending.future.exception() if pending.future.done() else None
-        if isinstance(refused, InfinibrainException) and refused.code in raised:
-            raise refused
-        return pending.rid
+        if isinstance(inference_name, str) and inference_name in client.no_input:
+            error = make_error(403, inference_name)
+            client.deliver(callback, error.code, error.message, None, None)
+            raise error
+        return self._submit(inference_name, data, param, image, callback, detached=True).rid
 
     def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
         """Run the inference on an image; returns what the container sent back."""
@@ -316,8 +321,9 @@ class AICluster:
         """Run the inference on an image; ``func(code, message, result, response)`` or the
         infer callback gets the outcome. The image is copied unless it is read-only
         (``image.setflags(write=False)`` sends it without a copy: then do not change it
-        until the callback ran). InvalidInferenceNameException (403) is raised at once."""
-        return self._send_async(inference_name, image_data, param, True, func, raised=(403,))
+        until the callback ran). InvalidInferenceNameException (403) is raised at once
+        (and passed to the callback)."""
+        return self._send_async(inference_name, image_data, param, True, func, lost_raises=False)
 
     def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
         """Run the inference on bytes; returns (result, InferenceResponse)."""
@@ -327,8 +333,8 @@ class AICluster:
     def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
         """Run the inference on bytes; the outcome goes to ``func`` or the infer callback.
         InvalidInferenceNameException (403) and ContainerDisconnectException (402, the
-        manager did not acknowledge it) are raised at once."""
-        return self._send_async(inference_name, in_data, param, False, func, raised=(403, 402))
+        connection to the manager is lost) are raised at once (and passed to the callback)."""
+        return self._send_async(inference_name, in_data, param, False, func, lost_raises=True)
 
     def infer_voice(self, *args: Any, **kwargs: Any) -> Any:
         """Not supported: NotImplementedException (900)."""

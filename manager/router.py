@@ -139,6 +139,7 @@ class Router:
         self.dropped_frames = 0
         self.dropped_by_port: dict[str, int] = {}
         self.loop_errors: Counter[str] = Counter()
+        self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
@@ -245,6 +246,7 @@ class Router:
                     svc.instances[c.id] = c
         else:
             svc.update(reg)
+        self._tell_inputs()
         self.pump(reg.name)
 
     def close_service(self, name: str, why: str) -> None:
@@ -252,8 +254,17 @@ class Router:
         svc = self.services.pop(name, None)
         if svc is None:
             return
+        self._tell_inputs()
         while svc.queue:
             self.end(svc.queue.popleft(), 400, detail=f"inference {name!r} {why} while the request waited")
+
+    def _tell_inputs(self) -> None:
+        """Clients refuse requests for inferences that take none (input=None, 403) at call
+        time: they learn the list in the hello_ack, and here whenever it changes."""
+        names = sorted(n for n, svc in self.services.items() if not svc.takes_input)
+        if names != self._no_input:
+            self._no_input = names
+            self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, {"what": "inputs", "no_input": names}))
 
     def add_instance(self, c: Instance) -> None:
         self.containers[c.id] = c
@@ -414,7 +425,7 @@ class Router:
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
         elif kind == P.HELLO:
             self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
-                                                "max": self.config.max_message_size})
+                                                "max": self.config.max_message_size, "no_input": self._no_input})
         else:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
