@@ -1,6 +1,7 @@
-# infinibrain: make demo (set up, run the quick start), make test (run the tests),
-# make engine (a local Docker engine), make images (the container images, offline),
-# make boards (emulated SSH boards: one sshd per board on 127.0.0.2, 127.0.0.3, ...).
+# infinibrain: make demo (set up, run the quick start), make test (set up everything the
+# tests need, then run them). For people who want the parts: make engine (a local Docker
+# engine), make images (the container images, offline), make boards (emulated SSH boards:
+# one sshd per board on 127.0.0.2, 127.0.0.3, ...), make prereqs (what make test sets up).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo test faults soak bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo prereqs test faults soak bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,12 @@ examples/models/classifier/weights.npz: examples/models/make_weights.py examples
 demo: setup examples/models/classifier/weights.npz
 	PY=$(PY) scripts/demo.sh
 
-test: setup
+# Before pytest, never inside a test's timeout: Debian's packages (engine, debootstrap,
+# sshd, registry, skopeo, qemu), the engine, and the images (this machine's, arm64, bullseye).
+prereqs: setup
+	scripts/prereqs.sh $(PY)
+
+test: prereqs
 	@$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$status
 

@@ -19,10 +19,35 @@ from .types import (
     InferenceResponse,
     QueueInfo,
 )
-from .container import ContainerHandler  # noqa: E402
-from .coprocessor import CoprocessorHandler  # noqa: E402
-from .inference import AICluster, wait_for_manager  # noqa: E402
-from .retry import RetryPolicy  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
+# The host side (AICluster and its handlers) is imported when first used: a container that
+# imports infinibrain.containers loads only the errors, the data classes and the wire
+# protocol (and runs on Python 3.8, JetPack 5's).
+_LAZY = {
+    "AICluster": "inference",
+    "wait_for_manager": "inference",
+    "ContainerHandler": "container",
+    "CoprocessorHandler": "coprocessor",
+    "RetryPolicy": "retry",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .container import ContainerHandler
+    from .coprocessor import CoprocessorHandler
+    from .inference import AICluster, wait_for_manager
+    from .retry import RetryPolicy
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'infinibrain' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "__version__",

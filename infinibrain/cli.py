@@ -267,16 +267,44 @@ def cmd_queue(c: AICluster, args: argparse.Namespace) -> int:
 
 
 def cmd_images(c: AICluster, args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if words and words[0] == "rm":
+        if len(words) < 2:
+            raise make_error(100, "TAG", detail="images rm TAG [TAG ...] [--board BOARD]")
+        rows = c.remove_images(words[1:], args.board or "")
+        for r in rows:
+            print(f"{r['board']}: {r['tag']}: {'removed' if r['removed'] else 'kept (' + r['why'] + ')'}")
+        return 0
+    board = words[0] if words else args.board
     boards = c.get_coprocessor_images()
     rows = [{"board": b.name, **(i if isinstance(i, dict) else {"image": i})}
-            for b in boards if not args.board or b.name == args.board for i in b.images]
-    if args.board and args.board not in {b.name for b in boards}:
-        raise make_error(304, detail=f"board {args.board!r} (known: {', '.join(b.name for b in boards)})")
+            for b in boards if not board or b.name == board for i in b.images]
+    if board and board not in {b.name for b in boards}:
+        raise make_error(304, detail=f"board {board!r} (known: {', '.join(b.name for b in boards)})")
     if args.json:
         dump(rows)
         return 0
     columns = ["board"] + sorted({k for r in rows for k in r} - {"board"})
     table(rows, columns) if rows else print("no images")
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    """Build an inference image from a spec (no manager needed: the local Docker engine)."""
+    from . import imagebuild
+
+    spec = imagebuild.load_spec(args.spec)
+    if args.save:
+        spec.save = Path(args.save).resolve()
+    print(f"building {spec.tag} ({spec.platform}) from {spec.base}", file=sys.stderr)
+    built = imagebuild.build(spec, say=(lambda line: None) if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr)))
+    print(f"{built.tag}: {built.size / 1e6:.1f} MB in {len(built.layers)} layers, built in {built.seconds:g} s")
+    for step, size in built.layers[:4]:
+        if size:
+            print(f"  {size / 1e6:8.1f} MB  {step}")
+    if built.tar is not None:
+        print(f"{built.tar}: {built.tar_size / 1e6:.1f} MB (image_path={str(built.tar.parent)!r}, image_filename={built.tar.name!r})")
+    print(imagebuild.TIPS, file=sys.stderr)
     return 0
 
 
@@ -368,7 +396,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, default=0)
     s.add_argument("--force", action="store_true", help="delete other processes' requests too")
 
-    command(sub, "images", "the images on the boards", cmd_images, "board?", json=True)
+    s = command(sub, "images", "the images on the boards: images [BOARD], images rm TAG [TAG ...] [--board B]", cmd_images,
+                json=True)
+    s.add_argument("words", nargs="*", metavar="[rm] [BOARD | TAG ...]")
+    s.add_argument("--board", help="the board (images rm: only this board; default every board)")
+
+    image = sub.add_parser("image", help="build an inference image: image build SPEC")
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="build")
+    s = image_sub.add_parser("build", help="an image from a TOML spec (containers/README.md), with the local Docker engine")
+    s.add_argument("spec")
+    s.add_argument("--save", help="also write the docker save tar here (overrides the spec's save)")
+    s.add_argument("--quiet", action="store_true", help="no build output")
+    s.set_defaults(run=cmd_image_build, local=True)
 
     s = command(sub, "put", "replace a file in an inference's running containers", cmd_put, "file", "name")
     s.add_argument("--to", default=".", help="folder in the container (default: its working folder)")
@@ -380,8 +419,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    run: Callable[[AICluster, argparse.Namespace], int] = args.run
+    run: Callable[..., int] = args.run
     try:
+        if getattr(args, "local", False):  # needs no manager
+            return run(args)
         with AICluster(args.host, args.port, timeout=args.timeout) as cluster:
             return run(cluster, args)
     except InfinibrainException as exc:

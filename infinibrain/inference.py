@@ -465,6 +465,19 @@ class AICluster:
         """restart_inference as a Future of the restarted ContainerHandlers."""
         return self._future(self._restart, inference_name, coprocessor_name, rolling)
 
+    def remove_images(self, tags: list[str], coprocessor_name: str = "") -> list[dict]:
+        """Not in the reference: remove old image tags from the boards ("" = every board).
+        A tag a registered inference uses there is kept. Returns one row per board and tag:
+        {"board", "tag", "removed", "why"}."""
+        def build() -> Call:
+            if not isinstance(tags, (list, tuple)) or not tags:
+                raise argument_error("tags", "a list of image tags")
+            return Call("remove_images", "remove_images",
+                        {"tags": [_api.require_str(t, "tags") for t in tags],
+                         "board": _api.require_str(coprocessor_name, "coprocessor_name", allow_empty=True)})
+
+        return self._run(build)
+
     def stats(self) -> dict:
         """Not in the reference: the manager's own figures (requests queued and in flight,
         dropped frames by port, refused keys, clients, loop errors, its memory)."""

@@ -29,6 +29,7 @@ from .boards import Board
 from .changes import Changes
 from .operations import Operations, gather
 from .reconciler import Reconciler
+from .registry import Placement
 from .router import Router
 from .state import Client, Instance, State
 from .validate import normalize_config
@@ -99,6 +100,7 @@ class Commands:
             "get_container_status": Spec(self.get_container_status),
             "get_coprocessor_images": Spec(self.get_coprocessor_images),
             "get_images": Spec(self.get_images),
+            "remove_images": Spec(self.remove_images),
             "logs": Spec(self.logs),
             "get_coprocessor_handler": Spec(lambda ctx, a: self.views.coprocessors(_str(a, "inference_name"))),
             "get_container_handler": Spec(self.get_container_handler),
@@ -227,7 +229,9 @@ class Commands:
             self.views.registered(n)
         for n in names:
             self.changes.check_unload(n, board)  # all of them before any is touched
-        images = [i for n in names for i in self.reconciler.instances_of(n) if not board or i.board == board]
+        # Only images the manager brought to a board are removed again (never one built there).
+        images = [i for n in names for i in self.reconciler.instances_of(n) if (not board or i.board == board)
+                  and self.reconciler.registrations[n].boards.get(i.board, Placement()).image_loaded]
         yield gather([self.changes.unload(n, board) for n in names])
         if args.get("delete_image", True):
             yield gather([self.ops.submit(_delete_image, i.runtime, i.spec, self._image_users(i)) for i in self._one_per_image(images)])
@@ -347,6 +351,23 @@ class Commands:
     def get_images(self, ctx: Context, args: dict) -> concurrent.futures.Future:
         return self.views.images([self.views.board(_str(args, "board", True))])
 
+    def remove_images(self, ctx: Context, args: dict) -> Step:
+        """Not in the reference: remove image tags from boards (every board, or one), but
+        never one a registered inference uses on that board's engine."""
+        tags = args.get("tags")
+        if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t for t in tags):
+            raise make_error(100, "tags", detail="a list of image tags")
+        board = _str(args, "board")
+        boards = [self.views.board(board)] if board else list(self.boards.values())
+        used = [(self.boards[i.board].engine, i.spec.config.get("image_tag"), i.inference)
+                for i in self.router.containers.values()
+                if i.inference in self.reconciler.registrations and i.runtime.kind in ("docker", "nvidia")]
+        engines: dict[int, Board] = {}
+        for b in boards:  # boards that share an engine (emulated ones) are asked once
+            engines.setdefault(id(b.engine), b)
+        rows = yield gather([self.ops.submit(_remove_tags, b, tags, used, board=b.name) for b in engines.values()])
+        return [r for found in rows for r in found]
+
     def logs(self, ctx: Context, args: dict) -> concurrent.futures.Future:
         name, board = self.views.placement_of(_str(args, "suffix_name", True), _str(args, "board", True))
         return self.views.logs(name, board, int(args.get("lines") or 100))
@@ -432,6 +453,26 @@ def _put_into(runtime: Any, spec: Any, sources: list[str], target: str) -> int:
 def _keep_files(files: Any, name: str, sources: list[str], target: str) -> None:
     for src in sources:
         files.add(name, src, target)
+
+
+def _remove_tags(board: Board, tags: list[str], used: list[tuple[Any, str, str]]) -> list[dict]:
+    """Remove ``tags`` from ``board``'s engine, keeping those a registered inference uses."""
+    mine = board.engine.identity()
+    rows = []
+    for tag in tags:
+        users = sorted({name for engine, t, name in used if t == tag and engine.identity() == mine})
+        removed, why = False, ""
+        if users:
+            why = f"used by {', '.join(users)}"
+        else:
+            try:
+                with board.engine.errors(f"board {board.name!r}: removing image {tag}"):
+                    removed = board.engine.remove_image(tag)
+                why = "" if removed else "not there, or a container uses it"
+            except InfinibrainException as exc:
+                why = exc.text
+        rows.append({"board": board.name, "tag": tag, "removed": removed, "why": why})
+    return rows
 
 
 def _delete_image(runtime: Any, spec: Any, users: list) -> None:

@@ -70,9 +70,10 @@ class Placement:
     distribution: str = "on"
     running: bool = True
     instances: list[InstanceRecord] = field(default_factory=list)
+    image_loaded: bool = False  # the manager brought image_tag to this board (delete_image may remove it)
 
     def to_dict(self) -> dict:
-        return {"distribution": self.distribution, "running": self.running,
+        return {"distribution": self.distribution, "running": self.running, "image_loaded": self.image_loaded,
                 "instances": [i.to_dict() for i in self.instances]}
 
     @property
@@ -245,7 +246,8 @@ def parse(name: str, path: Path, data: object) -> Registration:
         instances = [i for i in map(_record, records) if i is not None]
         if len(instances) != len(records):
             raise mismatch(f"board {board!r}: its instances are invalid")
-        placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances)
+        placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances,
+                                      bool(raw.get("image_loaded", legacy)))
     return Registration(name, config, placements, revision, next_revision, stable)
 
 

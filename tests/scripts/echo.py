@@ -7,6 +7,7 @@ Every answer says which process and module served it, and how many requests it w
 serving at the same time (to check max_send_num).
 """
 import os
+import platform
 import time
 
 import numpy as np
@@ -29,6 +30,8 @@ while True:
     conn.send_response(
         {
             "pid": os.getpid(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
             "sub": conn.sub_name,
             "shape": list(image.shape),
             "dtype": str(image.dtype),
