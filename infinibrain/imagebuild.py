@@ -16,26 +16,35 @@ A spec is a TOML file with one ``[image]`` table::
 
 Paths are relative to the spec's folder. The image is built by the local Docker engine with
 the host's network (``--network host``: the engine ``make test`` starts has no bridge), so
-``apt`` reaches the Debian archive the base image's sources name and ``pip`` reaches PyPI;
-nothing else is fetched. ``pip`` runs from the wheel the runtime image carries
-(``/opt/infinibrain/pip.whl``) with ``--only-binary=:all:``: no compiler, no sdist, no pip
-left installed; packages the image has from Debian (numpy, pyzmq, msgpack) satisfy
-dependencies. Each of apt, pip and files is one layer, in that order, so a change to your
-files rebuilds (and ships) only the top layer.
+``apt`` reaches the Debian archive the base image's sources name; nothing else is fetched
+from inside the build. PyPI packages are downloaded here, by this machine's pip (with its
+configuration: index, proxy, certificates), as binary wheels for the image's platform and
+Python (``--only-binary=:all:``: no compiler, no sdist), and served to the build from a
+loopback-only web server; inside, pip runs from the wheel the runtime image carries
+(``/opt/infinibrain/pip.whl``), installs from those wheels only, and leaves nothing of
+itself or of them behind. Packages the image has from Debian (numpy, pyzmq, msgpack)
+satisfy dependencies. Each of apt, pip and files is one layer, in that order, so a change
+to your files rebuilds (and ships) only the top layer.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import http.server
 import io
 import json
 import os
 import platform as host_platform
 import shlex
+import subprocess
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import make_error
 
@@ -81,8 +90,11 @@ class Spec:
                          + " ".join(shlex.quote(p) for p in self.apt)
                          + " && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc /usr/share/man")
         if self.pip:
-            lines.append(f"RUN python3 {PIP} install --no-cache-dir --only-binary=:all: --break-system-packages "
-                         "--root-user-action=ignore --disable-pip-version-check " + " ".join(shlex.quote(p) for p in self.pip))
+            # The wheels come from build() (a loopback web server on WHEELS_PORT): nothing else.
+            lines.append("ARG WHEELS_PORT")
+            lines.append(f"RUN python3 {PIP} install --no-index --find-links http://127.0.0.1:$WHEELS_PORT/ --no-cache-dir "
+                         "--only-binary=:all: --break-system-packages --root-user-action=ignore --disable-pip-version-check "
+                         + " ".join(shlex.quote(p) for p in self.pip))
         for i, (here, to) in enumerate(self.files):
             # A folder's contents go into ``to``; a file into ``to`` if it ends with "/", else as ``to``.
             source = f"files/{i}/" if here.is_dir() else f"files/{i}/{here.name}"
@@ -193,14 +205,16 @@ def build(spec: Spec, say: Callable[[str], None] = lambda line: None, client: An
     except docker.errors.ImageNotFound:
         hint = " (make test or containers/build.py builds it)" if spec.base.startswith("infinibrain/") else ""
         raise make_error(302, detail=f"base image {spec.base} is not on the engine{hint}") from None
-    stream = client.api.build(fileobj=spec.context(), custom_context=True, tag=spec.tag, rm=True, forcerm=True,
-                              network_mode="host", platform=spec.platform, decode=True)
-    for chunk in stream:
-        if "error" in chunk:
-            raise make_error(302, detail=f"building {spec.tag} failed: {chunk['error'].strip()}")
-        line = (chunk.get("stream") or "").rstrip()
-        if line:
-            say(line)
+    with _wheels(client, spec, say) as port:
+        stream = client.api.build(fileobj=spec.context(), custom_context=True, tag=spec.tag, rm=True, forcerm=True,
+                                  network_mode="host", platform=spec.platform, decode=True,
+                                  buildargs={"WHEELS_PORT": str(port)} if port else {})
+        for chunk in stream:
+            if "error" in chunk:
+                raise make_error(302, detail=f"building {spec.tag} failed: {chunk['error'].strip()}")
+            line = (chunk.get("stream") or "").rstrip()
+            if line:
+                say(line)
     image = client.images.get(spec.tag)
     layers = [(" ".join((h.get("CreatedBy") or "").split())[:100], h.get("Size", 0)) for h in image.history()]
     built = Built(spec.tag, image.id, image.attrs.get("Size", 0), layers, round(time.monotonic() - started, 1))
@@ -213,6 +227,63 @@ def build(spec: Spec, say: Callable[[str], None] = lambda line: None, client: An
         partial.rename(spec.save)
         built.tar, built.tar_size = spec.save, spec.save.stat().st_size
     return built
+
+
+@contextlib.contextmanager
+def _wheels(client: Any, spec: Spec, say: Callable[[str], None]) -> Iterator[int]:
+    """The wheels ``spec.pip`` needs, for the image's platform and Python, downloaded by this
+    machine's pip and served on a loopback port for the build (0: nothing to serve)."""
+    if not spec.pip:
+        yield 0
+        return
+    python, glibc = _image_python(client, spec)
+    machine = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}[spec.platform]
+    major, minor = (int(x) for x in glibc.split(".")[:2])
+    platforms = [f"manylinux2014_{machine}"] + [f"manylinux_2_{m}_{machine}" for m in range(17, minor + 1)] if major == 2 else []
+    folder = _cache() / "wheels" / f"{spec.platform.replace('/', '-')}-cp{python}"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", python,
+           "--implementation", "cp", "--abi", f"cp{python}", "-d", str(folder)]
+    for platform in platforms:
+        cmd += ["--platform", platform]
+    say(f"downloading wheels for {spec.platform}, CPython {python[0]}.{python[1:]}: {' '.join(spec.pip)}")
+    out = subprocess.run(cmd + spec.pip, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise make_error(302, detail=f"pip could not download {' '.join(spec.pip)} as binary wheels for {spec.platform}: "
+                                     f"{(out.stderr or out.stdout).strip()[-800:]}")
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    # The port is part of the pip step's cache key: the same for the same packages, so an
+    # unchanged step is a cache hit (another port only if that one is taken).
+    steady = 20000 + int(hashlib.sha256(" ".join(spec.pip).encode()).hexdigest(), 16) % 10000
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", steady), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="wheels")
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def _image_python(client: Any, spec: Spec) -> tuple[str, str]:
+    """(Python version as "311", glibc version) of the base image, asked of it (no network)."""
+    probe = "import platform, sys; print('%d%d' % sys.version_info[:2], platform.libc_ver()[1])"
+    out = client.containers.run(spec.base, ["python3", "-c", probe], remove=True, network_mode="none",
+                                platform=spec.platform).decode().split()
+    return out[0], out[1]
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("INFINIBRAIN_CACHE") or Path.home() / ".cache" / "infinibrain")
 
 
 TIPS = """to keep it small: prefer PyPI's headless/-cpu wheels (opencv-python-headless, onnxruntime) to

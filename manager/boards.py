@@ -15,7 +15,9 @@ import sys
 
 from infinibrain import protocol as P
 
+from . import image_registry
 from .config import BoardConfig, ManagerConfig
+from .image_registry import ImageRegistry
 from .runtimes.docker_runtime import DockerRuntime
 from .runtimes.engine import Engine, engine_url
 from .runtimes.external import ExternalRuntime
@@ -102,10 +104,15 @@ def make_boards(config: ManagerConfig) -> dict[str, Board]:
     engines: dict[str, Engine] = {}
     boards = {}
     manager_id, timeout = str(config.port), config.engine_timeout_ms / 1000
+    registry = ImageRegistry(config.state_dir, config.registry_port)
+    missing = image_registry.available()
     for b in config.boards:
         if b.transport == "ssh":
             link = SSHLink(b)
-            engine = SSHEngine(link, manager_id, timeout, str(ssh_root(b, config) / "images"))
+            pulls = b.image_transfer == "registry" or (b.image_transfer == "auto" and not missing)
+            if b.image_transfer == "auto" and missing:
+                log.info("board %s gets whole image tars over SFTP: %s", b.name, missing)
+            engine = SSHEngine(link, manager_id, timeout, str(ssh_root(b, config) / "images"), registry if pulls else None)
             boards[b.name] = Board(b, config, engine, link)
             continue
         url = engine_url(b.docker_host)
@@ -118,5 +125,7 @@ def make_boards(config: ManagerConfig) -> dict[str, Board]:
 def close_boards(boards: dict[str, Board]) -> None:
     for engine in {id(b.engine): b.engine for b in boards.values()}.values():
         engine.close()
+        if getattr(engine, "registry", None) is not None:
+            engine.registry.stop()
     for board in boards.values():
         board.close()

@@ -45,6 +45,8 @@ class BoardConfig:
     # or ~/.infinibrain/<manager port> on an ssh board
     docker_host: str = ""  # the board's Docker engine; "" = $DOCKER_HOST or the local socket (local boards)
     surge: bool = True  # an update may run the new container beside the old one (false: one board at a time)
+    image_transfer: str = "auto"  # ssh boards: "registry" (pull the layers it lacks), "sftp" (the whole tar),
+    # "auto" (the registry when the main board has docker-registry and skopeo)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ManagerConfig:
     max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
+    registry_port: int = 0  # the image registry boards pull from, on 127.0.0.1; 0 = base port + 6
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json" (one JSON object a line, for log collectors)
     # CurveZMQ on every socket (see docs/RELIABILITY.md). Key files are zmq.auth certificates.
@@ -153,6 +156,10 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     _check_address(cfg.metrics_host, "manager.metrics_host")
     if cfg.metrics_port == 0:
         cfg.metrics_port = cfg.port + 5
+    if cfg.registry_port == 0:
+        cfg.registry_port = cfg.port + 6
+    if not 1 <= cfg.registry_port <= 65535:
+        raise ConfigError(f"manager.registry_port must be a port number or 0 (base port + 6), got {cfg.registry_port}")
     if not (cfg.metrics_port == -1 or 1 <= cfg.metrics_port <= 65535):
         raise ConfigError(f"manager.metrics_port must be a port number, 0 (base port + 5) or -1 (off), got {cfg.metrics_port}")
     if not 1 <= cfg.port <= 65535 - 8:
@@ -193,6 +200,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
             raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
         board.manager_address = board.manager_address or cfg.host
         _check_address(board.manager_address, f"{where}.manager_address")
+        if board.image_transfer not in ("auto", "registry", "sftp"):
+            raise ConfigError(f"{where}.image_transfer must be 'auto', 'registry' or 'sftp', got {board.image_transfer!r}")
         if board.transport == "ssh":
             _check_ssh_board(board, where)
     return cfg

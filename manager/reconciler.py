@@ -210,11 +210,10 @@ class Reconciler:
         if state is State.PENDING:
             self._start(s, target, fresh=True)
         elif state is State.STARTING:
-            if target.running and target.connected and target.warmup_key is None:
+            if target.running and self._serves(target) and target.warmup_key is None:
                 self._begin_ready(s, target)
             elif target.running and now >= target.ready_deadline:
-                self._fail(s, target, f"did not become ready within {self._ready_timeout(target):g} s "
-                                      f"({'its Connector never connected' if not target.connected else 'its warm-up did not answer'})")
+                self._fail(s, target, f"did not become ready within {self._ready_timeout(target):g} s ({self._not_ready_why(target)})")
         elif state in (State.READY, State.UNHEALTHY) and not target.connected and self._probe_due(s, target, now):
             self._probe(s, target, now)
         elif state is State.READY:
@@ -357,8 +356,22 @@ class Reconciler:
         self._record(inst)
         if inst.runtime.kind == "other":
             return self._ready(s, inst)  # someone else starts it: registered is all we can make it
-        if inst.connected:
+        if self._serves(inst):
             self._begin_ready(s, inst)
+
+    @staticmethod
+    def _serves(inst: Instance) -> bool:
+        """Connected, and (if it takes requests) to the module they go to by default."""
+        cfg = inst.spec.config
+        return inst.connected and (cfg["input"] is None or default_sub_name(cfg) in inst.subs)
+
+    def _not_ready_why(self, inst: Instance) -> str:
+        if not inst.connected:
+            return "its Connector never connected"
+        if not self._serves(inst):
+            wanted = default_sub_name(inst.spec.config)
+            return f"its Connector serves {', '.join(sorted(inst.subs))}, not module {wanted!r} (Connector(sub_name=...))"
+        return "its warm-up did not answer"
 
     def _begin_ready(self, s: Slot, inst: Instance) -> None:
         if inst.warmup is None:
@@ -512,7 +525,8 @@ class Reconciler:
 
     def connected(self, inst: Instance) -> None:
         s = self.slots.get((inst.inference, inst.board))
-        if s is not None and inst.state is State.STARTING and inst.running and not s.busy and inst.warmup_key is None:
+        if (s is not None and inst.state is State.STARTING and inst.running and not s.busy and inst.warmup_key is None
+                and self._serves(inst)):
             self._begin_ready(s, inst)
 
     def heard(self, inst: Instance, beat: bool) -> None:

@@ -96,6 +96,8 @@ class SSHLink:
         self._client: paramiko.SSHClient | None = None
         self._failure: tuple[float, InfinibrainException] | None = None  # the last failed connect
         self._lock = threading.Lock()
+        self._forwards: dict[int, tuple[paramiko.Transport, int]] = {}  # port here -> (on which connection, port there)
+        self.forwarded_bytes = 0  # bytes sent to the board through forwards (e.g. image layers pulled)
 
     # ---- the connection ------------------------------------------------------------
 
@@ -212,6 +214,49 @@ class SSHLink:
             raise make_error(302, detail=f"board {self.board.name!r}: {what} failed ({status}): {(err or out).strip()[-500:]}")
         return out
 
+    # ---- a way back to the main board -----------------------------------------------------
+
+    def forward(self, port: int) -> int:
+        """A port on the board's 127.0.0.1 that leads to ``port`` on this machine's 127.0.0.1
+        (a reverse port forward on the board's connection: nothing new listens on any
+        network). Made once per connection; 500 if the board refuses it."""
+        transport = self.client().get_transport()
+        with self._lock:
+            found = self._forwards.get(port)
+            if found is not None and found[0] is transport:
+                return found[1]
+            try:
+                there = transport.request_port_forward("127.0.0.1", 0, handler=lambda ch, _o, _s: self._relay(ch, port))
+            except LINK_ERRORS as exc:
+                raise self.failed("opening a port forward (AllowTcpForwarding in its sshd_config?)", exc) from None
+            self._forwards[port] = (transport, there)
+            log.info("%s: its 127.0.0.1:%d leads to the main board's 127.0.0.1:%d", self.where, there, port)
+            return there
+
+    def _relay(self, channel: paramiko.Channel, port: int) -> None:
+        """One connection through a forward (paramiko's thread calls this: it must not block)."""
+
+        def pump() -> None:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=self.connect_timeout)
+            except OSError as exc:
+                log.warning("%s: forward to 127.0.0.1:%d: %s", self.where, port, exc)
+                channel.close()
+                return
+            sock.settimeout(None)
+            back = threading.Thread(target=_copy, args=(channel, sock, None), daemon=True, name="forward-in")
+            back.start()
+            _copy(sock, channel, self._count)
+            back.join(self.command_timeout)
+            sock.close()
+            channel.close()
+
+        threading.Thread(target=pump, daemon=True, name=f"forward-{self.board.name}").start()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.forwarded_bytes += n
+
     # ---- files -------------------------------------------------------------------------
 
     def sftp(self) -> paramiko.SFTPClient:
@@ -275,6 +320,25 @@ def makedirs(sftp: paramiko.SFTPClient, folder: str) -> None:
             # anything else is still an error.
             if not stat.S_ISDIR(sftp.stat(path).st_mode):
                 raise
+
+
+def _copy(src, dst, count) -> None:
+    """Copy ``src`` to ``dst`` (a socket or a channel) until ``src`` ends; ``count(n)`` each chunk."""
+    try:
+        while True:
+            chunk = src.recv(256 * 1024)
+            if not chunk:
+                break
+            dst.sendall(chunk)
+            if count is not None:
+                count(len(chunk))
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    finally:
+        try:
+            dst.shutdown(socket.SHUT_WR) if isinstance(dst, socket.socket) else dst.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
 
 
 def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:

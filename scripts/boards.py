@@ -79,7 +79,7 @@ def sshd_config(folder: Path, index: int, authorized: Path) -> Path:
                 "UsePAM no",
                 "StrictModes no",
                 "X11Forwarding no",
-                "AllowTcpForwarding no",
+                "AllowTcpForwarding remote",  # the reverse forward through which the board pulls images
                 # The manager multiplexes many channels (engine calls, SFTP, commands) on one connection.
                 "MaxSessions 64",
                 "MaxStartups 64",

@@ -5,7 +5,8 @@
 #   qemu-user-static and binfmt-support (arm64 images under emulation);
 #   binfmt_misc mounted and qemu's arm64 entry enabled;
 #   a Docker engine (scripts/engine.sh) and the images (containers/build.py: the runtime for
-#   this machine and arm64, the bullseye runtime, the example).
+#   this machine and arm64, the bullseye runtime, the example; the face detector of
+#   examples/face_detection, with its photograph).
 # Installing never starts a system service: a policy-rc.d refuses while apt runs (the
 # emulated boards run their own sshd on 127.0.0.N, the manager its own registry).
 #   scripts/prereqs.sh [PYTHON]     (PYTHON: the venv's interpreter, for the image build)
@@ -60,3 +61,6 @@ scripts/engine.sh start || fatal "no Docker engine answers"
 arch=()
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && [ "$(uname -m)" != aarch64 ] && arch=(--arch arm64)
 "$PY" containers/build.py --bullseye "${arch[@]}" || fatal "the images could not be built"
+# The real-model example's image (OpenCV from PyPI) and its photograph (from scikit-image's wheel).
+"$PY" -m infinibrain.cli image build examples/face_detection/image.toml --quiet >/dev/null || fatal "the face detector's image could not be built"
+"$PY" examples/face_detection/photo.py >/dev/null || fatal "the example photograph could not be fetched"

@@ -341,7 +341,9 @@ class SSHBoards:
             "transport": "ssh", "address": f"127.0.0.{index + 1}", "ssh_port": 2222, "ssh_user": getpass.getuser(),
             "ssh_key": str(self.dir / "id_ed25519"), "known_hosts": str(self.dir / "known_hosts"),
             "manager_address": "127.0.0.1", "python": sys.executable, "work_dir": str(self.dir / name / "work"),
-            "ssh_connect_timeout_ms": 3000, "ssh_command_timeout_ms": 20000, **overrides,
+            "ssh_connect_timeout_ms": 3000, "ssh_command_timeout_ms": 20000,
+            "image_transfer": "sftp",  # the whole-tar path; tests of the registry path say "registry"
+            **overrides,
         }
 
     def manager(self, tmp: Path, boards: tuple[str, ...] = ("b1", "b2"), overrides: dict | None = None, **kw) -> ManagerProcess:

@@ -197,7 +197,7 @@ class Engine:
             except OSError as exc:
                 raise make_error(302, detail=f"image file {tar_path!r} cannot be opened on the main board: {exc.strerror}") from None
             started = time.monotonic()
-            figures = {"image": tag, "image_bytes": size, **self._load(tar_path)}
+            figures = {"image": tag, "image_bytes": size, **self._load(tar_path, tag)}
             loaded = figures.pop("loaded")
             figures["load_seconds"] = round(time.monotonic() - started - figures.get("transfer_seconds", 0.0), 3)
             log.info("loaded %s from %s on %s (%.0f MB in %.1f s)", ", ".join(loaded) or "nothing", tar_path, self.url,
@@ -205,7 +205,7 @@ class Engine:
             self._tag_loaded(tag, tar_path, loaded)
             return self.image(tag) or {}, figures
 
-    def _load(self, tar_path: str) -> dict:
+    def _load(self, tar_path: str, tag: str) -> dict:
         """Load a ``docker save`` tar into the engine: {"loaded": [what it loaded]}."""
         loaded: list[str] = []
         with open(tar_path, "rb") as fh:

@@ -17,6 +17,7 @@ import os
 import posixpath
 import shlex
 import socket
+import time
 
 import docker
 import docker.errors
@@ -26,6 +27,8 @@ from docker.transport.sshconn import SSHConnectionPool, SSHHTTPAdapter
 
 from infinibrain.errors import InfinibrainException, make_error
 
+from .. import progress
+from ..image_registry import ImageRegistry
 from ..ssh import SSHLink
 from .engine import Engine, _cause, loaded_names
 
@@ -52,11 +55,13 @@ class _LinkAdapter(SSHHTTPAdapter):
 
 
 class SSHEngine(Engine):
-    def __init__(self, link: SSHLink, manager_id: str, timeout: float, upload_dir: str) -> None:
+    def __init__(self, link: SSHLink, manager_id: str, timeout: float, upload_dir: str,
+                 registry: ImageRegistry | None = None) -> None:
         board = link.board
         super().__init__(f"ssh://{board.ssh_user}@{board.address}:{board.ssh_port}", manager_id, timeout)
         self.link = link
         self.upload_dir = upload_dir
+        self.registry = registry  # None: whole tars over SFTP (image_transfer = "sftp")
 
     def _sdk_client(self, version: str, timeout: float) -> docker.DockerClient:
         client = docker.DockerClient(base_url=self.url, version=version, timeout=timeout, use_ssh_client=True)
@@ -75,7 +80,9 @@ class SSHEngine(Engine):
             detail = "the docker CLI is missing on the board (docker system dial-stdio failed)"
         return make_error(500, detail=f"{self.link.where}: {doing}: the Docker engine does not answer: {detail}")
 
-    def _load(self, tar_path: str) -> dict:
+    def _load(self, tar_path: str, tag: str) -> dict:
+        if self.registry is not None:
+            return self._pull(tar_path, tag)
         # One name per tar file: a retry after a cut-off transfer overwrites its .part.
         name = hashlib.sha256(os.path.abspath(tar_path).encode()).hexdigest()[:16] + ".tar"
         remote = posixpath.join(self.upload_dir, name)
@@ -85,3 +92,29 @@ class SSHEngine(Engine):
         if status != 0:
             raise make_error(302, detail=f"image file {tar_path!r} could not be loaded on board {self.link.board.name!r}: {(err or out).strip()[-500:]}")
         return {"loaded": loaded_names(out), "transfer_seconds": sent["seconds"]}
+
+    def _pull(self, tar_path: str, tag: str) -> dict:
+        """The image through the main board's registry: pushed there from the tar, then
+        pulled by the board's engine through a reverse forward of the board's connection,
+        which moves only the layers the board lacks."""
+        ref = self.registry.push(tar_path, tag)  # type: ignore[union-attr]
+        port = self.link.forward(self.registry.port)  # type: ignore[union-attr]
+        source = f"127.0.0.1:{port}/{ref}"
+        repo, _, version = source.rpartition(":")
+        before, started = self.link.forwarded_bytes, time.monotonic()
+        layers: dict[str, tuple[int, int]] = {}
+        stage = f"pulling {os.path.basename(tar_path)}"
+        for event in self.client.api.pull(repo, version, stream=True, decode=True):
+            if event.get("error"):
+                raise make_error(302, detail=f"board {self.link.board.name!r} could not pull {tag} from the registry: {event['error']}")
+            detail = event.get("progressDetail") or {}
+            if event.get("id") and detail.get("total"):
+                layers[event["id"]] = (detail.get("current", 0), detail["total"])
+                progress.report(stage, sum(c for c, _ in layers.values()), sum(t for _, t in layers.values()))
+        name, _, version = tag.rpartition(":") if ":" in tag.split("/")[-1] else (tag, "", "latest")
+        self.client.api.tag(source, name, version or "latest")
+        self.client.api.remove_image(source, noprune=True)
+        moved = self.link.forwarded_bytes - before
+        seconds = time.monotonic() - started
+        log.info("%s: pulled %s through the registry (%.1f MB moved in %.2f s)", self.link.where, tag, moved / 1e6, seconds)
+        return {"loaded": [tag], "transfer_seconds": round(seconds, 3), "image_bytes": moved, "via": "registry"}
