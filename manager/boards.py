@@ -125,7 +125,7 @@ def make_boards(config: ManagerConfig) -> dict[str, Board]:
 def close_boards(boards: dict[str, Board]) -> None:
     for engine in {id(b.engine): b.engine for b in boards.values()}.values():
         engine.close()
-        if getattr(engine, "registry", None) is not None:
+        if isinstance(engine, SSHEngine) and engine.registry is not None:
             engine.registry.stop()
     for board in boards.values():
         board.close()

@@ -29,7 +29,6 @@ from .boards import Board
 from .changes import Changes
 from .operations import Operations, gather
 from .reconciler import Reconciler
-from .registry import Placement
 from .router import Router
 from .state import Client, Instance, State
 from .validate import normalize_config
@@ -229,13 +228,23 @@ class Commands:
             self.views.registered(n)
         for n in names:
             self.changes.check_unload(n, board)  # all of them before any is touched
-        # Only images the manager brought to a board are removed again (never one built there).
-        images = [i for n in names for i in self.reconciler.instances_of(n) if (not board or i.board == board)
-                  and self.reconciler.registrations[n].boards.get(i.board, Placement()).image_loaded]
+        images = [i for n in names for i in self.reconciler.instances_of(n) if not board or i.board == board]
         yield gather([self.changes.unload(n, board) for n in names])
         if args.get("delete_image", True):
-            yield gather([self.ops.submit(_delete_image, i.runtime, i.spec, self._image_users(i)) for i in self._one_per_image(images)])
+            doomed = [i for i in self._one_per_image(images) if self._brought(i)]
+            deleted = yield gather([self.ops.submit(_delete_image, i.runtime, i.spec, self._image_users(i)) for i in doomed])
+            for inst, gone in zip(doomed, deleted):
+                if gone:
+                    for b in self.boards.values():
+                        if b.engine is self.boards[inst.board].engine:
+                            self.reconciler.registry.bring(b.name, inst.spec.config["image_tag"], False)
         return self.views.handlers()
+
+    def _brought(self, inst: Instance) -> bool:
+        """Whether the manager brought ``inst``'s image to its engine (through any board of that
+        engine): only such images are deleted again, never one built or put there by someone else."""
+        engine, tag = self.boards[inst.board].engine, inst.spec.config.get("image_tag")
+        return any(tag in self.reconciler.registry.brought.get(b.name, ()) for b in self.boards.values() if b.engine is engine)
 
     @staticmethod
     def _one_per_image(instances: list[Instance]) -> list[Instance]:
@@ -475,13 +484,13 @@ def _remove_tags(board: Board, tags: list[str], used: list[tuple[Any, str, str]]
     return rows
 
 
-def _delete_image(runtime: Any, spec: Any, users: list) -> None:
+def _delete_image(runtime: Any, spec: Any, users: list) -> bool:
     """Remove a gone container's image unless a registered container on the same engine
     still uses it (emulated boards share one engine: compared by the engine's own ID)."""
     mine = runtime.engine.identity()
     if any(engine.identity() == mine for engine in users):
-        return
-    runtime.remove_image(spec)
+        return False
+    return bool(runtime.remove_image(spec))
 
 
 __all__ = ["Commands"]

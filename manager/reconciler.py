@@ -350,9 +350,8 @@ class Reconciler:
         inst.deployment = {**started.figures, "board": s.board}
         inst.warmup = started.warmup
         inst.ready_deadline = time.monotonic() + self._ready_timeout(inst)
-        reg = self.registrations.get(inst.inference)
-        if started.figures.get("image_bytes") and reg is not None and s.board in reg.boards:
-            reg.boards[s.board].image_loaded = True  # ours to remove again (delete_image)
+        if started.figures.get("image_bytes"):
+            self.registry.bring(s.board, started.figures.get("image") or inst.spec.config.get("image_tag") or "")
         self._record(inst)
         if inst.runtime.kind == "other":
             return self._ready(s, inst)  # someone else starts it: registered is all we can make it

@@ -70,10 +70,9 @@ class Placement:
     distribution: str = "on"
     running: bool = True
     instances: list[InstanceRecord] = field(default_factory=list)
-    image_loaded: bool = False  # the manager brought image_tag to this board (delete_image may remove it)
 
     def to_dict(self) -> dict:
-        return {"distribution": self.distribution, "running": self.running, "image_loaded": self.image_loaded,
+        return {"distribution": self.distribution, "running": self.running,
                 "instances": [i.to_dict() for i in self.instances]}
 
     @property
@@ -132,6 +131,10 @@ class Registry:
         os.chmod(Path(state_dir), 0o700)
         self.files = Overlay(Path(state_dir) / "files")
         self.registrations: dict[str, Registration] = {}
+        # Image tags the manager brought to each board (loaded from a tar, or pulled): the only
+        # ones delete_image removes again (never one built or put there by someone else).
+        self.brought_path = Path(state_dir) / "images.json"
+        self.brought: dict[str, set[str]] = self._read_brought()
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
 
     def close(self) -> None:
@@ -156,6 +159,21 @@ class Registry:
             return self._writer.submit(self.remove, name)
         # The snapshot is taken now, on the router thread, so the writes keep their order.
         return self._writer.submit(self.write_dict, name, reg.to_dict())
+
+    def bring(self, board: str, tag: str, brought: bool = True) -> None:
+        """Record that the manager brought ``tag`` to ``board`` (or, ``brought=False``, that it is gone)."""
+        tags = self.brought.setdefault(board, set())
+        if (tag in tags) != brought:
+            tags.add(tag) if brought else tags.discard(tag)
+            snapshot = json.dumps({b: sorted(t) for b, t in self.brought.items() if t}, indent=2, sort_keys=True)
+            self._writer.submit(atomic_write, self.brought_path, snapshot)
+
+    def _read_brought(self) -> dict[str, set[str]]:
+        try:
+            data = json.loads(self.brought_path.read_text())
+            return {b: set(t) for b, t in data.items() if isinstance(t, list)}
+        except (OSError, ValueError, AttributeError):
+            return {}
 
     # ---- any thread -----------------------------------------------------------------
 
@@ -246,8 +264,7 @@ def parse(name: str, path: Path, data: object) -> Registration:
         instances = [i for i in map(_record, records) if i is not None]
         if len(instances) != len(records):
             raise mismatch(f"board {board!r}: its instances are invalid")
-        placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances,
-                                      bool(raw.get("image_loaded", legacy)))
+        placements[board] = Placement(raw["distribution"], bool(raw.get("running", True)), instances)
     return Registration(name, config, placements, revision, next_revision, stable)
 
 

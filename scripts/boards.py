@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -63,11 +64,55 @@ def keygen(path: Path, comment: str) -> None:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
 
 
-def sshd_config(folder: Path, index: int, authorized: Path) -> Path:
+def engine_socket(root: Path, name: str) -> str:
+    """Where a board with an engine of its own has it (a short path: unix socket paths are short)."""
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    return f"/run/ib-boards-{digest}/{name}/docker.sock"
+
+
+def start_engine(root: Path, name: str) -> None:
+    """A Docker engine of the board's own (its own images and layers, as a real board has):
+    the board's SSH sessions get DOCKER_HOST pointing at it (sshd_config SetEnv)."""
+    sock = Path(engine_socket(root, name))
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    folder = root / name
+    pidfile = folder / "dockerd.pid"
+    if pidfile.exists() and Path(f"/proc/{pidfile.read_text().strip()}").exists():
+        return
+    log = open(folder / "dockerd.log", "ab")
+    subprocess.Popen(["dockerd", "--data-root", str(folder / "docker"), "--exec-root", str(sock.parent / "exec"),
+                      "--host", f"unix://{sock}", "--pidfile", str(pidfile), "--bridge=none", "--iptables=false",
+                      "--ip6tables=false"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "-H", f"unix://{sock}", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"boards: the engine of {name} did not come up; see {folder / 'dockerd.log'}")
+
+
+def stop_engine(root: Path, name: str) -> None:
+    pidfile = root / name / "dockerd.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        with open(f"/proc/{pid}/comm") as fh:
+            if fh.read().strip() == "dockerd":
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.1)
+    except (OSError, ValueError):
+        pass
+
+
+def sshd_config(folder: Path, index: int, authorized: Path, docker_host: str = "") -> Path:
     cfg = folder / "sshd_config"
     cfg.write_text(
         "\n".join(
             [
+                *([f"SetEnv DOCKER_HOST=unix://{docker_host}"] if docker_host else []),
                 f"ListenAddress {address(index)}:{SSH_PORT}",
                 f"HostKey {folder / 'ssh_host_ed25519_key'}",
                 f"PidFile {folder / 'sshd.pid'}",
@@ -98,14 +143,16 @@ def _listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def start_one(root: Path, index: int) -> int:
+def start_one(root: Path, index: int, own_engine: bool = False) -> int:
     name = f"b{index}"
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     keygen(folder / "ssh_host_ed25519_key", f"{name} host key")
+    if own_engine:
+        start_engine(root, name)
     if _pid(folder) is not None:
         return _pid(folder)  # type: ignore[return-value]
-    cfg = sshd_config(folder, index, root / "authorized_keys")
+    cfg = sshd_config(folder, index, root / "authorized_keys", engine_socket(root, name) if own_engine else "")
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation folder
     subprocess.run([SSHD, "-f", str(cfg), "-E", str(folder / "sshd.log")], check=True)
     deadline = time.monotonic() + 10
@@ -192,14 +239,14 @@ def write_config(root: Path, count: int, manager_port: int, python: str) -> Path
     return path
 
 
-def start(root: Path, count: int, manager_port: int, python: str, only: str | None) -> dict:
+def start(root: Path, count: int, manager_port: int, python: str, only: str | None, own_engines: bool = False) -> dict:
     ensure_sshd()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
     keygen(root / "id_ed25519", "infinibrain manager")
     shutil.copy(root / "id_ed25519.pub", root / "authorized_keys")
     indexes = [int(only.lstrip("b"))] if only else list(range(1, count + 1))
-    pids = {f"b{i}": start_one(root, i) for i in indexes}
+    pids = {f"b{i}": start_one(root, i, own_engines) for i in indexes}
     known = []
     for i in sorted({*indexes, *(int(p.name[1:]) for p in root.glob("b[0-9]*") if p.is_dir())}):
         kind, key, _ = (root / f"b{i}" / "ssh_host_ed25519_key.pub").read_text().split(" ", 2)
@@ -218,6 +265,8 @@ def main() -> int:
     parser.add_argument("--manager-port", type=int, default=5570)
     parser.add_argument("--python", default=sys.executable, help="the boards' interpreter for process containers")
     parser.add_argument("--json", action="store_true", help="print what was started as JSON")
+    parser.add_argument("--own-engines", action="store_true",
+                        help="give each board a Docker engine of its own (its own layers, as a real board)")
     args = parser.parse_args()
     root = args.dir.absolute()
     if args.action == "install":
@@ -226,9 +275,11 @@ def main() -> int:
     if args.action == "stop":
         names = [args.board] if args.board else sorted(p.name for p in root.glob("b[0-9]*") if p.is_dir())
         stopped = [n for n in names if stop_one(root, n)]
+        for n in names:
+            stop_engine(root, n)
         print(f"boards: stopped {', '.join(stopped) or 'nothing'}")
         return 0
-    info = start(root, args.count, args.manager_port, args.python, args.board)
+    info = start(root, args.count, args.manager_port, args.python, args.board, args.own_engines)
     print(json.dumps(info) if args.json else f"boards: {', '.join(info['pids'])} up; config {info['config']}")
     return 0
 
