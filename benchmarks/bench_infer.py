@@ -11,7 +11,9 @@ flight, then the ratios to the baseline (and docker / process). With ``--ssh``, 
 ``Loop`` container on an emulated SSH board (scripts/boards.py: a real sshd on 127.0.0.2;
 the container was deployed over SSH, requests do not go through it), against the local one.
 With ``--curve``, also a second manager with CURVE on every socket (a client with an allowed
-key, the container with the key the manager hands it), against the plain one.
+key, the container with the key the manager hands it), against the plain one. With
+``--arm64``, also the loopback module in an arm64 container under qemu-user-static
+(``infinibrain/runtime:arm64``), for information: emulation is slow, a real board is not.
 
     python benchmarks/bench_infer.py [--requests N] [--seconds S] [--docker] [--ssh] [--curve] [--json PATH]
 
@@ -222,6 +224,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (large images: a tenth)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time bound per measurement")
     parser.add_argument("--docker", action="store_true", help="also measure a Docker container (infinibrain/runtime)")
+    parser.add_argument("--arm64", action="store_true",
+                        help="also measure an arm64 Docker container under emulation (infinibrain/runtime:arm64; for information)")
     parser.add_argument("--ssh", action="store_true", help="also measure a Loop container on an emulated SSH board")
     parser.add_argument("--curve", action="store_true", help="also measure a manager with CURVE on (authentication and encryption)")
     parser.add_argument("--json", help="write the figures here as JSON")
@@ -240,6 +244,10 @@ def main() -> int:
         cluster.load_inference(ContainerConfig(name="bench-docker", implementation_type="docker", image_tag="infinibrain/runtime:latest",
                                                input="Main", output="Main", max_send_num=4), "local")
         contenders["docker"] = (cluster, "bench-docker")
+    if args.arm64:  # the same module, an arm64 interpreter under qemu-user-static
+        cluster.load_inference(ContainerConfig(name="bench-arm64", implementation_type="docker", image_tag="infinibrain/runtime:arm64",
+                                               input="Main", output="Main", max_send_num=4, ready_timeout=120_000), "local")
+        contenders["arm64"] = (cluster, "bench-arm64")
     if boards is not None:
         cluster.load_inference(ContainerConfig(name="bench-ssh", implementation_type="Loop", input="Main", output="Main", max_send_num=4), "b1")
         contenders["ssh"] = (cluster, "bench-ssh")
@@ -272,7 +280,7 @@ def main() -> int:
                         "throughput": row[who]["MB_s"] / b["MB_s"]}
 
             row["ratio"] = {who: ratio(who) for who in contenders}
-            for who in ("docker", "ssh", "curve"):
+            for who in ("docker", "arm64", "ssh", "curve"):
                 if who in row:
                     row[f"{who}_vs_local_process"] = {"p50": row[who]["p50_ms"] / row["ours"]["p50_ms"],
                                                       "p99": row[who]["p99_ms"] / row["ours"]["p99_ms"],
@@ -285,7 +293,7 @@ def main() -> int:
             for who, ratio in row["ratio"].items():
                 of = "the CURVE baseline" if who == "curve" else "baseline"
                 print(f"{'':>12}  {who:8} p50 x{ratio['p50']:.2f}  p99 x{ratio['p99']:.2f}  throughput x{ratio['throughput']:.2f} of {of}")
-            for who in ("docker", "ssh", "curve"):
+            for who in ("docker", "arm64", "ssh", "curve"):
                 if f"{who}_vs_local_process" in row:
                     r = row[f"{who}_vs_local_process"]
                     print(f"{'':>12}  {who} / local process: p50 x{r['p50']:.3f}  p99 x{r['p99']:.3f}  throughput x{r['throughput']:.3f}")
