@@ -15,44 +15,23 @@ Needs root (the boards' engines), docker-registry and skopeo; every wait is boun
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import docker
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import SSHBoards  # noqa: E402
+from conftest import SSHBoards, image_with_layer  # noqa: E402
 
 from infinibrain import ContainerConfig  # noqa: E402
 
 BOARDS = ("b1", "b2", "b3", "b4")
 V1, V2 = "ib-bench/ship:1", "ib-bench/ship:2"
-
-
-def build(client: docker.DockerClient, tag: str, base: str, mb: int, seed: int, folder: Path) -> Path:
-    files = {"Dockerfile": f"FROM {base}\nCOPY layer.bin /opt/layer-{seed}.bin\n".encode(),
-             "layer.bin": np.random.default_rng(seed).bytes(mb * 1_000_000)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as ctx:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            ctx.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, network_mode="none")
-    tar = folder / (tag.split(":")[-1] + ".tar")
-    with open(tar, "wb") as fh:
-        for chunk in client.images.get(tag).save(named=True):
-            fh.write(chunk)
-    return tar
 
 
 def wipe(boards_dir: Path) -> None:
@@ -102,8 +81,8 @@ def main() -> int:
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="ib-bench-ship-") as folder:
         tmp = Path(folder)
-        tars = {V1: build(client, V1, "infinibrain/runtime:latest", 220, 1, tmp),
-                V2: build(client, V2, V1, 5, 2, tmp)}
+        tars = {V1: image_with_layer(client, "infinibrain/runtime:latest", V1, tmp, 220, seed=1),
+                V2: image_with_layer(client, V1, V2, tmp, 5, seed=2)}
         out["image_MB"] = round(tars[V2].stat().st_size / 1e6, 1)
         print(f"image {V2}: {out['image_MB']} MB tar, its top layer 5 MB", flush=True)
         boards = SSHBoards(tmp / "boards", len(BOARDS))

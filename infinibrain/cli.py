@@ -20,14 +20,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._toml import read_toml
 from .errors import HINTS, InfinibrainException, exit_status, make_error
 from .inference import AICluster
 from .types import ContainerConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 CONFIG_KEYS = {f for f in ContainerConfig.__dataclass_fields__}
 
@@ -111,12 +107,7 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
 def load_deployment(path: Path) -> list[tuple[dict, Any]]:
     """(ContainerConfig fields, boards) for each ``[[inference]]`` of a deployment file.
     Relative ``script_path``, ``image_path`` and ``copy.From`` are relative to the file."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise make_error(301, detail=f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise make_error(200, detail=f"{path} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     unknown = sorted(set(data) - {"inference"})
     if unknown:
         raise make_error(302, detail=f"{path}: unknown table {unknown[0]!r} (a deployment file has [[inference]] tables)")

@@ -46,12 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ._toml import read_toml
 from .errors import make_error
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 KEYS = {"tag", "from", "platform", "apt", "pip", "files", "env", "workdir", "command", "save"}
 PIP = "/opt/infinibrain/pip.whl/pip"
@@ -133,12 +129,7 @@ def _steady(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 def load_spec(path: str | os.PathLike) -> Spec:
     """The spec in ``path``; 302 naming what is wrong (301 when it cannot be read)."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise make_error(301, detail=f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise make_error(200, detail=f"{path} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     table = data.get("image")
     if set(data) != {"image"} or not isinstance(table, dict):
         raise make_error(302, detail=f"{path}: a spec is one [image] table")

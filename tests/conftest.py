@@ -296,6 +296,31 @@ def _has_image(client, tag: str) -> bool:
         return False
 
 
+def image_with_layer(client, base_tag: str, new_tag: str, folder: Path, mb: int, seed: int = 7) -> Path:
+    """``new_tag``: ``base_tag`` plus one layer of ``mb`` MB of random bytes (a new model),
+    written as a docker save tar into ``folder``."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    files = {"Dockerfile": f"FROM {base_tag}\nCOPY layer.bin /opt/layer-{seed}.bin\n".encode(),
+             "layer.bin": np.random.default_rng(seed).bytes(mb * 1_000_000)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as ctx:
+        for filename, data in files.items():
+            info = tarfile.TarInfo(filename)
+            info.size = len(data)
+            ctx.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=new_tag, rm=True, network_mode="none")
+    tar = folder / (new_tag.split("/")[-1].replace(":", "_") + ".tar")
+    with open(tar, "wb") as fh:
+        for chunk in client.images.get(new_tag).save(named=True):
+            fh.write(chunk)
+    return tar
+
+
 def remove_containers(port: int) -> None:
     """Remove the Docker containers of the manager on ``port`` (if there is an engine)."""
     try:

@@ -5,16 +5,14 @@ model (OpenCV's face detector on a real photograph) end to end."""
 from __future__ import annotations
 
 import ast
-import io
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SCRIPTS, _unavailable, connected, running_manager
+from conftest import ROOT, SCRIPTS, _unavailable, connected, image_with_layer, running_manager
 from infinibrain import ContainerConfig, InferenceModulesConfig, imagebuild
 from infinibrain.errors import InfinibrainException
 
@@ -169,25 +167,6 @@ def test_image_tags_are_removed_from_boards_unless_in_use(docker_kit, im, name):
 # ---- shipping only what changed -------------------------------------------------------------------
 
 
-def updated_image(client, base_tag: str, new_tag: str, folder: Path, mb: int, seed: int = 7) -> Path:
-    """``new_tag``: ``base_tag`` plus one layer of ``mb`` MB (a new model), as a docker save tar."""
-    files = {"Dockerfile": f"FROM {base_tag}\nCOPY model.bin /opt/model.bin\n".encode(),
-             "model.bin": np.random.default_rng(seed).bytes(mb * 1_000_000)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as ctx:
-        for filename, data in files.items():
-            info = tarfile.TarInfo(filename)
-            info.size = len(data)
-            ctx.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    client.images.build(fileobj=buf, custom_context=True, tag=new_tag, rm=True, network_mode="none")
-    tar = folder / (new_tag.split("/")[-1].replace(":", "_") + ".tar")
-    with open(tar, "wb") as fh:
-        for chunk in client.images.get(new_tag).save(named=True):
-            fh.write(chunk)
-    return tar
-
-
 @pytest.mark.timeout(600)
 def test_boards_pull_only_the_layers_they_lack_through_the_registry(docker_kit, ssh_boards, tmp_path, name):
     kit = docker_kit
@@ -213,7 +192,7 @@ def test_boards_pull_only_the_layers_they_lack_through_the_registry(docker_kit, 
             moved = []
             for version in (2, 3):
                 new_tag = f"ib-test/classifier-{name}:{version}"
-                tar = updated_image(kit.client, kit.tag, new_tag, tmp_path, 3, seed=version)
+                tar = image_with_layer(kit.client, kit.tag, new_tag, tmp_path, 3, seed=version)
                 kit.client.images.remove(new_tag)
                 handlers = c.load_inference(ContainerConfig(**{**cfg, "image_tag": new_tag, "image_filename": tar.name,
                                                                "image_path": str(tar.parent), "force_update": True}), "all")
