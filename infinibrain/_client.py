@@ -41,6 +41,10 @@ ACK_TIMEOUT = 5.0  # a manager that is alive acknowledges within milliseconds
 ANSWER_GRACE = 2.0  # beyond the deadline the manager announced, before we give up ourselves
 COMMAND_TIMEOUT = 3600.0  # bound on a management command once acknowledged
 LIVENESS = 4  # heartbeats missed before the manager counts as lost
+# Frames smaller than this are copied when sent (one memcpy) rather than handed to pyzmq's
+# zero-copy machinery (a tracker and its garbage-collector thread per frame), which costs
+# more for an image of a few hundred kB; larger ones go zero-copy.
+COPY_THRESHOLD = 1 << 20
 
 _request_numbers = itertools.count(1)
 
@@ -66,6 +70,7 @@ class Pending:
     inference: str = ""
     tid: int = 0
     sent: float = 0.0
+    param: dict | None = None  # what was sent as additional information (InferenceResponse.metadata)
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
@@ -125,6 +130,7 @@ class ClusterClient:
             s.linger = 0
             security.arm_client(s, keys)
             s.sndhwm = 0  # never drop silently; the manager's queue bound answers with 305
+            s.copy_threshold = COPY_THRESHOLD
             s.connect(base + str(self.port + offset))
             return s
 
@@ -149,7 +155,7 @@ class ClusterClient:
         with self._send_lock:
             if self._closed:
                 raise make_error(111, detail="this AICluster was released")
-            self._paths[path].send_multipart(frames, copy=False)
+            P.send(self._paths[path], frames)
 
     # ---- connection ------------------------------------------------------------------
 
@@ -222,7 +228,8 @@ class ClusterClient:
     def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None) -> Pending:
         self.check_connected()
         tid = threading.get_native_id()
-        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid)
+        p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
+                    param=param)
         sent = P.now()
         p.sent = sent
         header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", sent]]}
@@ -287,7 +294,7 @@ class ClusterClient:
     def _drain(self) -> None:
         for _ in range(256):
             try:
-                frames = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = P.recv(self._sub, P.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -407,15 +414,17 @@ class ClusterClient:
     }
 
     def _response(self, p: Pending, data: Any) -> InferenceResponse:
-        resp = InferenceResponse.from_dict(data if isinstance(data, dict) else {})
-        resp.pid, resp.tid, resp.request_no = self.pid, p.tid, p.rid
-        resp.inference_name = resp.inference_name or p.inference
-        resp.time_stamp = [list(s) for s in resp.time_stamp] + [["client_receive", P.now()]]
-        stamps = resp.time_stamp
-        resp.elapsed_time = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
-        if stamps:
-            resp.elapsed_time.append(["total", stamps[-1][1] - stamps[0][1]])
-        return resp
+        """The InferenceResponse of an answer: what only the manager knows (where it ran, the
+        module, the time stamps) from ``data``, the rest from the request itself."""
+        data = data if isinstance(data, dict) else {}
+        stamps = [list(s) for s in data.get("time_stamp") or ()]
+        stamps.append(["client_receive", P.now()])
+        elapsed = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
+        elapsed.append(["total", stamps[-1][1] - stamps[0][1]])
+        return InferenceResponse(pid=self.pid, tid=p.tid, request_no=p.rid, inference_name=p.inference,
+                                 metadata=p.param if p.param is not None else {}, metadata_sys=data.get("metadata_sys") or {},
+                                 sub_inference_name=data.get("sub_inference_name") or "", time_stamp=stamps,
+                                 elapsed_time=elapsed)
 
     def _event(self, code: int, message: str, cmd: str, result: Any) -> None:
         if self.manage_callback is not None:

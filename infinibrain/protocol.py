@@ -18,8 +18,11 @@ from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+import zmq
 
 VERSION = 1
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
 
 # Port offsets from the manager's base port. The manager binds all of them.
 INFER_IN = 0  # clients' PUB -> manager SUB: inference requests
@@ -102,13 +105,30 @@ def encode(topic: bytes, kind: str, header: dict | None = None, payload: Sequenc
     return [topic, msgpack.packb(head, use_bin_type=True), *payload]
 
 
+def send(sock: Any, frames: Sequence[Any]) -> None:
+    """Send one message's frames (as ``send_multipart(copy=False)``, with plain int flags:
+    pyzmq's flag enums cost more than the send itself on this path)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _SNDMORE if i < last else 0, copy=False)
+
+
+def recv(sock: Any, flags: int = 0) -> list:
+    """One message's frames, zero-copy (``recv_multipart(copy=False)``, the same way cheaper);
+    with NOBLOCK, zmq.Again when there is none."""
+    frames = [sock.recv(flags, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(0, copy=False))
+    return frames
+
+
 def decode(frames: Sequence[Any]) -> Message:
     """Parse frames received with ``recv_multipart(copy=False)`` or as bytes."""
     if len(frames) < 2:
         raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
     topic = _as_bytes(frames[0])
     try:
-        header = msgpack.unpackb(_as_bytes(frames[1]), raw=False, strict_map_key=False)
+        header = msgpack.unpackb(frame_buffer(frames[1]), raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated classes
         raise ProtocolError(f"header is not msgpack: {exc}") from None
     if not isinstance(header, dict):

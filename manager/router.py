@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 BATCH = 256  # messages taken from one socket per pass, so no socket starves the others
 TICK = 0.05  # seconds between timer passes
 PING_INTERVAL = 0.2
+# A request answered sooner needs no acknowledgement: its result says it was accepted. One
+# that takes longer is acknowledged (with its deadline) by the next timer pass after this.
+ACK_DELAY = 0.1
 SILENT_CLIENT_CHECK = 0.5
 
 
@@ -140,6 +143,7 @@ class Router:
         self.dropped_by_port: dict[str, int] = {}
         self.loop_errors: Counter[str] = Counter()
         self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
+        self._unacked: deque[Request] = deque()  # accepted, in order; acknowledged if not done within ACK_DELAY
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
@@ -264,7 +268,7 @@ class Router:
         names = sorted(n for n, svc in self.services.items() if not svc.takes_input)
         if names != self._no_input:
             self._no_input = names
-            self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, {"what": "inputs", "no_input": names}))
+            P.send(self.client_out, P.encode(P.TOPIC_EVENT, P.EVENT, {"what": "inputs", "no_input": names}))
 
     def add_instance(self, c: Instance) -> None:
         self.containers[c.id] = c
@@ -381,7 +385,7 @@ class Router:
     def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = P.recv(sock, P.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -430,7 +434,7 @@ class Router:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
     def send_client(self, cid: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
-        self.client_out.send_multipart(P.encode(P.client_topic(cid), kind, header, payload), copy=False)
+        P.send(self.client_out, P.encode(P.client_topic(cid), kind, header, payload))
 
     def fail(self, cid: str, rid: str, code: int, *fields: Any, detail: str = "") -> None:
         """End request ``rid`` of client ``cid`` with a numbered error."""
@@ -438,6 +442,7 @@ class Router:
 
     def end(self, req: Request, code: int, detail: str) -> None:
         """End accepted request ``req`` with a numbered error (and count it)."""
+        req.done = True
         if not req.client:  # the manager's own (a warm-up): its instance hears of it
             c = self.containers.get(req.container or "")
             if c is not None:
@@ -491,8 +496,7 @@ class Router:
             accepted=now,
         )
         waiting.append(req)
-        bound = send_timeout + answer_timeout
-        self.send_client(client.id, P.ACK, {"rid": rid, "timeout": bound if bound != float("inf") else None})
+        self._unacked.append(req)
         self.pump(name)
 
     # ---- distribution --------------------------------------------------------------
@@ -550,6 +554,7 @@ class Router:
 
     def _dispatch(self, c: Instance, req: Request, replies: bool = True) -> None:
         req.time_stamp.append(["manager_send", P.now()])
+        # What the Connector uses, no more (the time stamps stay here and are merged on the way back).
         header = {
             "mkey": req.mkey,
             "rid": req.rid,
@@ -559,12 +564,10 @@ class Router:
             "sub": req.sub,
             "param": req.param,
             "arr": req.arr,
-            "ts": req.time_stamp,
-            "noreply": not replies,
         }
-        self.container_out.send_multipart(
-            P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload), copy=False
-        )
+        if not replies:
+            header["noreply"] = True
+        P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload))
         req.container = c.id
         req.answer_deadline = time.monotonic() + req.answer_timeout
         if req.client:
@@ -612,7 +615,7 @@ class Router:
     def _ping(self, c: Instance) -> None:
         c.last_ping = time.monotonic()
         for sub in c.subs:
-            self.container_out.send_multipart(P.encode(P.container_topic(c.id, sub), P.PING, {"mid": self.instance}))
+            P.send(self.container_out, P.encode(P.container_topic(c.id, sub), P.PING, {"mid": self.instance}))
 
     def _on_container_frames(self, frames: list) -> None:
         msg = P.decode(frames)
@@ -652,6 +655,7 @@ class Router:
             log.debug("late or duplicate answer %r from %s dropped", mkey, c.id)
             return
         c.rx_bytes += sum(len(f) for f in msg.payload)
+        req.done = True
         code = 0 if msg.kind == P.TAKEN else int(h.get("code") or 0)
         if not req.client:
             self.lifecycle.warmed(c, code, h.get("detail") or h.get("msg") or "")
@@ -659,23 +663,19 @@ class Router:
         stamps = req.time_stamp
         stamps.extend(h.get("ts") or [])
         stamps.append(["manager_result", P.now()])
-        header = {"rid": req.rid, "code": code, "msg": "" if msg.kind == P.TAKEN else (h.get("msg") or ""),
-                  "detail": h.get("detail") or "", "resp": self._response(c, req, stamps)}
+        header = {"rid": req.rid, "code": code, "resp": self._response(c, req, stamps)}
+        if code:
+            header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
         self.send_client(req.client, P.RESULT, header, [P.pack_value(None)] if msg.kind == P.TAKEN else msg.payload[:1])
         self.metrics.ended(req, code)
         self.pump(c.inference)
 
-    def _response(self, c: Instance, req: Request, stamps: list) -> dict:
-        return {
-            "pid": req.pid,
-            "tid": req.tid,
-            "request_no": req.rid,
-            "inference_name": req.inference,
-            "metadata": req.param,
-            "metadata_sys": {"board": c.board, "container": c.suffix, "instance": c.id},
-            "sub_inference_name": req.sub,
-            "time_stamp": stamps,
-        }
+    @staticmethod
+    def _response(c: Instance, req: Request, stamps: list) -> dict:
+        """The InferenceResponse fields the client does not know (it knows pid, tid, its
+        request number, the inference and the param it sent)."""
+        return {"metadata_sys": {"board": c.board, "container": c.suffix, "instance": c.id}, "sub_inference_name": req.sub,
+                "time_stamp": stamps}
 
     def _on_produced(self, c: Instance, msg: P.Message) -> None:
         """A result nobody asked for (input=None, output='Main'): to every client."""
@@ -684,10 +684,8 @@ class Router:
             return
         resp = dict(msg.header.get("resp") or {})
         resp.update(inference_name=c.inference, metadata_sys={"board": c.board, "container": c.suffix, "instance": c.id})
-        self.client_out.send_multipart(
-            P.encode(P.TOPIC_EVENT, P.EVENT, {"code": 0, "msg": "", "what": "result", "resp": resp}, msg.payload[:1]),
-            copy=False,
-        )
+        P.send(self.client_out, P.encode(P.TOPIC_EVENT, P.EVENT, {"code": 0, "msg": "", "what": "result", "resp": resp},
+                                         msg.payload[:1]))
 
     def container_lost(self, c: Instance, why: str, announce: bool = True) -> None:
         """Instance ``c`` is gone from the wire: its requests end with 402, and 114 is
@@ -711,7 +709,7 @@ class Router:
         the reference gives no text; ``detail`` also goes in ``info["detail"]``."""
         info = dict(info or {}, detail=detail) if detail else (info or {})
         header = {"code": code, "msg": message or format_message(code, *fields), "detail": detail, "what": what, "info": info}
-        self.client_out.send_multipart(P.encode(P.TOPIC_EVENT, P.EVENT, header))
+        P.send(self.client_out, P.encode(P.TOPIC_EVENT, P.EVENT, header))
 
     # ---- timers ----------------------------------------------------------------------
 
@@ -719,8 +717,8 @@ class Router:
         now = time.monotonic()
         self._next_tick = now + TICK
         # Each part on its own: one that fails must not keep the others from running.
-        for part in (self._run_later, self._beat, self._expire_waiting, self._expire_in_flight, self._ping_silent,
-                     self.lifecycle.tick, self._forget_silent_clients):
+        for part in (self._run_later, self._beat, self._ack_slow, self._expire_waiting, self._expire_in_flight,
+                     self._ping_silent, self.lifecycle.tick, self._forget_silent_clients):
             try:
                 part(now)
             except Exception:
@@ -737,7 +735,15 @@ class Router:
     def _beat(self, now: float) -> None:
         if now >= self._next_beat:
             self._next_beat = now + self.hb_interval
-            self.client_out.send_multipart(P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
+            P.send(self.client_out, P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
+
+    def _ack_slow(self, now: float) -> None:
+        """Acknowledge the accepted requests not done within ACK_DELAY, with their deadline."""
+        while self._unacked and self._unacked[0].accepted <= now - ACK_DELAY:
+            req = self._unacked.popleft()
+            if not req.done and req.client:
+                left = req.send_deadline - req.accepted + req.answer_timeout
+                self.send_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})
 
     def _expire_waiting(self, now: float) -> None:
         for name, svc in self.services.items():

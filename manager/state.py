@@ -57,6 +57,7 @@ class Request:
     answer_deadline: float = 0.0
     container: str | None = None
     accepted: float = 0.0  # time.monotonic() when the manager accepted it
+    done: bool = False  # answered or ended with an error
 
     @property
     def queued_wall(self) -> float:

@@ -87,7 +87,7 @@ class Connector:
 
     def _send(self, kind: str, header: dict, payload: list | tuple = ()) -> None:
         header["cont"] = self._wire_id
-        self._pub.send_multipart(P.encode(P.TOPIC_MANAGER, kind, header, payload), copy=False)
+        P.send(self._pub, P.encode(P.TOPIC_MANAGER, kind, header, payload))
         self._last_sent = time.monotonic()
 
     def _hello(self) -> None:
@@ -109,7 +109,7 @@ class Connector:
             until = beat_at if deadline is None else min(beat_at, deadline)
             if not self._sub.poll(max(0, int((until - now) * 1000)) + 1):
                 continue
-            frames = self._sub.recv_multipart(copy=False)
+            frames = P.recv(self._sub)
             try:
                 msg = P.decode(frames)
             except P.ProtocolError as exc:
