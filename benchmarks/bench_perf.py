@@ -1,34 +1,44 @@
-"""Requests through infinibrain against the ZeroMQ guide's load-balancing broker, one table.
+"""infinibrain's request path, measured against baselines in the same run: one table.
 
-Both sides run the same model (``{"mean": image.mean()}``) in two worker processes:
+1. **Small and large requests against a raw broker.** Both sides run the same model
+   (``{"mean": image.mean()}``, benchmarks/models/mean.py) in two worker processes:
+   the ZeroMQ guide's load-balancing broker (lbbroker: ROUTER to the clients, ROUTER to
+   the workers, two DEALER workers with 2 credits each, payload frames zero-copy, a
+   DEALER client) against a manager with two local boards, one ``process`` replica on
+   each, ``max_send_num=2``. For 224x224x3 and 1920x1080x3 uint8 images: p50 of one
+   request at a time (``infer_image``), requests and MB per second with WINDOW in flight
+   (``infer_image_future``, and ``infer_image_async`` with a callback).
+2. **Dynamic batching** (benchmarks/models/batched.py: about 3 ms per call plus a little
+   per image) with ``max_batch_size=16`` against the same model unbatched, at 16 and 64
+   in flight: requests per second and p99.
+3. **Scaling** (benchmarks/models/busy.py: 5 ms of CPU per request): one replica against
+   two, WINDOW in flight; and 8 client processes at once, each with 4 in flight: the
+   slowest client's requests per second against the fastest's.
+4. **Size**: manager CPU per request and p50 with 2 containers and with ``--containers``
+   (default 200, ``Loop`` containers idle beside the model's two); the manager's memory
+   per idle container.
 
-- **broker**: the guide's load-balancing broker (lbbroker: ROUTER to the clients, ROUTER to
-  the workers, workers announce credit), two DEALER workers with 2 credits each, every
-  payload frame zero-copy; the client is a DEALER.
-- **infinibrain**: a manager with two local boards, one ``process`` replica of
-  benchmarks/models/mean.py on each, ``max_send_num=2``; the SDK's ``infer_image`` one at a
-  time, and ``infer_image_future`` with WINDOW in flight.
-
-For 224x224x3 and 1920x1080x3 uint8 images: p50 of one request at a time, and requests and
-MB per second with WINDOW in flight; then the ratios (ours / broker). Each figure is the
-median of ``--rounds`` alternating rounds.
+Each figure of 1 and 2 is the median of ``--rounds`` alternating rounds.
 
     unshare -n sh -c 'ip link set lo up && exec .venv/bin/python benchmarks/bench_perf.py'
 
-Every loop is bounded in count and in time.
+``--only raw,batching,scaling,size`` runs some sections. Every loop is bounded in count
+and in time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import msgpack
 import numpy as np
@@ -131,20 +141,41 @@ class Broker:
             p.join(5)
 
 
-# ---- infinibrain -------------------------------------------------------------------------------
+# ---- measuring ---------------------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK")
 
 
-def ours_throughput(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> float:
-    """``infer_image_future`` with WINDOW in flight."""
-    slots = threading.Semaphore(WINDOW)
-    done = [0]
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+Finish = Callable[[Optional[BaseException]], None]
+
+
+def windowed(start: Callable[[Finish], Any], count: int, seconds: float, window: int = WINDOW) -> tuple[float, list[float]]:
+    """Keep ``window`` requests in flight (``start(finished)`` sends one) until ``count``
+    have ended or ``seconds`` passed: (requests per second, latencies in s)."""
+    slots = threading.Semaphore(window)
+    latencies: list[float] = []
     errors: list[BaseException] = []
 
-    def finished(f: Future) -> None:
-        if f.exception() is not None:
-            errors.append(f.exception())
-        done[0] += 1
-        slots.release()
+    def one() -> None:
+        t0 = time.perf_counter()
+
+        def finished(error: BaseException | None) -> None:
+            latencies.append(time.perf_counter() - t0)
+            if error is not None:
+                errors.append(error)
+            slots.release()
+
+        start(finished)
 
     sent = 0
     deadline = time.monotonic() + seconds
@@ -152,17 +183,34 @@ def ours_throughput(cluster: AICluster, name: str, image: np.ndarray, count: int
     while sent < count and time.monotonic() < deadline:
         if not slots.acquire(timeout=10):
             break
-        cluster.infer_image_future(name, image).add_done_callback(finished)
+        one()
         sent += 1
     end = time.monotonic() + 30
-    while done[0] < sent and time.monotonic() < end:
+    while len(latencies) < sent and time.monotonic() < end:
         time.sleep(0.0005)
+    elapsed = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-    return done[0] / (time.perf_counter() - started)
+    return len(latencies) / elapsed, latencies
 
 
-def p50_ms(call, image: np.ndarray, count: int, seconds: float) -> float:
+def by_future(cluster: AICluster, name: str, image: np.ndarray) -> Callable[[Finish], Any]:
+    return lambda finished: cluster.infer_image_future(name, image).add_done_callback(lambda f: finished(f.exception()))
+
+
+def by_callback(cluster: AICluster, name: str, image: np.ndarray) -> Callable[[Finish], Any]:
+    def start(finished: Finish) -> None:
+        cluster.infer_image_async(name, image, {}, lambda code, message, result, response:
+                                  finished(None if code == 0 else RuntimeError(f"[{code}] {message}")))
+    return start
+
+
+def ours_throughput(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> float:
+    """``infer_image_future`` with WINDOW in flight: requests per second."""
+    return windowed(by_future(cluster, name, image), count, seconds)[0]
+
+
+def p50_ms(call: Callable[[np.ndarray], Any], image: np.ndarray, count: int, seconds: float) -> float:
     for _ in range(min(50, count)):
         call(image)
     samples = []
@@ -174,52 +222,253 @@ def p50_ms(call, image: np.ndarray, count: int, seconds: float) -> float:
     return float(np.percentile(np.array(samples) * 1000, 50))
 
 
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return float(np.percentile(np.array(latencies) * 1000, q))
+
+
+def image_of(shape: tuple[int, ...]) -> np.ndarray:
+    image = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
+    image.setflags(write=False)  # a caller that does not reuse its buffer: no copy (issue 13)
+    return image
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    measure: str
+    ours: float
+    baseline: float
+    baseline_is: str
+    goal: str = ""  # e.g. "<= 1.3": what the ratio ours / baseline should be
+    unit: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else float("nan")
+
+    @property
+    def holds(self) -> str:
+        if not self.goal:
+            return ""
+        op, bound = self.goal.split()
+        return "yes" if (self.ratio <= float(bound) if op == "<=" else self.ratio >= float(bound)) else "NO"
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'section':9} {'measure':44} {'infinibrain':>12} {'baseline':>12} {'':18} {'ratio':>7} {'goal':>7} {'holds':>5}")
+    for r in rows:
+        print(f"{r.section:9} {r.measure + (' (' + r.unit + ')' if r.unit else ''):44} {r.ours:12.3f} {r.baseline:12.3f} "
+              f"{r.baseline_is:18} {'x%.2f' % r.ratio:>7} {r.goal:>7} {r.holds:>5}")
+
+
+# ---- the cluster -------------------------------------------------------------------------------
+
+
+def model_config(name: str, script: str, **kw: Any) -> ContainerConfig:
+    settings: dict[str, Any] = dict(name=name, implementation_type="process", input="Main", output="Main",
+                                    script_path=str(HERE / "models"), max_send_num=CREDITS,
+                                    inference_modules=InferenceModulesConfig(sub_inference_name=name, script=script))
+    settings.update(kw)
+    return ContainerConfig(**settings)
+
+
+def median_rounds(rounds: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Each measure ``rounds`` times, alternating; the median of each."""
+    figures: dict[str, list[float]] = {k: [] for k in measures}
+    for _ in range(rounds):
+        for key, measure in measures.items():
+            figures[key].append(measure())
+    return {k: statistics.median(v) for k, v in figures.items()}
+
+
+# ---- 1. against the raw broker -----------------------------------------------------------------
+
+
+def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
+    broker = Broker(stop_after=3600)
+    rows: list[Row] = []
+    try:
+        c.load_inference(model_config("mean", "mean.py"), "all")
+        for label, shape in PAYLOADS.items():
+            image = image_of(shape)
+            small = shape[0] < 1000
+            count = args.requests if small else max(args.requests // 10, 100)
+            assert abs(c.infer_image("mean", image)["mean"] - broker.one(image)["mean"]) < 1e-6
+            f = median_rounds(args.rounds, {
+                "broker_p50": lambda: p50_ms(broker.one, image, count, args.seconds),
+                "ours_p50": lambda: p50_ms(lambda im: c.infer_image("mean", im), image, count, args.seconds),
+                "broker_rps": lambda: broker.throughput(image, count, args.seconds),
+                "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds)[0],
+                "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds)[0],
+            })
+            mb = image.nbytes / 1e6
+            rows.append(Row("raw", f"{label} p50, one at a time", f["ours_p50"], f["broker_p50"], "lbbroker",
+                            "<= 1.3" if small else "", "ms"))
+            if small:
+                rows.append(Row("raw", f"{label} req/s, {WINDOW} in flight (future)", f["ours_rps"], f["broker_rps"], "lbbroker",
+                                ">= 0.8"))
+                rows.append(Row("raw", f"{label} req/s, {WINDOW} in flight (_async)", f["ours_async_rps"], f["broker_rps"],
+                                "lbbroker", ">= 0.8"))
+            else:
+                rows.append(Row("raw", f"{label} MB/s, {WINDOW} in flight (future)", f["ours_rps"] * mb, f["broker_rps"] * mb,
+                                "lbbroker", ">= 1.0"))
+                rows.append(Row("raw", f"{label} MB/s, {WINDOW} in flight (_async)", f["ours_async_rps"] * mb,
+                                f["broker_rps"] * mb, "lbbroker", ">= 1.0"))
+        c.unload_inference("mean")
+    finally:
+        broker.close()
+    return rows
+
+
+# ---- 2. dynamic batching -----------------------------------------------------------------------
+
+
+def batching_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
+    c.load_inference(model_config("plain", "batched.py"), "all")
+    c.load_inference(model_config("batched", "batched.py", max_batch_size=16, max_send_num=1, max_queue_delay=3), "all")
+    image = image_of(PAYLOADS["224x224x3"])
+    assert c.infer_image("plain", image) == c.infer_image("batched", image)  # the same model both ways
+    rows: list[Row] = []
+    count = max(args.requests // 2, 200)
+    for window in (16, 64):
+        runs: dict[str, list[tuple[float, list[float]]]] = {"plain": [], "batched": []}
+        for _ in range(args.rounds):
+            for name in runs:
+                runs[name].append(windowed(by_future(c, name, image), count, args.seconds, window))
+        rps = {n: statistics.median(r for r, _ in v) for n, v in runs.items()}
+        p99 = {n: statistics.median(percentile_ms(lat, 99) for _, lat in v) for n, v in runs.items()}
+        rows.append(Row("batching", f"req/s, {window} in flight", rps["batched"], rps["plain"], "unbatched", ">= 3"))
+        rows.append(Row("batching", f"p99, {window} in flight", p99["batched"], p99["plain"], "unbatched", "<= 2", "ms"))
+    c.unload_inference("plain")
+    c.unload_inference("batched")
+    return rows
+
+
+# ---- 3. scaling --------------------------------------------------------------------------------
+
+
+def client_process(port: int, name: str, seconds: float, start_at: float, out: Any) -> None:
+    """One of several client processes: requests per second with 4 in flight, started at
+    ``start_at`` (all together) for ``seconds``."""
+    image = image_of(PAYLOADS["224x224x3"])
+    with AICluster(port=port) as cluster:
+        cluster.infer_image(name, image)
+        time.sleep(max(0.0, start_at - time.time()))
+        rps, _ = windowed(by_future(cluster, name, image), 1_000_000, seconds, 4)
+    out.put(rps)
+
+
+def scaling_section(c: AICluster, port: int, args: argparse.Namespace) -> list[Row]:
+    image = image_of(PAYLOADS["224x224x3"])
+    count = max(args.requests // 4, 200)
+    c.load_inference(model_config("busy", "busy.py"), "local")
+    one = windowed(by_future(c, "busy", image), count, args.seconds)[0]
+    c.load_inference(model_config("busy", "busy.py"), "b2")
+    two = windowed(by_future(c, "busy", image), count, args.seconds)[0]
+    rows = [Row("scaling", f"req/s, 5 ms model, 2 replicas vs 1", two, one, "1 replica", ">= 1.6")]
+    results: mp.Queue = mp.Queue()
+    start_at = time.time() + 3
+    clients = [mp.Process(target=client_process, args=(port, "busy", args.fair_seconds, start_at, results)) for _ in range(8)]
+    for p in clients:
+        p.start()
+    per_client = [results.get(timeout=args.fair_seconds + 60) for _ in clients]
+    for p in clients:
+        p.join(10)
+    rows.append(Row("scaling", "8 clients: slowest vs fastest client's req/s", min(per_client), max(per_client), "fastest",
+                    ">= 0.5"))
+    c.unload_inference("busy")
+    return rows
+
+
+# ---- 4. size -----------------------------------------------------------------------------------
+
+
+def size_section(args: argparse.Namespace) -> list[Row]:
+    """Manager CPU per request and p50 with 2 containers, then with ``--containers``."""
+    with tempfile.TemporaryDirectory(prefix="ib-bench-size-") as folder:
+        m = ManagerProcess(Path(folder), boards=("local", "b2"), log_level="WARNING", metrics_port=-1).start()
+        try:
+            with AICluster(port=m.port) as c:
+                c.load_inference(model_config("mean", "mean.py"), "all")
+                image = image_of(PAYLOADS["224x224x3"])
+
+                def measure() -> tuple[float, float]:
+                    p50 = p50_ms(lambda im: c.infer_image("mean", im), image, args.requests // 2, args.seconds)
+                    before = cpu_seconds(m.proc.pid)
+                    rps, latencies = windowed(by_future(c, "mean", image), args.requests, args.seconds)
+                    return p50, 1e6 * (cpu_seconds(m.proc.pid) - before) / len(latencies)
+
+                few = median_pairs([measure() for _ in range(args.rounds)])
+                rss_few = rss_bytes(m.proc.pid)
+                extra = max(args.containers - 2, 0)
+                t0 = time.monotonic()
+                for first in range(0, extra // 2, 10):
+                    futures = [c.load_inference_future(ContainerConfig(name=f"idle{i}", implementation_type="Loop"), "all")
+                               for i in range(first, min(first + 10, extra // 2))]
+                    for f in futures:
+                        f.result(timeout=600)
+                loaded = time.monotonic() - t0
+                time.sleep(2)  # their first heartbeats and pings settle
+                many = median_pairs([measure() for _ in range(args.rounds)])
+                rss_many = rss_bytes(m.proc.pid)
+                c.unload_inference("")
+        finally:
+            m.stop()
+            m.cleanup()
+    n = 2 + 2 * (extra // 2)
+    per_container_kb = (rss_many - rss_few) / max(n - 2, 1) / 1024
+    return [
+        Row("size", f"manager CPU per request, {n} vs 2 containers", many[1], few[1], "2 containers", "<= 1.2", "us"),
+        Row("size", f"224x224x3 p50, {n} vs 2 containers", many[0], few[0], "2 containers", "<= 1.2", "ms"),
+        Row("size", f"manager memory per idle container", per_container_kb, 0.0, f"({loaded:.0f} s to load)", "", "kB"),
+    ]
+
+
+def median_pairs(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+SECTIONS = ("raw", "batching", "scaling", "size")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=30.0, help="bound on each measurement")
+    ap.add_argument("--fair-seconds", type=float, default=10.0, help="how long the 8 clients run")
+    ap.add_argument("--containers", type=int, default=200)
+    ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ", ".join(SECTIONS))
     ap.add_argument("--json")
     args = ap.parse_args()
-    out: dict = {"window": WINDOW}
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="ib-bench-perf-") as folder:
         m = ManagerProcess(Path(folder), boards=("local", "b2"), log_level="WARNING", metrics_port=-1).start()
-        broker = Broker(stop_after=3600)
         try:
             with AICluster(port=m.port) as c:
-                c.load_inference(ContainerConfig(name="mean", implementation_type="process", input="Main", output="Main",
-                                                 script_path=str(HERE / "models"), max_send_num=CREDITS,
-                                                 inference_modules=InferenceModulesConfig(sub_inference_name="mean",
-                                                                                          script="mean.py")), "all")
-                for label, shape in PAYLOADS.items():
-                    image = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
-                    image.setflags(write=False)  # a caller that does not reuse its buffer: no copy (issue 13)
-                    count = args.requests if shape[0] < 1000 else max(args.requests // 10, 100)
-                    assert abs(c.infer_image("mean", image)["mean"] - broker.one(image)["mean"]) < 1e-6
-                    figures: dict[str, list[float]] = {k: [] for k in ("broker_p50", "ours_p50", "broker_rps", "ours_rps")}
-                    for _ in range(args.rounds):
-                        figures["broker_p50"].append(p50_ms(broker.one, image, count, args.seconds))
-                        figures["ours_p50"].append(p50_ms(lambda im: c.infer_image("mean", im), image, count, args.seconds))
-                        figures["broker_rps"].append(broker.throughput(image, count, args.seconds))
-                        figures["ours_rps"].append(ours_throughput(c, "mean", image, count, args.seconds))
-                    row = {k: statistics.median(v) for k, v in figures.items()}
-                    mb = image.nbytes / 1e6
-                    row.update(broker_MBs=row["broker_rps"] * mb, ours_MBs=row["ours_rps"] * mb,
-                               p50_ratio=row["ours_p50"] / row["broker_p50"], rps_ratio=row["ours_rps"] / row["broker_rps"])
-                    out[label] = {k: round(v, 3) for k, v in row.items()}
-                c.unload_inference("mean")
+                if "raw" in only:
+                    rows += raw_section(c, args)
+                if "batching" in only:
+                    rows += batching_section(c, args)
+                if "scaling" in only:
+                    rows += scaling_section(c, m.port, args)
         finally:
-            broker.close()
             m.stop()
             m.cleanup()
-    print(f"{'payload':>12} {'':12} {'p50 ms':>8} {'req/s':>9} {'MB/s':>9}")
-    for label in PAYLOADS:
-        r = out[label]
-        print(f"{label:>12} {'broker':12} {r['broker_p50']:8.3f} {r['broker_rps']:9.1f} {r['broker_MBs']:9.1f}")
-        print(f"{'':>12} {'infinibrain':12} {r['ours_p50']:8.3f} {r['ours_rps']:9.1f} {r['ours_MBs']:9.1f}")
-        print(f"{'':>12} {'ratio':12} {'x%.2f' % r['p50_ratio']:>8} {'x%.2f' % r['rps_ratio']:>9} {'x%.2f' % r['rps_ratio']:>9}")
+    if "size" in only:
+        rows += size_section(args)
+    print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(json.dumps([dict(asdict(r), ratio=r.ratio, holds=r.holds) for r in rows], indent=2))
     return 0
 
 

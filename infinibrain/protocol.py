@@ -45,6 +45,8 @@ REQUEST = "req"  # inference request (client -> manager -> container)
 ACK = "ack"  # manager -> client: request accepted, with its deadline
 RESULT = "res"  # inference result or error (container -> manager -> client)
 TAKEN = "taken"  # container -> manager: request taken (inference with output=None)
+REQUESTS = "reqb"  # manager -> container that asked for batches: several requests in one message
+RESULTS = "resb"  # container -> manager: results of several requests in one message
 COMMAND = "cmd"  # client -> manager: management command
 REPLY = "reply"  # manager -> client: outcome of a management command
 EVENT = "ev"  # manager -> all clients: 114 and produced results

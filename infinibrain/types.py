@@ -70,6 +70,13 @@ class ContainerConfig(_Wire):
     each new container must answer it before it receives requests; ``ready_timeout``
     (ms; None = the manager's ``container_start_timeout_ms``): a container not ready by
     then has failed its deployment.
+
+    Dynamic batching (opt-in): ``max_batch_size`` (2 or more) lets the manager send up to
+    that many waiting requests in one message to a container whose program receives them
+    with ``Connector.receive_request_batch``/``receive_request_image_batch``; each
+    request still gets its own result. ``max_send_num`` then counts batches.
+    ``max_queue_delay`` (ms, default 0) holds a short batch back for up to that long while
+    more requests may come (0: send what is waiting at once).
     """
 
     name: str | None = None
@@ -90,6 +97,8 @@ class ContainerConfig(_Wire):
     copy: FileSpec | None = None
     warmup: str | dict | None = None
     ready_timeout: int | None = None
+    max_batch_size: int | None = None
+    max_queue_delay: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ContainerConfig":

@@ -256,6 +256,8 @@ class Reconciler:
             INFINIBRAIN_SUB_NAME=default_sub_name(cfg),
             INFINIBRAIN_BOARD=board_name,
         )
+        if (cfg.get("max_batch_size") or 1) > 1:  # the Connector's batch size unless its program says
+            env["INFINIBRAIN_MAX_BATCH_SIZE"] = str(cfg["max_batch_size"])
         env.update(self.router.guard.container_env())
         spec = ContainerSpec(iid, reg.name, board.config, cfg, work_dir, log_path, env, suffix=suffix,
                              files=self.registry.files.of(reg.name))

@@ -24,6 +24,7 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import random
@@ -118,9 +119,20 @@ class Service:
         self.replies = cfg["output"] is not None
         self.modules = [m["sub_inference_name"] for m in module_list(cfg)] or [reg.name]
         self.default_sub = default_sub_name(cfg)
+        # Dynamic batching (opt-in): up to max_batch_size requests per message to an
+        # instance whose Connector asks for batches, holding a short batch for up to
+        # max_queue_delay ms while more may come.
+        self.max_batch = cfg.get("max_batch_size") or 1
+        self.batch_delay = (cfg.get("max_queue_delay") or 0) / 1000
+        self.batch_timer = 0.0  # when a pump is due for a batch held back (0: none)
 
     def limit(self, default: int) -> int:
         return self.reg.config["max_send_num"] or default
+
+    def batch_size(self, c: Instance, sub: str) -> int:
+        """Requests per message to ``c`` for module ``sub``: 1 unless both the inference
+        and the instance's Connector batch."""
+        return min(self.max_batch, c.batch.get(sub, 1))
 
     def routable(self, c: Instance) -> bool:
         placement = self.reg.boards.get(c.board)
@@ -368,14 +380,18 @@ class Router:
         log.info("router %s serving on %s:%d-%d", self.instance, self.config.host, self.config.port, self.config.port + P.PORT_COUNT - 1)
         while not self._stop:
             try:
-                timeout = max(0.0, self._next_tick - time.monotonic())
-                for sock, _ in poller.poll(int(timeout * 1000)):
+                due = min(self._next_tick, self._later[0][0]) if self._later else self._next_tick
+                timeout = max(0.0, due - time.monotonic())
+                for sock, _ in poller.poll(math.ceil(timeout * 1000)):
                     if sock == self._wake_r:
                         self._run_calls()
                     else:
                         self._drain(sock, handlers[sock])
-                if time.monotonic() >= self._next_tick:
+                now = time.monotonic()
+                if now >= self._next_tick:
                     self._timers()
+                elif self._later and self._later[0][0] <= now:  # between ticks: a held batch's delay
+                    self._run_later(now)
             except zmq.ContextTerminated:
                 return
             except Exception:  # never reached by the guarded parts below; the last line of defence
@@ -529,32 +545,90 @@ class Router:
             return
         waiting = svc.queue
         while waiting:
-            container = self._pick(svc, waiting[0].sub)
+            sub = waiting[0].sub
+            container = self._pick(svc, sub)
             if container is None:
                 return
-            self._dispatch(container, waiting.popleft(), svc.replies)
+            size = svc.batch_size(container, sub) if svc.max_batch > 1 else 1
+            if size == 1:
+                self._dispatch(container, waiting.popleft(), svc.replies)
+            elif not self._hold_batch(svc, size):
+                self._dispatch_batch(container, self._take_batch(waiting, sub, size), svc.replies)
+            else:
+                return
+
+    def _hold_batch(self, svc: Service, size: int) -> bool:
+        """Whether to wait for more requests before sending a short batch (max_queue_delay),
+        with a pump due when the oldest has waited that long."""
+        if not svc.batch_delay or len(svc.queue) >= size:
+            return False
+        due = svc.queue[0].accepted + svc.batch_delay
+        if due <= time.monotonic():
+            return False
+        if not svc.batch_timer or due < svc.batch_timer:
+            svc.batch_timer = due
+            self.call_later(due - time.monotonic(), self._batch_due, svc.name, due)
+        return True
+
+    def _batch_due(self, name: str, due: float) -> None:
+        svc = self.services.get(name)
+        if svc is not None and svc.batch_timer == due:
+            svc.batch_timer = 0.0
+            self.pump(name)
+
+    @staticmethod
+    def _take_batch(waiting: deque[Request], sub: str, count: int) -> list[Request]:
+        """Up to ``count`` requests for module ``sub`` from the head of the queue, in order."""
+        batch = [waiting.popleft()]
+        while waiting and len(batch) < count and waiting[0].sub == sub:
+            batch.append(waiting.popleft())
+        return batch
 
     def _pick(self, svc: Service, sub: str) -> Instance | None:
         """The least loaded routable instance of ``svc`` serving ``sub`` (round robin among
-        equals); None when none has credit. Looks at this inference's instances only."""
+        equals); None when none has credit. Looks at this inference's instances only. For
+        an instance that takes batches, max_send_num counts batches (messages) in flight."""
         limit = svc.limit(self.config.default_max_send_num)
+        batching = svc.max_batch > 1
         best: list[Instance] = []
         least = limit
         for c in svc.instances.values():
-            load = len(c.in_flight)
-            if load > least or sub not in c.subs or not svc.routable(c):
+            if batching and svc.batch_size(c, sub) > 1:
+                load = len({r.batch for r in c.in_flight.values()})
+            else:
+                load = len(c.in_flight)
+            if load >= limit or load > least or sub not in c.subs or not svc.routable(c):
                 continue
             if load < least:
                 best, least = [c], load
-            elif load < limit:
+            else:
                 best.append(c)
         if not best:
             return None
         return best[next(self._rr) % len(best)] if len(best) > 1 else best[0]
 
     def _dispatch(self, c: Instance, req: Request, replies: bool = True) -> None:
+        header = self._item(req, replies)
+        P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload))
+        req.batch = req.mkey
+        self._sent(c, req)
+
+    def _dispatch_batch(self, c: Instance, batch: list[Request], replies: bool) -> None:
+        """Several requests for one module in one message (an instance that asked for batches)."""
+        if len(batch) == 1:
+            return self._dispatch(c, batch[0], replies)
+        header = {"items": [self._item(req, replies) for req in batch]}
+        payload = [req.payload[0] if req.payload else b"" for req in batch]
+        P.send(self.container_out, P.encode(P.container_topic(c.id, batch[0].sub), P.REQUESTS, header, payload))
+        for req in batch:
+            req.batch = batch[0].mkey
+            self._sent(c, req)
+
+    @staticmethod
+    def _item(req: Request, replies: bool) -> dict:
+        """What the Connector uses of a request, no more (the time stamps stay here and are
+        merged on the way back)."""
         req.time_stamp.append(["manager_send", P.now()])
-        # What the Connector uses, no more (the time stamps stay here and are merged on the way back).
         header = {
             "mkey": req.mkey,
             "rid": req.rid,
@@ -567,7 +641,9 @@ class Router:
         }
         if not replies:
             header["noreply"] = True
-        P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload))
+        return header
+
+    def _sent(self, c: Instance, req: Request) -> None:
         req.container = c.id
         req.answer_deadline = time.monotonic() + req.answer_timeout
         if req.client:
@@ -626,12 +702,14 @@ class Router:
             return
         c.last_heard = time.monotonic()
         kind = msg.kind
-        if kind not in (P.RESULT, P.TAKEN, P.HEARTBEAT, P.HELLO):
+        if kind not in (P.RESULT, P.RESULTS, P.TAKEN, P.HEARTBEAT, P.HELLO):
             raise P.ProtocolError(f"unknown container message kind {kind!r}")
         # Any message proves its response path (a producer that never receives answers no
         # ping, but its results arrive); a hello says so in as many words.
         if kind == P.HELLO or not c.hello:
             c.heartbeats = c.heartbeats or bool(h.get("hb"))
+            if kind == P.HELLO and isinstance(h.get("batch"), int) and h["batch"] > 1:
+                c.batch[str(h.get("sub"))] = h["batch"]  # its Connector asks for batches
             if not c.hello:
                 c.hello = True
                 log.info("container %s connected", c.id)
@@ -640,35 +718,53 @@ class Router:
                 self.pump(c.inference)
         if kind in (P.RESULT, P.TAKEN):
             self._on_answer(c, msg)
+        elif kind == P.RESULTS:
+            self._on_answers(c, msg)
         elif kind == P.HEARTBEAT:
             c.heartbeats = True
         if c.state is State.UNHEALTHY:
             self.lifecycle.heard(c, kind == P.HEARTBEAT)
 
     def _on_answer(self, c: Instance, msg: P.Message) -> None:
-        h = msg.header
-        mkey = h.get("mkey")
-        if mkey is None:
+        if msg.header.get("mkey") is None:
             return self._on_produced(c, msg)
+        self._answered(c, msg.header, msg.payload[0] if msg.payload else None, taken=msg.kind == P.TAKEN)
+        self.pump(c.inference)
+
+    def _on_answers(self, c: Instance, msg: P.Message) -> None:
+        """Results of several requests in one message: each goes to its own caller."""
+        items = msg.header.get("items")
+        if not isinstance(items, list) or len(items) != len(msg.payload):
+            raise P.ProtocolError(f"a batch of results needs one frame per item ({len(msg.payload)} frames)")
+        for item, frame in zip(items, msg.payload):
+            if isinstance(item, dict) and item.get("mkey") is not None:
+                self._answered(c, item, frame)
+        self.pump(c.inference)
+
+    def _answered(self, c: Instance, h: dict, frame: Any, taken: bool = False) -> None:
+        """The answer ``h`` (with the result ``frame``; ``taken``: an inference with
+        output=None took the request) ends its request, unless it is late or a duplicate."""
+        mkey = h["mkey"]
         req = c.in_flight.pop(mkey, None)
         if req is None:
             log.debug("late or duplicate answer %r from %s dropped", mkey, c.id)
             return
-        c.rx_bytes += sum(len(f) for f in msg.payload)
+        if frame is not None:
+            c.rx_bytes += len(frame)
         req.done = True
-        code = 0 if msg.kind == P.TAKEN else int(h.get("code") or 0)
+        code = 0 if taken else int(h.get("code") or 0)
         if not req.client:
             self.lifecycle.warmed(c, code, h.get("detail") or h.get("msg") or "")
-            return self.pump(c.inference)
+            return
         stamps = req.time_stamp
         stamps.extend(h.get("ts") or [])
         stamps.append(["manager_result", P.now()])
         header = {"rid": req.rid, "code": code, "resp": self._response(c, req, stamps)}
         if code:
             header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
-        self.send_client(req.client, P.RESULT, header, [P.pack_value(None)] if msg.kind == P.TAKEN else msg.payload[:1])
+        result = [P.pack_value(None)] if taken else [frame] if frame is not None else []
+        self.send_client(req.client, P.RESULT, header, result)
         self.metrics.ended(req, code)
-        self.pump(c.inference)
 
     @staticmethod
     def _response(c: Instance, req: Request, stamps: list) -> dict:

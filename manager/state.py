@@ -56,6 +56,7 @@ class Request:
     answer_timeout: float
     answer_deadline: float = 0.0
     container: str | None = None
+    batch: int = 0  # the mkey of the first request of the message it was sent in (dynamic batching)
     accepted: float = 0.0  # time.monotonic() when the manager accepted it
     done: bool = False  # answered or ended with an error
 
@@ -88,6 +89,7 @@ class Instance:
     last_heard: float = 0.0  # monotonic time of its last message
     last_ping: float = 0.0
     in_flight: dict[int, Request] = field(default_factory=dict)
+    batch: dict[str, int] = field(default_factory=dict)  # module -> requests per message its Connector takes
     tx_bytes: int = 0
     rx_bytes: int = 0
     # The lifecycle: what the reconciler knows.

@@ -36,10 +36,14 @@ CONFIG_KEYS = (
     "run_command",
     "run_option",
     "copy",
-    # Beyond the reference (types.ContainerConfig): readiness.
+    # Beyond the reference (types.ContainerConfig): readiness, dynamic batching.
     "warmup",
     "ready_timeout",
+    "max_batch_size",
+    "max_queue_delay",
 )
+MAX_BATCH_SIZE_LIMIT = 4096
+MAX_QUEUE_DELAY_LIMIT = 60_000  # ms
 
 
 def param_error(detail: str) -> Exception:
@@ -80,6 +84,10 @@ def normalize_config(raw: Any) -> dict:
         cfg[key] = _optional_int(cfg[key], key, 1, 24 * 3600 * 1000)
     cfg["max_send_num"] = _optional_int(cfg["max_send_num"], "max_send_num", 1, MAX_SEND_NUM_LIMIT)
     cfg["ready_timeout"] = _optional_int(cfg["ready_timeout"], "ready_timeout", 1, 24 * 3600 * 1000)
+    cfg["max_batch_size"] = _optional_int(cfg["max_batch_size"], "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
+    cfg["max_queue_delay"] = _optional_int(cfg["max_queue_delay"], "max_queue_delay", 0, MAX_QUEUE_DELAY_LIMIT)
+    if cfg["max_queue_delay"] and (cfg["max_batch_size"] or 1) == 1:
+        raise param_error("max_queue_delay holds requests back to form batches: set max_batch_size (2 or more) too, or leave it out")
     if not isinstance(cfg["force_update"], (bool, type(None))):
         raise param_error(f"force_update must be True or False, got {cfg['force_update']!r}")
     cfg["force_update"] = bool(cfg["force_update"])

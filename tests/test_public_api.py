@@ -87,7 +87,7 @@ DATA_CLASSES = {
                         "max_send_num", "script_path", "inference_modules", "image_path", "image_filename", "image_tag",
                         "run_command", "run_option", "copy",
                         # ours, after the reference's (docs/DECISIONS.md, "Control plane")
-                        "warmup", "ready_timeout"],
+                        "warmup", "ready_timeout", "max_batch_size", "max_queue_delay"],
     "InferenceModulesConfig": ["sub_inference_name", "script_tag", "model_tag", "script", "model"],
     "InferenceResponse": ["pid", "tid", "request_no", "inference_name", "metadata", "metadata_sys", "sub_inference_name",
                           "time_stamp", "elapsed_time"],

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,9 @@ class Connector:
         self.max_message_size = _max_size(env.get("INFINIBRAIN_MAX_MESSAGE_SIZE"))
         self._beat_every = _heartbeat_seconds(env.get("INFINIBRAIN_HEARTBEAT_MS"))
         self._last_sent = 0.0
+        self._default_batch = _batch_default(env.get("INFINIBRAIN_MAX_BATCH_SIZE"))
+        self._batch = 1  # requests per message the manager may send: more once the program asks for batches
+        self._items: deque[tuple[dict, Any]] = deque()  # received requests not yet handed out
         self.sub_name = sub_name
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -91,37 +95,70 @@ class Connector:
         self._last_sent = time.monotonic()
 
     def _hello(self) -> None:
-        self._send(P.HELLO, {"sub": self.sub_name, "hb": int(self._beat_every * 1000)})
+        header = {"sub": self.sub_name, "hb": int(self._beat_every * 1000)}
+        if self._batch > 1:
+            header["batch"] = self._batch  # send me up to this many requests in one message
+        self._send(P.HELLO, header)
 
-    def _receive(self, timeout: float) -> tuple[P.Message, InferenceResponse]:
-        """The next request (answering the manager's pings meanwhile)."""
+    # ---- receiving -------------------------------------------------------------------
+
+    def _next(self, timeout: float) -> tuple[dict, Any]:
+        """The next request as (header, data frame), waiting up to ``timeout`` seconds
+        (0: no limit) and answering the manager's pings meanwhile."""
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise argument_error("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout if timeout else None
+        while not self._items:
+            try:  # busy: the next request is usually waiting already, and a poll costs more
+                self._take(P.recv(self._sub, P.NOBLOCK))
+            except zmq.Again:
+                if not self._wait(deadline):
+                    raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401) from None
+        return self._items.popleft()
+
+    def _more(self, count: int) -> list[tuple[dict, Any]]:
+        """Up to ``count`` more requests that have arrived already (no waiting)."""
+        while len(self._items) < count:
+            try:
+                self._take(P.recv(self._sub, P.NOBLOCK))
+            except zmq.Again:
+                break
+        return [self._items.popleft() for _ in range(min(count, len(self._items)))]
+
+    def _take(self, frames: list) -> None:
+        """Queue the requests of one received message; answer a ping."""
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as exc:
+            log.warning("dropped malformed message: %s", exc)
+            return
+        if msg.kind == P.REQUEST:
+            self._items.append((msg.header, msg.payload[0] if msg.payload else b""))
+        elif msg.kind == P.REQUESTS:
+            items = msg.header.get("items")
+            if not isinstance(items, list) or len(items) != len(msg.payload):
+                log.warning("dropped a malformed batch of requests (%d frames)", len(msg.payload))
+                return
+            self._items.extend(zip(items, msg.payload))
+        elif msg.kind == P.PING:
+            self._hello()
+
+    def _wait(self, deadline: float | None) -> bool:
+        """Wait for a message until ``deadline`` (None: no limit), beating while idle;
+        False when the deadline passed with nothing to receive."""
         while True:
             now = time.monotonic()
-            if deadline is not None and now >= deadline and not self._sub.poll(0):
-                raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401)
+            if deadline is not None and now >= deadline:
+                return bool(self._sub.poll(0))
             beat_at = self._last_sent + self._beat_every
             if now >= beat_at:  # idle: say so
                 self._send(P.HEARTBEAT, {"sub": self.sub_name})
                 beat_at = now + self._beat_every
             until = beat_at if deadline is None else min(beat_at, deadline)
-            if not self._sub.poll(max(0, int((until - now) * 1000)) + 1):
-                continue
-            frames = P.recv(self._sub)
-            try:
-                msg = P.decode(frames)
-            except P.ProtocolError as exc:
-                log.warning("dropped malformed message: %s", exc)
-                continue
-            if msg.kind == P.PING:
-                self._hello()
-            elif msg.kind == P.REQUEST:
-                return msg, self._response(msg)
+            if self._sub.poll(max(0, int((until - now) * 1000)) + 1):
+                return True
 
-    def _response(self, msg: P.Message) -> InferenceResponse:
-        h = msg.header
+    def _response(self, h: dict) -> InferenceResponse:
         stamp = ["container_receive", P.now()]
         noreply = bool(h.get("noreply"))
         if noreply:  # output=None: the request is done once taken
@@ -137,14 +174,9 @@ class Connector:
             time_stamp=[stamp],
         )
 
-    def receive_request_image(self, timeout: int = 0) -> tuple[np.ndarray, dict, InferenceResponse]:
-        """Wait for an image request (``timeout`` seconds, 0 = no limit).
-
-        Returns (image, additional information, InferenceResponse); 401 on timeout.
-        """
-        msg, response = self._receive(timeout)
-        frame = msg.payload[0] if msg.payload else b""
-        meta = msg.header.get("arr")
+    def _image(self, h: dict, frame: Any) -> tuple[np.ndarray, dict, InferenceResponse]:
+        response = self._response(h)
+        meta = h.get("arr")
         try:
             image = P.array_from(meta, frame) if meta else np.frombuffer(P.frame_buffer(frame), dtype=np.uint8)
         except P.ProtocolError as exc:
@@ -152,14 +184,53 @@ class Connector:
             image = np.frombuffer(P.frame_buffer(frame), dtype=np.uint8)
         return image, response.metadata, response
 
+    def _data(self, h: dict, frame: Any) -> tuple[bytes, dict, InferenceResponse]:
+        response = self._response(h)
+        return (frame.bytes if hasattr(frame, "bytes") else bytes(frame)), response.metadata, response
+
+    def receive_request_image(self, timeout: int = 0) -> tuple[np.ndarray, dict, InferenceResponse]:
+        """Wait for an image request (``timeout`` seconds, 0 = no limit).
+
+        Returns (image, additional information, InferenceResponse); 401 on timeout.
+        """
+        return self._image(*self._next(timeout))
+
     def receive_request(self, timeout: int = 0) -> tuple[bytes, dict, InferenceResponse]:
         """Wait for a request (``timeout`` seconds, 0 = no limit).
 
         Returns (data bytes, additional information, InferenceResponse); 401 on timeout.
         """
-        msg, response = self._receive(timeout)
-        data = msg.payload[0].bytes if msg.payload and hasattr(msg.payload[0], "bytes") else bytes(msg.payload[0] if msg.payload else b"")
-        return data, response.metadata, response
+        return self._data(*self._next(timeout))
+
+    def receive_request_image_batch(self, timeout: int = 0, max_size: int | None = None
+                                    ) -> list[tuple[np.ndarray, dict, InferenceResponse]]:
+        """Wait for at least one image request (``timeout`` seconds, 0 = no limit) and take
+        up to ``max_size`` that have arrived: a list of (image, additional information,
+        InferenceResponse). Not in the reference: dynamic batching (ContainerConfig's
+        ``max_batch_size``, the default ``max_size``). 401 on timeout."""
+        return [self._image(h, f) for h, f in self._batch_of(timeout, max_size)]
+
+    def receive_request_batch(self, timeout: int = 0, max_size: int | None = None
+                              ) -> list[tuple[bytes, dict, InferenceResponse]]:
+        """As ``receive_request_image_batch``, with the data as bytes."""
+        return [self._data(h, f) for h, f in self._batch_of(timeout, max_size)]
+
+    def _batch_of(self, timeout: float, max_size: int | None) -> list[tuple[dict, Any]]:
+        size = self._batch_size(max_size)
+        if size != self._batch:  # tell the manager to send batches of this size
+            self._batch = size
+            self._hello()
+        first = self._next(timeout)
+        return [first, *self._more(size - 1)]
+
+    def _batch_size(self, max_size: int | None) -> int:
+        if max_size is None:
+            return self._default_batch
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise argument_error("max_size", f"must be a number of requests >= 1, got {max_size!r}")
+        return max_size
+
+    # ---- sending ---------------------------------------------------------------------
 
     def send_response(self, result: Any, response: InferenceResponse) -> None:
         """Send ``result`` (list, tuple, dict, str, int, float, bool; numpy values are made
@@ -167,12 +238,37 @@ class Connector:
 
         A program whose inference has ``input=None`` and ``output='Main'`` produces results
         on its own: it passes a new ``InferenceResponse()``, and the result goes to every
-        AICluster's infer callback.
+        AICluster's infer callback. An exception instance as ``result`` ends the request
+        with 999 and the exception's text (not in the reference).
         """
+        answer = self._answer(result, response)
+        if answer is not None:
+            self._send(P.RESULT, answer[0], [answer[1]])
+
+    def send_response_batch(self, results: list, responses: list[InferenceResponse]) -> None:
+        """Send the results of several requests in one message (each to its own caller):
+        ``results[i]`` answers ``responses[i]``, as ``send_response`` would. Not in the
+        reference: the companion of ``receive_request_batch``."""
+        if not isinstance(results, (list, tuple)) or not isinstance(responses, (list, tuple)):
+            raise argument_error("results", "results and responses must be lists")
+        if len(results) != len(responses):
+            raise argument_error("results", f"{len(results)} results for {len(responses)} requests: give one result per request")
+        answers = [a for a in map(self._answer, results, responses) if a is not None]
+        if any(h["mkey"] is None for h, _ in answers):  # produced results have no batch form
+            for header, packed in answers:
+                self._send(P.RESULT, header, [packed])
+        elif answers:
+            self._send(P.RESULTS, {"items": [h for h, _ in answers]}, [packed for _, packed in answers])
+
+    def _answer(self, result: Any, response: InferenceResponse) -> tuple[dict, bytes] | None:
+        """(header, packed result) answering ``response``'s request; None for a request
+        whose inference wants no answer (output=None)."""
         meta = response.metadata_sys or {}
         if meta.get("noreply"):
-            return
+            return None
         code, detail = 0, ""
+        if isinstance(result, BaseException):
+            code, detail, result = 999, f"the inference failed: {type(result).__name__}: {result}", None
         try:
             packed = P.pack_value(result)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -187,7 +283,7 @@ class Connector:
         header = {"mkey": meta.get("mkey"), "code": code, "msg": format_message(code) if code else "", "detail": detail, "ts": stamps}
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
-        self._send(P.RESULT, header, [packed])
+        return header, packed
 
 
 def _heartbeat_seconds(value: str | None) -> float:
@@ -196,6 +292,13 @@ def _heartbeat_seconds(value: str | None) -> float:
     except ValueError:
         raise argument_error("INFINIBRAIN_HEARTBEAT_MS", f"must be a number of milliseconds, got {value!r}") from None
     return max(ms, 10) / 1000
+
+
+def _batch_default(value: str | None) -> int:
+    try:
+        return max(int(value), 1) if value else 8
+    except ValueError:
+        raise argument_error("INFINIBRAIN_MAX_BATCH_SIZE", f"must be a number of requests, got {value!r}") from None
 
 
 def _max_size(value: str | None) -> int:

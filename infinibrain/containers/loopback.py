@@ -24,9 +24,9 @@ def describe(data_len: int, response) -> dict:
 def main() -> int:
     connector = Connector()
     while True:
-        msg, response = connector._receive(0)  # the frame itself: no copy of the payload
-        size = len(msg.payload[0]) if msg.payload else 0
-        connector.send_response(describe(size, response), response)
+        header, frame = connector._next(0)  # the frame itself: no copy of the payload
+        response = connector._response(header)
+        connector.send_response(describe(len(frame), response), response)
 
 
 if __name__ == "__main__":
