@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo prereqs test faults soak bench bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo prereqs test faults soak bench bench-perf bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ soak: setup
 
 bench: setup
 	$(PY) benchmarks/bench_infer.py
+
+# The request path against a raw broker, batching, scaling and size: one table. In a
+# network namespace with only loopback when unshare may be used.
+bench-perf: setup
+	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_perf.py'; \
+	else $(PY) benchmarks/bench_perf.py; fi
 
 bench-docker: setup images
 	$(PY) benchmarks/bench_infer.py --docker
