@@ -118,7 +118,7 @@ class ClusterClient:
 
     def _open_sockets(self) -> None:
         try:
-            keys = security.keys_from_env()
+            keys = security.client_keys(self.host, self.port)
         except security.KeyFileError as exc:
             raise make_error(110, detail=f"CURVE keys: {exc}") from None
         self._curve = keys is not None

@@ -11,12 +11,22 @@ Where a client finds its keys (the reference's constructors take none):
   40-character Z85 text;
 - ``INFINIBRAIN_CURVE_CLIENT_KEY``: this client's ``.key_secret`` file.
 
+Without them, an application of the same user as a CURVE manager on this host needs
+nothing: such a manager writes an *access file*, ``access/<port>.json`` in the user's
+default state folder (``$XDG_STATE_HOME/infinibrain``, else ``~/.local/state/infinibrain``),
+naming its public key and the local application key pair in its own (owner-only) state
+folder; AICluster reads it when it connects to that port on a loopback address. A manager
+without CURVE removes the file for its port.
+
 A container started by the manager gets ``INFINIBRAIN_CURVE_SERVER_KEY``,
 ``INFINIBRAIN_CURVE_PUBLIC_KEY`` and ``INFINIBRAIN_CURVE_SECRET_KEY`` (Z85 text) in its
 environment; ``INFINIBRAIN_CURVE_CLIENT_KEY`` (a file) works there too.
 """
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -99,6 +109,65 @@ def keys_from_env(env: Mapping[str, str] | None = None) -> CurveKeys | None:
     return CurveKeys(server_public, public, secret)
 
 
+def default_state_dir() -> str:
+    """The user's default state folder (a manager without ``state_dir`` keeps its state here)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "infinibrain")
+
+
+def access_file(port: int) -> Path:
+    """Where a CURVE manager on ``port`` tells local applications of the same user its keys."""
+    return Path(default_state_dir()) / "access" / f"{int(port)}.json"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_keys(host: str, port: int) -> CurveKeys | None:
+    """The keys AICluster uses for the manager at ``host:port``: the environment's, else
+    (a manager on this host) its access file; None: plain sockets."""
+    keys = keys_from_env()
+    if keys is not None or not _is_loopback(host):
+        return keys
+    path = access_file(port)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read the access file {path}: {exc}") from None
+    if not isinstance(data, dict) or not _is_loopback(str(data.get("host", ""))):
+        return None  # written by a manager whose applications connect from elsewhere
+    public, secret = load_pair(str(data.get("client_key", "")))
+    return CurveKeys(load_public(str(data.get("server_key", ""))), public, secret)
+
+
+def write_access_file(port: int, host: str, server_public: bytes, client_key: str | os.PathLike) -> Path:
+    """Tell applications of this user on this host how to reach the CURVE manager on ``port``."""
+    path = access_file(port)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps({"host": host, "port": int(port), "server_key": server_public.decode(),
+                                   "client_key": os.fspath(client_key)}, indent=2) + "\n")
+    os.chmod(scratch, 0o600)
+    os.replace(scratch, path)
+    return path
+
+
+def remove_access_file(port: int) -> None:
+    """A manager without CURVE on ``port``: local applications must not try keys on it."""
+    try:
+        access_file(port).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # not ours to remove: a client will fail its handshake and say why
+        logging.getLogger("infinibrain.security").warning("cannot remove %s: %s", access_file(port), exc)
+
+
 def arm_client(sock: zmq.Socket, keys: CurveKeys | None) -> None:
     """Make ``sock`` (before it connects) a CURVE client of the manager."""
     if keys is None:
@@ -144,11 +213,16 @@ __all__ = [
     "ENV_SECRET_KEY",
     "ENV_SERVER_KEY",
     "KeyFileError",
+    "access_file",
     "arm_client",
     "arm_server",
+    "client_keys",
     "curve_available",
+    "default_state_dir",
     "generate",
     "keys_from_env",
     "load_pair",
     "load_public",
+    "remove_access_file",
+    "write_access_file",
 ]

@@ -2,10 +2,14 @@
 
 With ``curve = true`` every manager socket is a CURVE server. ZeroMQ's ZAP handler (a
 ``zmq.auth`` ThreadAuthenticator) accepts a peer only if its public key is allowed:
-clients' keys (``curve_client_keys``) on the three client ports, containers' keys
-(``curve_container_keys`` and the manager's own container key pair) on the two container
-ports. A key dropped into one of those folders is accepted without a restart. Without
-CURVE, nothing here runs and the sockets are plain.
+clients' keys (``curve_client_keys`` and the manager's own key pair for local
+applications, ``state_dir/keys/client.key_secret``) on the three client ports,
+containers' keys (``curve_container_keys`` and the manager's own container key pair) on
+the two container ports. A key of one side never passes on the other. A key dropped
+into one of those folders is accepted without a restart. The local application pair is
+announced to applications of the same user through an access file
+(``security.write_access_file``). Without CURVE, nothing here runs, the sockets are plain,
+and an access file left for this port is removed.
 """
 from __future__ import annotations
 
@@ -76,6 +80,7 @@ class Guard:
         self.enabled = config.curve
         self.auth: ThreadAuthenticator | None = None
         if not self.enabled:
+            security.remove_access_file(config.port)
             return
         if not security.curve_available():
             raise ConfigError("manager.curve = true, but this pyzmq/libzmq has no CURVE support")
@@ -88,10 +93,12 @@ class Guard:
         try:
             self.public, self.secret = security.load_pair(secret_file)
             self.container_public, self.container_secret = security.load_pair(security.generate(keys, "containers")[1])
+            local_key = security.generate(keys, "client")[1]
+            local_public = security.load_pair(local_key)[0]
         except security.KeyFileError as exc:
             raise ConfigError(f"manager.curve_secret_key: {exc}") from None
         self.allowed = {
-            CLIENTS: AllowedKeys(CLIENTS, config.curve_client_keys),
+            CLIENTS: AllowedKeys(CLIENTS, config.curve_client_keys, {local_public}),
             CONTAINERS: AllowedKeys(CONTAINERS, config.curve_container_keys, {self.container_public}),
         }
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("infinibrain.manager.zap"))
@@ -99,6 +106,11 @@ class Guard:
         for domain, keyset in self.allowed.items():
             self.auth.configure_curve_callback(domain, keyset)
         log.info("CURVE on: manager public key %s", self.public.decode())
+        try:
+            where = security.write_access_file(config.port, config.host, self.public, local_key)
+            log.info("applications of this user on this host find their keys in %s", where)
+        except OSError as exc:  # the manager serves anyway; applications then need the environment
+            log.warning("cannot write the access file for local applications: %s", exc)
 
     def arm(self, sock: zmq.Socket, domain: str) -> None:
         if self.enabled:

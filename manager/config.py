@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from infinibrain import protocol as P
+from infinibrain import security
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +33,7 @@ class BoardConfig:
     name: str
     transport: str = "local"  # "local" (this host) or "ssh"
     address: str = "127.0.0.1"  # the board's own address (reported as CoprocessorHandler.ip)
-    manager_address: str = ""  # where this board's containers reach the manager; "" = [manager] host
+    manager_address: str = ""  # where this board's containers reach the manager; "" = [manager] board_host
     ssh_port: int = 22
     ssh_user: str = ""
     ssh_key: str = ""  # private key file; "" = the keys of the SSH agent ($SSH_AUTH_SOCK)
@@ -51,7 +52,13 @@ class BoardConfig:
 
 @dataclass
 class ManagerConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the application side: inference, management and results ports
+    # The container side (requests to containers, results from them): "" = the boards'
+    # manager_address when they name one, else ``host`` when an ssh board is configured
+    # (one address for both, as before board_host existed), else 127.0.0.1.
+    board_host: str = ""
+    # A listener off loopback without CURVE is refused unless this says the risk is wanted.
+    allow_unauthenticated: bool = False
     port: int = 5570
     state_dir: str = ""
     heartbeat_interval_ms: int = 500
@@ -75,7 +82,8 @@ class ManagerConfig:
     # CurveZMQ on every socket (see docs/RELIABILITY.md). Key files are zmq.auth certificates.
     curve: bool = False
     curve_secret_key: str = ""  # the manager's secret certificate; "" = state_dir/keys/manager.key_secret
-    curve_client_keys: str = ""  # folder of allowed clients' public certificates (required with curve)
+    curve_client_keys: str = ""  # folder of other allowed clients' public certificates ("" = only
+    # the local application key pair, state_dir/keys/client.key_secret, which the manager makes)
     curve_container_keys: str = ""  # folder of allowed containers' public certificates, beside the
     # manager's own container key pair (state_dir/keys/containers.key_secret), which it hands to
     # the containers it starts
@@ -86,9 +94,7 @@ class ManagerConfig:
         return Path(self.state_dir)
 
 
-def default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "infinibrain")
+default_state_dir = security.default_state_dir
 
 
 def embedded_default() -> ManagerConfig:
@@ -107,6 +113,14 @@ def load_config(path: str | os.PathLike | None) -> ManagerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return parse_config(data)
+
+
+def parse_config_text(text: str) -> ManagerConfig:
+    """A configuration from TOML text (``init`` checks what it writes with this)."""
+    try:
+        return parse_config(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
 
 
 def parse_config(data: dict[str, Any]) -> ManagerConfig:
@@ -153,6 +167,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         cfg.state_dir = default_state_dir()
     cfg.state_dir = os.path.abspath(os.path.expanduser(cfg.state_dir))
     _check_address(cfg.host, "manager.host")
+    cfg.board_host = cfg.board_host or _default_board_host(cfg)
+    _check_address(cfg.board_host, "manager.board_host")
     _check_address(cfg.metrics_host, "manager.metrics_host")
     if cfg.metrics_port == 0:
         cfg.metrics_port = cfg.port + 5
@@ -198,20 +214,63 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         seen.add(board.name)
         if board.transport not in ("local", "ssh"):
             raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
-        board.manager_address = board.manager_address or cfg.host
+        board.manager_address = board.manager_address or cfg.board_host
         _check_address(board.manager_address, f"{where}.manager_address")
         if board.image_transfer not in ("auto", "registry", "sftp"):
             raise ConfigError(f"{where}.image_transfer must be 'auto', 'registry' or 'sftp', got {board.image_transfer!r}")
         if board.transport == "ssh":
             _check_ssh_board(board, where)
+    _check_exposure(cfg)
     return cfg
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP address or "localhost") is this host's loopback only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_board_host(cfg: ManagerConfig) -> str:
+    named = {b.manager_address for b in cfg.boards if b.manager_address}
+    if len(named) == 1:
+        return named.pop()
+    if any(b.transport == "ssh" for b in cfg.boards):
+        return cfg.host
+    return "127.0.0.1"
+
+
+def exposed_listeners(cfg: ManagerConfig) -> list[tuple[str, str]]:
+    """(setting, address) of each cluster listener bound off loopback."""
+    return [(key, getattr(cfg, key)) for key in ("host", "board_host") if not is_loopback(getattr(cfg, key))]
+
+
+def _check_exposure(cfg: ManagerConfig) -> None:
+    """No listener off loopback without authentication, unless the risk is wanted."""
+    exposed = exposed_listeners(cfg)
+    if exposed and not cfg.curve and not cfg.allow_unauthenticated:
+        key, address = exposed[0]
+        side = ("applications' ports (inference and management commands)" if key == "host"
+                else "the containers' ports")
+        raise ConfigError(
+            f"manager.{key} = {address!r} is not a loopback address and CURVE is off: anyone who reaches "
+            f"{address} could use {side} without a key. Turn CURVE on (`infinibrain-manager init "
+            f"--boards-network ADDRESS` writes such a configuration, with keys), or set "
+            f"allow_unauthenticated = true in [manager] to accept the risk"
+            + ("; to face only the boards, keep host = \"127.0.0.1\" and set board_host" if key == "host" else ""))
+    for board in cfg.boards:
+        if board.transport == "ssh" and not is_loopback(board.address) and is_loopback(board.manager_address):
+            raise ConfigError(
+                f"coprocessor {board.name!r} at {board.address} cannot reach the manager at {board.manager_address}: "
+                f"set [manager] board_host (or its manager_address) to this host's address on the boards' network")
 
 
 def _check_curve(cfg: ManagerConfig) -> None:
     keys = cfg.state_path / "keys"
     cfg.curve_secret_key = os.path.expanduser(cfg.curve_secret_key) if cfg.curve_secret_key else str(keys / "manager.key_secret")
-    if not cfg.curve_client_keys:
-        raise ConfigError("manager.curve_client_keys is required with curve = true (a folder of the clients' public keys)")
     for key in ("curve_client_keys", "curve_container_keys"):
         value = getattr(cfg, key)
         if value:

@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 
 import zmq
 
-from . import __version__
+from . import __version__, init_command
 from .auth import Guard
 from .boards import close_boards, make_boards
 from .changes import Changes
 from .commands import Commands
-from .config import ConfigError, ManagerConfig, load_config
+from .config import ConfigError, ManagerConfig, exposed_listeners, is_loopback, load_config
 from .metrics import Metrics
 from .operations import Operations
 from .reconciler import Reconciler
@@ -97,8 +97,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def warn_exposure(config: ManagerConfig) -> None:
+    """At every start: what faces a network without authentication, by the operator's choice."""
+    if not config.curve:
+        for key, address in exposed_listeners(config):
+            log.warning("manager.%s = %s is not a loopback address and CURVE is off (allow_unauthenticated = true): "
+                        "anyone who reaches %s can use these ports without a key", key, address, address)
+    if config.metrics_port != -1 and not is_loopback(config.metrics_host):
+        log.warning("metrics on %s:%d can be read by anyone who reaches that address (they need no key)",
+                    config.metrics_host, config.metrics_port)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infinibrain-manager", description="infinibrain cluster manager daemon")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init"]:  # a secure configuration in one step
+        return init_command.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="infinibrain-manager", description="infinibrain cluster manager daemon",
+                                     epilog="infinibrain-manager init --boards-network ADDRESS: write a configuration "
+                                            "with CURVE on and its keys (init --help)")
     parser.add_argument("--config", help="TOML configuration file (default: one local board on 127.0.0.1:5570)")
     parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
@@ -114,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     # The Docker SDK's HTTP requests (a poll every half second) would drown our own lines.
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    warn_exposure(config)
     try:
         manager = Manager(config)
     except ConfigError as exc:  # found while making the boards, e.g. an unusable ssh_key
         log.error("%s", exc)
         return 2
     except zmq.ZMQError as exc:
-        log.error("cannot bind %s:%d-%d: %s", config.host, config.port, config.port + 4, exc)
+        log.error("cannot bind %s:%d-%d or %s:%d-%d: %s", config.host, config.port, config.port + 2, config.board_host,
+                  config.port + 3, config.port + 4, exc)
         return 1
     except OSError as exc:  # the metrics port
         log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port, exc)

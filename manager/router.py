@@ -176,7 +176,10 @@ class Router:
     # ---- sockets -------------------------------------------------------------------
 
     def _bind(self) -> None:
-        host, base = self.config.host, self.config.port
+        base = self.config.port
+        # Applications and containers each have their own listeners: the boards' network
+        # sees the container ports only.
+        hosts = {CLIENTS: self.config.host, CONTAINERS: self.config.board_host or self.config.host}
 
         def sock(kind: int, offset: int, domain: str) -> zmq.Socket:
             s = self.ctx.socket(kind)
@@ -192,7 +195,7 @@ class Router:
                 s.setsockopt(zmq.XPUB_VERBOSER, 1)
                 s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
                 s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-            s.bind(f"tcp://{host}:{base + offset}")
+            s.bind(f"tcp://{_bracketed(hosts[domain])}:{base + offset}")
             return s
 
         self.infer_in = sock(zmq.SUB, P.INFER_IN, CLIENTS)
@@ -377,7 +380,9 @@ class Router:
         for s in handlers:
             poller.register(s, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        log.info("router %s serving on %s:%d-%d", self.instance, self.config.host, self.config.port, self.config.port + P.PORT_COUNT - 1)
+        log.info("router %s serving applications on %s:%d-%d, containers on %s:%d-%d", self.instance, self.config.host,
+                 self.config.port, self.config.port + P.CLIENT_OUT, self.config.board_host, self.config.port + P.CONTAINER_OUT,
+                 self.config.port + P.CONTAINER_IN)
         while not self._stop:
             try:
                 due = min(self._next_tick, self._later[0][0]) if self._later else self._next_tick
@@ -876,6 +881,11 @@ class Router:
             dropped = self.take_waiting(lambda r: r.client == cid)  # nobody is left to answer
             if dropped:
                 log.info("dropped %d queued requests of silent client %s", len(dropped), cid)
+
+
+def _bracketed(address: str) -> str:
+    """An address as a ZeroMQ tcp endpoint wants it (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address else address
 
 
 def _rss_bytes() -> int:

@@ -23,6 +23,17 @@ from infinibrain.errors import InfinibrainException
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
+# A state folder of the session's own for every manager and client started here (the
+# default state folder holds the access files of CURVE managers): nothing lands in the
+# user's home, and a developer's own managers cannot answer for a test's.
+if "INFINIBRAIN_TEST_STATE_HOME" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["INFINIBRAIN_TEST_STATE_HOME"] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="ib-test-state-")
+    atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
+
 
 def free_base_port(count: int = 6) -> int:
     """A base port with ``count`` consecutive free ports on 127.0.0.1 (the manager's five
