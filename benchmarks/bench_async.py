@@ -21,13 +21,12 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_perf import windowed  # noqa: E402
 from conftest import ManagerProcess  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig  # noqa: E402
@@ -38,31 +37,10 @@ WINDOW = 8
 
 def throughput(send, image: np.ndarray, count: int, seconds: float) -> float:
     """Requests per second with WINDOW in flight; ``send(image, callback)``."""
-    slots = threading.Semaphore(WINDOW)
-    lock = threading.Lock()
-    state = {"done": 0, "errors": 0}
+    def start(finished) -> None:
+        send(image, lambda code, message, result, response: finished(None if code == 0 else RuntimeError(f"[{code}] {message}")))
 
-    def on_result(code, message, result, response):
-        with lock:
-            state["done"] += 1
-            state["errors"] += code != 0
-        slots.release()
-
-    sent = 0
-    deadline = time.monotonic() + seconds
-    started = time.perf_counter()
-    while sent < count and time.monotonic() < deadline:
-        if not slots.acquire(timeout=10):
-            break
-        send(image, on_result)
-        sent += 1
-    end = time.monotonic() + 30
-    while state["done"] < sent and time.monotonic() < end:
-        time.sleep(0.001)
-    elapsed = time.perf_counter() - started
-    if state["errors"]:
-        raise RuntimeError(f"{state['errors']} requests failed")
-    return state["done"] / elapsed
+    return windowed(start, count, seconds, WINDOW)[0]
 
 
 def main() -> int:

@@ -46,6 +46,7 @@ import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+from bench_infer import Baseline, latency  # noqa: E402
 from conftest import ManagerProcess, free_base_port  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # noqa: E402
@@ -133,12 +134,7 @@ class Broker:
             done += 1
         return done / (time.perf_counter() - started)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
-        for p in self.procs:
-            p.terminate()
-            p.join(5)
+    close = Baseline.close  # the same parts: a client socket and worker processes
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -211,15 +207,7 @@ def ours_throughput(cluster: AICluster, name: str, image: np.ndarray, count: int
 
 
 def p50_ms(call: Callable[[np.ndarray], Any], image: np.ndarray, count: int, seconds: float) -> float:
-    for _ in range(min(50, count)):
-        call(image)
-    samples = []
-    deadline = time.monotonic() + seconds
-    while len(samples) < count and time.monotonic() < deadline:
-        t0 = time.perf_counter()
-        call(image)
-        samples.append(time.perf_counter() - t0)
-    return float(np.percentile(np.array(samples) * 1000, 50))
+    return latency(call, image, count, seconds)["p50_ms"]
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
