@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from bench_perf import windowed  # noqa: E402
+from bench_infer import windowed  # noqa: E402
 from conftest import ManagerProcess  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig  # noqa: E402

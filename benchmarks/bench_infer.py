@@ -28,8 +28,10 @@ import json
 import multiprocessing as mp
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import msgpack
 import numpy as np
@@ -167,12 +169,12 @@ def latency(call, image: np.ndarray, count: int, seconds: float) -> dict:
     return {"n": len(samples), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def throughput_baseline(b: Baseline, image: np.ndarray, count: int, seconds: float) -> dict:
+def throughput_baseline(b: Baseline, image: np.ndarray, count: int, seconds: float, window: int = WINDOW) -> dict:
     sent = done = 0
     deadline = time.monotonic() + seconds
     t0 = time.perf_counter()
     while done < count and time.monotonic() < deadline:
-        while sent - done < WINDOW and sent < count:
+        while sent - done < window and sent < count:
             b.send(image, sent)
             sent += 1
         if b.sock.poll(1000):
@@ -185,38 +187,60 @@ def throughput_baseline(b: Baseline, image: np.ndarray, count: int, seconds: flo
     return {"n": done, "req_s": done / elapsed, "MB_s": done * image.nbytes / elapsed / 1e6}
 
 
-def throughput_ours(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> dict:
-    import threading
+Finish = Callable[[Optional[BaseException]], None]
 
-    slots = threading.Semaphore(WINDOW)
-    finished = threading.Event()
-    state = {"done": 0, "errors": 0}
-    lock = threading.Lock()
 
-    def on_result(code, message, result, response):
-        with lock:
-            state["done"] += 1
-            state["errors"] += code != 0
-            if state["done"] == sent_total[0] and stop[0]:
-                finished.set()
-        slots.release()
+def windowed(start: Callable[[Finish], Any], count: int, seconds: float, window: int) -> tuple[float, list[float]]:
+    """Keep ``window`` requests in flight (``start(finished)`` sends one) until ``count``
+    have ended or ``seconds`` passed: (requests per second, latencies in s). A request that
+    ends with an error (``finished(error)``) makes it raise."""
+    slots = threading.Semaphore(window)
+    latencies: list[float] = []
+    errors: list[BaseException] = []
 
-    sent_total, stop = [0], [False]
+    def one() -> None:
+        t0 = time.perf_counter()
+
+        def finished(error: BaseException | None) -> None:
+            latencies.append(time.perf_counter() - t0)
+            if error is not None:
+                errors.append(error)
+            slots.release()
+
+        start(finished)
+
+    sent = 0
     deadline = time.monotonic() + seconds
-    t0 = time.perf_counter()
-    while sent_total[0] < count and time.monotonic() < deadline:
-        if not slots.acquire(timeout=5):
+    started = time.perf_counter()
+    while sent < count and time.monotonic() < deadline:
+        if not slots.acquire(timeout=10):
             break
+        one()
+        sent += 1
+    end = time.monotonic() + 30
+    while len(latencies) < sent and time.monotonic() < end:
+        time.sleep(0.0005)
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
+    return len(latencies) / elapsed, latencies
+
+
+def throughput_ours(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> dict:
+    """``infer_image_async`` with WINDOW in flight; requests that fail are counted, not raised."""
+    failed = [0]
+
+    def start(finished: Finish) -> None:
+        def on_result(code, message, result, response):
+            failed[0] += code != 0
+            finished(None)
+
         cluster.infer_image_async(name, image, func=on_result)
-        sent_total[0] += 1
-    with lock:
-        stop[0] = True
-        if state["done"] == sent_total[0]:
-            finished.set()
-    finished.wait(30)
-    elapsed = time.perf_counter() - t0
-    done = state["done"] - state["errors"]
-    return {"n": done, "errors": state["errors"], "req_s": done / elapsed, "MB_s": done * image.nbytes / elapsed / 1e6}
+
+    rate, latencies = windowed(start, count, seconds, WINDOW)
+    done = len(latencies) - failed[0]
+    req_s = rate * done / len(latencies) if latencies else 0.0
+    return {"n": done, "errors": failed[0], "req_s": req_s, "MB_s": req_s * image.nbytes / 1e6}
 
 
 def main() -> int:

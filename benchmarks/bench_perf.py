@@ -34,11 +34,10 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -46,7 +45,8 @@ import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from bench_infer import Baseline, latency  # noqa: E402
+from bench_control import cpu_seconds  # noqa: E402
+from bench_infer import Baseline, Finish, latency, throughput_baseline, windowed  # noqa: E402
 from conftest import ManagerProcess, free_base_port  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # noqa: E402
@@ -99,8 +99,10 @@ def lb_worker(back: int, stop_after: float) -> None:
         s.send_multipart([client, header, msgpack.packb({"mean": float(image.mean())})], copy=False)
 
 
-class Broker:
-    def __init__(self, stop_after: float) -> None:
+class Broker(Baseline):
+    """The guide's load-balancing broker and two workers; the client side is bench_infer's."""
+
+    def __init__(self, stop_after: float) -> None:  # noqa: super().__init__ starts other processes
         port = free_base_port(2)
         self.procs = [mp.Process(target=lb_broker, args=(port, port + 1, stop_after), daemon=True)]
         self.procs += [mp.Process(target=lb_worker, args=(port + 1, stop_after), daemon=True) for _ in range(2)]
@@ -111,83 +113,14 @@ class Broker:
         self.sock.connect(f"tcp://127.0.0.1:{port}")
         time.sleep(0.5)
 
-    def send(self, image: np.ndarray) -> None:
-        self.sock.send_multipart([msgpack.packb({"shape": list(image.shape), "dtype": image.dtype.str}), image], copy=False)
-
-    def one(self, image: np.ndarray) -> dict:
-        self.send(image)
-        return msgpack.unpackb(self.sock.recv_multipart(copy=False)[1].bytes)
-
     def throughput(self, image: np.ndarray, count: int, seconds: float) -> float:
-        sent = done = 0
-        deadline = time.monotonic() + seconds
-        started = time.perf_counter()
-        while done < count and time.monotonic() < deadline:
-            while sent - done < WINDOW and sent < count:
-                self.send(image)
-                sent += 1
-            if self.sock.poll(1000):
-                self.sock.recv_multipart(copy=False)
-                done += 1
-        while done < sent and self.sock.poll(2000):
-            self.sock.recv_multipart(copy=False)
-            done += 1
-        return done / (time.perf_counter() - started)
-
-    close = Baseline.close  # the same parts: a client socket and worker processes
+        return throughput_baseline(self, image, count, seconds, WINDOW)["req_s"]
 
 
 # ---- measuring ---------------------------------------------------------------------------------
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-Finish = Callable[[Optional[BaseException]], None]
-
-
-def windowed(start: Callable[[Finish], Any], count: int, seconds: float, window: int = WINDOW) -> tuple[float, list[float]]:
-    """Keep ``window`` requests in flight (``start(finished)`` sends one) until ``count``
-    have ended or ``seconds`` passed: (requests per second, latencies in s)."""
-    slots = threading.Semaphore(window)
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        t0 = time.perf_counter()
-
-        def finished(error: BaseException | None) -> None:
-            latencies.append(time.perf_counter() - t0)
-            if error is not None:
-                errors.append(error)
-            slots.release()
-
-        start(finished)
-
-    sent = 0
-    deadline = time.monotonic() + seconds
-    started = time.perf_counter()
-    while sent < count and time.monotonic() < deadline:
-        if not slots.acquire(timeout=10):
-            break
-        one()
-        sent += 1
-    end = time.monotonic() + 30
-    while len(latencies) < sent and time.monotonic() < end:
-        time.sleep(0.0005)
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-    return len(latencies) / elapsed, latencies
 
 
 def by_future(cluster: AICluster, name: str, image: np.ndarray) -> Callable[[Finish], Any]:
@@ -199,11 +132,6 @@ def by_callback(cluster: AICluster, name: str, image: np.ndarray) -> Callable[[F
         cluster.infer_image_async(name, image, {}, lambda code, message, result, response:
                                   finished(None if code == 0 else RuntimeError(f"[{code}] {message}")))
     return start
-
-
-def ours_throughput(cluster: AICluster, name: str, image: np.ndarray, count: int, seconds: float) -> float:
-    """``infer_image_future`` with WINDOW in flight: requests per second."""
-    return windowed(by_future(cluster, name, image), count, seconds)[0]
 
 
 def p50_ms(call: Callable[[np.ndarray], Any], image: np.ndarray, count: int, seconds: float) -> float:
@@ -289,8 +217,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                 "broker_p50": lambda: p50_ms(broker.one, image, count, args.seconds),
                 "ours_p50": lambda: p50_ms(lambda im: c.infer_image("mean", im), image, count, args.seconds),
                 "broker_rps": lambda: broker.throughput(image, count, args.seconds),
-                "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds)[0],
-                "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds)[0],
+                "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds, WINDOW)[0],
+                "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds, WINDOW)[0],
             })
             mb = image.nbytes / 1e6
             rows.append(Row("raw", f"{label} p50, one at a time", f["ours_p50"], f["broker_p50"], "lbbroker",
@@ -353,10 +281,10 @@ def scaling_section(c: AICluster, port: int, args: argparse.Namespace) -> list[R
     image = image_of(PAYLOADS["224x224x3"])
     count = max(args.requests // 4, 200)
     c.load_inference(model_config("busy", "busy.py"), "local")
-    one = windowed(by_future(c, "busy", image), count, args.seconds)[0]
+    one = windowed(by_future(c, "busy", image), count, args.seconds, WINDOW)[0]
     c.load_inference(model_config("busy", "busy.py"), "b2")
-    two = windowed(by_future(c, "busy", image), count, args.seconds)[0]
-    rows = [Row("scaling", f"req/s, 5 ms model, 2 replicas vs 1", two, one, "1 replica", ">= 1.6")]
+    two = windowed(by_future(c, "busy", image), count, args.seconds, WINDOW)[0]
+    rows = [Row("scaling", "req/s, 5 ms model, 2 replicas vs 1", two, one, "1 replica", ">= 1.6")]
     results: mp.Queue = mp.Queue()
     start_at = time.time() + 3
     clients = [mp.Process(target=client_process, args=(port, "busy", args.fair_seconds, start_at, results)) for _ in range(8)]
@@ -386,7 +314,7 @@ def size_section(args: argparse.Namespace) -> list[Row]:
                 def measure() -> tuple[float, float]:
                     p50 = p50_ms(lambda im: c.infer_image("mean", im), image, args.requests // 2, args.seconds)
                     before = cpu_seconds(m.proc.pid)
-                    rps, latencies = windowed(by_future(c, "mean", image), args.requests, args.seconds)
+                    _, latencies = windowed(by_future(c, "mean", image), args.requests, args.seconds, WINDOW)
                     return p50, 1e6 * (cpu_seconds(m.proc.pid) - before) / len(latencies)
 
                 few = median_pairs([measure() for _ in range(args.rounds)])
@@ -411,7 +339,7 @@ def size_section(args: argparse.Namespace) -> list[Row]:
     return [
         Row("size", f"manager CPU per request, {n} vs 2 containers", many[1], few[1], "2 containers", "<= 1.2", "us"),
         Row("size", f"224x224x3 p50, {n} vs 2 containers", many[0], few[0], "2 containers", "<= 1.2", "ms"),
-        Row("size", f"manager memory per idle container", per_container_kb, 0.0, f"({loaded:.0f} s to load)", "", "kB"),
+        Row("size", "manager memory per idle container", per_container_kb, 0.0, f"({loaded:.0f} s to load)", "", "kB"),
     ]
 
 
