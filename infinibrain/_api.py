@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from ._client import ClusterClient, Pending
 
 
-def _same(value: Any) -> Any:
+def same(value: Any) -> Any:
+    """The answer as it is (a Call's default conversion)."""
     return value
 
 
@@ -30,7 +31,7 @@ class Call:
     name: str  # the API's name; what manage_callback receives as ``cmd``
     cmd: str  # the manager's command
     args: dict
-    convert: Callable[[Any], Any] = _same
+    convert: Callable[[Any], Any] = same
     safe: bool = False  # a query or a switch: repeating it changes nothing (retry.py)
 
 
@@ -63,6 +64,15 @@ def future_of(client: "ClusterClient", call: Call, on_progress: Callable[[str, d
 def run_future(send: Callable[[], "Pending"], convert: Callable[[Any], Any], retry: RetryPolicy, kind: str) -> concurrent.futures.Future:
     """The ``_future`` form: a ``concurrent.futures.Future`` of the converted answer, on the
     same pending-call core as the other forms (``asyncio.wrap_future`` makes it awaitable)."""
+    if convert is same and not retry.may_retry(kind):  # the pending call's own future is the answer
+        try:
+            future = send().future
+            assert future is not None, "a _future call waits on its pending call's future"
+            return future
+        except InfinibrainException as exc:
+            failed: concurrent.futures.Future = concurrent.futures.Future()
+            failed.set_exception(exc)
+            return failed
     outer: concurrent.futures.Future = concurrent.futures.Future()
 
     def attempt(n: int) -> None:
@@ -70,6 +80,7 @@ def run_future(send: Callable[[], "Pending"], convert: Callable[[Any], Any], ret
             pending = send()
         except InfinibrainException as exc:
             return finish(n, exc, None)
+        assert pending.future is not None, "a _future call waits on its pending call's future"
         pending.future.add_done_callback(lambda f: finish(n, f.exception(), f))
 
     def finish(n: int, exc: BaseException | None, done: concurrent.futures.Future | None) -> None:

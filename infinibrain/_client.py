@@ -23,12 +23,12 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from . import allocator
 from . import protocol as P
 from . import security
 from .errors import error_from_code, format_message, make_error
@@ -41,6 +41,7 @@ ACK_TIMEOUT = 5.0  # a manager that is alive acknowledges within milliseconds
 ANSWER_GRACE = 2.0  # beyond the deadline the manager announced, before we give up ourselves
 COMMAND_TIMEOUT = 3600.0  # bound on a management command once acknowledged
 LIVENESS = 4  # heartbeats missed before the manager counts as lost
+TIMER_INTERVAL_MS = 20  # deadlines and heartbeats are looked at this often
 # Frames smaller than this are copied when sent (one memcpy) rather than handed to pyzmq's
 # zero-copy machinery (a tracker and its garbage-collector thread per frame), which costs
 # more for an image of a few hundred kB; larger ones go zero-copy.
@@ -57,23 +58,35 @@ def next_request_no() -> str:
 Callback = Callable[[int, str, Any, Any], None]
 
 
-@dataclass
 class Pending:
-    rid: str
-    kind: str  # "infer" or "cmd"
-    deadline: float
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    on_done: Callable[[int, str, Any, Any], None] | None = None  # (code, message, result, response)
-    on_progress: Callable[[str, dict], None] | None = None  # (cmd, info): progress events of a slow command
-    cmd: str = ""
-    acked: bool = False
-    inference: str = ""
-    tid: int = 0
-    sent: float = 0.0
-    param: dict | None = None  # what was sent as additional information (InferenceResponse.metadata)
+    """One call waiting for its answer: a request number, what to do with the answer, and
+    (for the sync and ``_future`` forms) the future that carries it."""
+
+    __slots__ = ("rid", "kind", "deadline", "future", "on_done", "on_progress", "cmd", "acked", "inference", "tid", "param",
+                 "result_only")
+
+    def __init__(self, rid: str, kind: str, deadline: float, *, on_done: Callback | None = None,
+                 on_progress: Callable[[str, dict], None] | None = None, cmd: str = "", inference: str = "", tid: int = 0,
+                 param: dict | None = None, result_only: bool = False) -> None:
+        self.rid = rid
+        self.kind = kind  # "infer" or "cmd"
+        self.deadline = deadline
+        # An ``_async`` call has its callback only; every other form waits on a future.
+        self.future: concurrent.futures.Future | None = concurrent.futures.Future() if on_done is None else None
+        self.on_done = on_done  # (code, message, result, response)
+        self.on_progress = on_progress  # (cmd, info): progress events of a slow command
+        self.cmd = cmd
+        self.acked = False
+        self.inference = inference
+        self.tid = tid
+        self.param = param  # what was sent as additional information (InferenceResponse.metadata)
+        # The future's value is the result alone (infer_image, infer_image_future), not
+        # (result, InferenceResponse): the response is then never built.
+        self.result_only = result_only
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
+        assert self.future is not None, "an _async call has no future to wait on"
         bound = None if self.deadline == float("inf") else max(self.deadline - time.monotonic(), 0) + COMMAND_TIMEOUT
         try:
             return self.future.result(timeout=bound)
@@ -108,6 +121,7 @@ class ClusterClient:
         self._send_lock = threading.Lock()
         self._link = threading.Condition()
         self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
+        allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._open_sockets()
         self._io = threading.Thread(target=self._io_loop, name=f"infinibrain-io-{self.id}", daemon=True)
         self._cb = threading.Thread(target=self._callback_loop, name=f"infinibrain-cb-{self.id}", daemon=True)
@@ -225,17 +239,17 @@ class ClusterClient:
             raise
         return p
 
-    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None) -> Pending:
+    def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
+              result_only: bool = False) -> Pending:
+        """Send one inference request; ``result_only``: its future carries the result alone."""
         self.check_connected()
         tid = threading.get_native_id()
         p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
-                    param=param)
-        sent = P.now()
-        p.sent = sent
-        header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", sent]]}
+                    param=param, result_only=result_only)
+        header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", P.now()]]}
         self._pending[p.rid] = p
         try:
-            self._send("infer", P.REQUEST, header, [payload])
+            self._send("infer", P.REQUEST, header, (payload,))
         except BaseException:
             self._pending.pop(p.rid, None)
             raise
@@ -246,14 +260,19 @@ class ClusterClient:
         self._callbacks.put((fn, args))
 
     def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "") -> None:
-        """End ``p``: its future, and its callback (which gets the reference's message only)."""
-        if code == 0:
-            p.future.set_result((result, response) if p.kind == "infer" else result)
-        else:
-            exc = error_from_code(code, message, detail)
-            exc.response = response  # type: ignore[attr-defined]
-            p.future.set_exception(exc)
-        if p.on_done is not None and code and detail:
+        """End ``p``: its future, or its callback (which gets the reference's message only)."""
+        future = p.future
+        if future is not None:
+            if code:
+                exc = error_from_code(code, message, detail)
+                exc.response = response  # type: ignore[attr-defined]
+                future.set_exception(exc)
+            elif p.kind == "cmd" or p.result_only:
+                future.set_result(result)
+            else:
+                future.set_result((result, response))
+            return
+        if code and detail:
             # A callback gets the reference's message only: the detail is in the log.
             self.logger.debug("request %s ended with [%d] %s: %s", p.rid, code, message, detail)
         if p.on_done is not None:
@@ -278,14 +297,18 @@ class ClusterClient:
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        next_timers = 0.0
         while not self._closed:
             try:
-                ready = dict(poller.poll(50))
+                ready = dict(poller.poll(TIMER_INTERVAL_MS))
                 if self._sub in ready:
                     self._drain()
                 if self._monitor in ready:
                     self._on_monitor()
-                self._timers()
+                now = time.monotonic()
+                if now >= next_timers:  # not after every message: they look at every pending call
+                    next_timers = now + TIMER_INTERVAL_MS / 1000
+                    self._timers()
             except Exception as exc:  # the I/O thread must outlive any single bad message
                 if self._closed:
                     return
@@ -361,13 +384,14 @@ class ClusterClient:
         if p is None:
             return
         code = int(h.get("code") or 0)
-        response = self._response(p, h.get("resp"))
         result = None
         if code == 0:
             try:
                 result = P.unpack_value(msg.payload[0]) if msg.payload else None
             except P.ProtocolError as exc:
                 code, h["msg"], h["detail"] = 999, format_message(999), f"result could not be decoded: {exc}"
+        # The InferenceResponse is built only for a form that hands it out.
+        response = None if (code == 0 and p.result_only) else self._response(p, h.get("resp"))
         self._finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "")
 
     def _on_reply(self, msg: P.Message) -> None:

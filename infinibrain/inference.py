@@ -12,7 +12,7 @@ import numpy as np
 from . import _api
 from . import protocol as P
 from ._api import Call
-from ._client import ClusterClient, Pending
+from ._client import COPY_THRESHOLD, ClusterClient, Pending
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
 from .errors import ConnectionFailedException, InfinibrainException, SocketConnectionException, argument_error, make_error
@@ -234,10 +234,12 @@ class AICluster:
     # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
 
     def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
-                detached: bool = False) -> Pending:
+                detached: bool = False, result_only: bool = False) -> Pending:
         """Send one request. ``detached``: the call returns before the answer (``_async``,
-        ``_future``), so a buffer the caller may change is copied first (a read-only array
-        or immutable bytes go zero-copy)."""
+        ``_future``), so a buffer the caller may change must not be sent zero-copy: ZeroMQ
+        copies one below COPY_THRESHOLD as it sends, a larger one is copied here (a
+        read-only array or immutable bytes go zero-copy). ``result_only``: the pending
+        call's future carries the result alone."""
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
         what = "image_data" if image else "in_data"
@@ -250,19 +252,19 @@ class AICluster:
             if data.dtype.hasobject:
                 raise argument_error(what, "an array of Python objects cannot be sent")
             array = np.ascontiguousarray(data)
-            if detached and array.flags.writeable:
+            if detached and array.flags.writeable and array.nbytes >= COPY_THRESHOLD:
                 array = array.copy()  # the caller may reuse its buffer (a camera loop) once we return
             payload, arr = array, P.array_meta(array)
         else:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise argument_error(what, f"must be bytes, got {type(data).__name__}")
-            if detached and not isinstance(data, bytes) and not memoryview(data).readonly:
+            if detached and not isinstance(data, bytes) and not memoryview(data).readonly and memoryview(data).nbytes >= COPY_THRESHOLD:
                 data = bytes(data)
             payload, arr = data, None
         size = memoryview(payload).nbytes
         if size > client.max_message_size:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done)
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only)
 
     def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
         try:
@@ -277,14 +279,14 @@ class AICluster:
         """infer_image as a ``concurrent.futures.Future`` of the result (not in the reference;
         ``await asyncio.wrap_future(...)`` in asyncio code)."""
         self._connected_client()
-        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None, detached=True),
-                               lambda answer: answer[0], self._client.retry, "infer")
+        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None, detached=True, result_only=True),
+                               _api.same, self._client.retry, "infer")
 
     def infer_future(self, inference_name: str, in_data: bytes, param: Any = {}) -> "Future[tuple[Any, InferenceResponse]]":  # noqa: B006
         """infer as a ``concurrent.futures.Future`` of (result, InferenceResponse)."""
         self._connected_client()
         return _api.run_future(lambda: self._submit(inference_name, in_data, param, False, None, detached=True),
-                               tuple, self._client.retry, "infer")
+                               _api.same, self._client.retry, "infer")
 
     def _infer_callback(self, func: Callable | None) -> Callable:
         callback = func or self._client.infer_callback
@@ -314,8 +316,7 @@ class AICluster:
 
     def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
         """Run the inference on an image; returns what the container sent back."""
-        result, _response = self._infer_retrying(lambda: self._submit(inference_name, image_data, param, True, None).wait())
-        return result
+        return self._infer_retrying(lambda: self._submit(inference_name, image_data, param, True, None, result_only=True).wait())
 
     def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
         """Run the inference on an image; ``func(code, message, result, response)`` or the

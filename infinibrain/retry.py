@@ -47,6 +47,10 @@ class RetryPolicy:
             return self.inference and code in INFERENCE
         return code in (SAFE if kind == "safe" else ALWAYS)
 
+    def may_retry(self, kind: str) -> bool:
+        """Whether any outcome of a call of ``kind`` could be repeated."""
+        return self.attempts > 1 and (kind != "infer" or self.inference)
+
     def delay(self, attempt: int) -> float:
         """Seconds to wait after attempt number ``attempt``."""
         base = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)

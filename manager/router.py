@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import zmq
 
+from infinibrain import allocator
 from infinibrain import protocol as P
 from infinibrain.errors import format_message
 
@@ -171,6 +172,7 @@ class Router:
         self._next_beat = 0.0
         self._next_client_check = 0.0
         self.hb_interval = config.heartbeat_interval_ms / 1000
+        allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._bind()
 
     # ---- sockets -------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .. import allocator
 from .. import protocol as P
 from .. import security
 from ..errors import RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, argument_error, format_message
@@ -70,6 +71,7 @@ class Connector:
         self._batch = 1  # requests per message the manager may send: more once the program asks for batches
         self._items: deque[tuple[dict, Any]] = deque()  # received requests not yet handed out
         self.sub_name = sub_name
+        allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
