@@ -42,6 +42,8 @@ ANSWER_GRACE = 2.0  # beyond the deadline the manager announced, before we give 
 COMMAND_TIMEOUT = 3600.0  # bound on a management command once acknowledged
 LIVENESS = 4  # heartbeats missed before the manager counts as lost
 TIMER_INTERVAL_MS = 20  # deadlines and heartbeats are looked at this often
+DIRECT_SOCKETS = 32  # threads per AICluster that receive their synchronous answers themselves
+DIRECT_PROOF = 1.0  # seconds a thread's socket may take to prove it is subscribed, else the I/O thread serves it
 # Frames smaller than this are copied when sent (one memcpy) rather than handed to pyzmq's
 # zero-copy machinery (a tracker and its garbage-collector thread per frame), which costs
 # more for an image of a few hundred kB; larger ones go zero-copy.
@@ -94,6 +96,52 @@ class Pending:
             raise make_error(401, detail=f"no answer to request {self.rid}") from None
 
 
+class DirectReply:
+    """A calling thread's own SUB socket: the answers to its synchronous inference requests
+    come straight to it (topic ``protocol.reply_topic``), as a raw client's do, instead of
+    through the I/O thread and a wake-up (docs/DECISIONS.md, "Synchronous answers").
+
+    Used only by its thread, under ``lock``; ``close`` takes the lock, so a socket is
+    never closed while its thread waits on it."""
+
+    _tags = itertools.count(1)
+
+    def __init__(self, ctx: zmq.Context, keys: Any, topic_of: Callable[[str], bytes], address: str) -> None:
+        self.tag = str(next(self._tags))
+        self.thread = threading.current_thread()
+        self.lock = threading.Lock()
+        self.proven = -1  # the connection generation in which the manager answered on this socket
+        self.sock = ctx.socket(zmq.SUB)
+        self.sock.linger = 0
+        self.sock.rcvhwm = 0
+        security.arm_client(self.sock, keys)
+        self.sock.subscribe(topic_of(self.tag))
+        self.sock.connect(address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+
+    def messages(self, timeout_ms: int) -> list[P.Message]:
+        """What arrived within ``timeout_ms`` (malformed messages dropped)."""
+        out: list[P.Message] = []
+        if not self.poller.poll(timeout_ms):
+            return out
+        for _ in range(256):
+            try:
+                frames = P.recv(self.sock, P.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                out.append(P.decode(frames))
+            except P.ProtocolError as exc:
+                log.warning("dropped malformed message from the manager: %s", exc)
+        return out
+
+    def close(self) -> None:
+        if self.lock.acquire(timeout=1.0):  # its thread notices the client closing within a poll slice
+            self.sock.close(linger=0)
+            self.lock.release()
+
+
 class ClusterClient:
     def __init__(self, host: str, port: int, connect_timeout: float,
                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
@@ -121,6 +169,10 @@ class ClusterClient:
         self._send_lock = threading.Lock()
         self._link = threading.Condition()
         self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
+        self._direct = threading.local()  # this thread's DirectReply
+        self._directs: list[DirectReply] = []
+        self._directs_lock = threading.Lock()
+        self._generation = 0  # counts connection losses: a thread's socket proves itself again after one
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._open_sockets()
         self._io = threading.Thread(target=self._io_loop, name=f"infinibrain-io-{self.id}", daemon=True)
@@ -136,8 +188,10 @@ class ClusterClient:
         except security.KeyFileError as exc:
             raise make_error(110, detail=f"CURVE keys: {exc}") from None
         self._curve = keys is not None
+        self._keys = keys
         self._ctx = zmq.Context()
         base = f"tcp://{self.host}:"
+        self._client_out = base + str(self.port + P.CLIENT_OUT)
 
         def pub(offset: int) -> zmq.Socket:
             s = self._ctx.socket(zmq.PUB)
@@ -220,6 +274,10 @@ class ClusterClient:
         self._callbacks.put(None)
         if threading.current_thread() is not self._cb:
             self._cb.join(timeout=5)
+        with self._directs_lock:
+            directs, self._directs = self._directs, []
+        for d in directs:
+            d.close()
         for s in (*self._paths.values(), self._monitor, self._sub):
             s.close(linger=0)
         self._ctx.term()
@@ -240,13 +298,16 @@ class ClusterClient:
         return p
 
     def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
-              result_only: bool = False) -> Pending:
-        """Send one inference request; ``result_only``: its future carries the result alone."""
+              result_only: bool = False, direct: DirectReply | None = None) -> Pending:
+        """Send one inference request; ``result_only``: its future carries the result alone;
+        ``direct``: its answer goes to that socket of the calling thread (``wait_direct``)."""
         self.check_connected()
         tid = threading.get_native_id()
         p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
                     param=param, result_only=result_only)
         header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", P.now()]]}
+        if direct is not None:
+            header["to"] = direct.tag
         self._pending[p.rid] = p
         try:
             self._send("infer", P.REQUEST, header, (payload,))
@@ -254,6 +315,62 @@ class ClusterClient:
             self._pending.pop(p.rid, None)
             raise
         return p
+
+    # ---- synchronous answers straight to the calling thread ----------------------------
+
+    def direct_reply(self) -> DirectReply | None:
+        """The calling thread's own answer socket, proven subscribed in this connection;
+        None (answers come through the I/O thread) when it cannot be had."""
+        d: DirectReply | None = getattr(self._direct, "reply", None)
+        if d is None:
+            d = self._new_direct()
+            if d is None:
+                return None
+        if d.proven != self._generation and not self._prove(d):
+            return None
+        return d
+
+    def _new_direct(self) -> DirectReply | None:
+        with self._directs_lock:
+            if self._closed:
+                return None
+            gone = [d for d in self._directs if not d.thread.is_alive()]
+            for d in gone:  # its thread ended: nobody uses it any more
+                self._directs.remove(d)
+                d.close()
+            if len(self._directs) >= DIRECT_SOCKETS:
+                return None
+            d = DirectReply(self._ctx, self._keys, lambda tag: P.reply_topic(self.id, tag), self._client_out)
+            self._directs.append(d)
+        self._direct.reply = d
+        return d
+
+    def _prove(self, d: DirectReply) -> bool:
+        """Have the manager answer a hello on ``d`` (a SUB socket drops what arrives before
+        its subscription has reached the manager)."""
+        generation = self._generation
+        deadline = time.monotonic() + DIRECT_PROOF
+        with d.lock:
+            while time.monotonic() < deadline and not self._closed:
+                self._send("infer", P.HELLO, {"path": "infer", "to": d.tag})
+                if any(m.kind == P.HELLO_ACK for m in d.messages(50)):
+                    d.proven = generation
+                    return True
+        self.logger.debug("thread socket %s not answered within %g s: answers come through the I/O thread", d.tag, DIRECT_PROOF)
+        return False
+
+    def wait_direct(self, p: Pending, d: DirectReply) -> Any:
+        """``p.wait()`` for a request answered on ``d``: this thread receives its answer
+        itself. Whatever ends a call otherwise (a deadline, a lost connection, release)
+        still ends it: the I/O thread completes the future and this loop sees it within
+        a poll slice."""
+        assert p.future is not None
+        with d.lock:
+            while not p.future.done() and not self._closed and time.monotonic() < p.deadline + COMMAND_TIMEOUT:
+                for msg in d.messages(TIMER_INTERVAL_MS):
+                    if msg.kind == P.RESULT:  # its own, or a late answer to an earlier call (dropped)
+                        self._on_result(msg)
+        return p.wait()
 
     def deliver(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the callback thread."""
@@ -484,6 +601,7 @@ class ClusterClient:
         with self._link:
             self.connected = False
             self._acked_paths.clear()
+            self._generation += 1  # threads' sockets prove themselves again
         self._fail_all(402, f"connection to the manager lost ({why})")
         self._event(112, format_message(112), "keepalive", None)
         self._next_hello = 0.0

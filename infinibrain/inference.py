@@ -12,7 +12,7 @@ import numpy as np
 from . import _api
 from . import protocol as P
 from ._api import Call
-from ._client import COPY_THRESHOLD, ClusterClient, Pending
+from ._client import COPY_THRESHOLD, ClusterClient, DirectReply, Pending
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
 from .errors import ConnectionFailedException, InfinibrainException, SocketConnectionException, argument_error, make_error
@@ -233,8 +233,16 @@ class AICluster:
 
     # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
 
+    def _call(self, inference_name: Any, data: Any, param: Any, image: bool, result_only: bool) -> Any:
+        """A synchronous inference: send, and wait for the answer, which comes straight to
+        this thread's own socket when it has one."""
+        client = self._connected_client()
+        direct = client.direct_reply()
+        pending = self._submit(inference_name, data, param, image, None, result_only=result_only, direct=direct)
+        return client.wait_direct(pending, direct) if direct is not None else pending.wait()
+
     def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
-                detached: bool = False, result_only: bool = False) -> Pending:
+                detached: bool = False, result_only: bool = False, direct: DirectReply | None = None) -> Pending:
         """Send one request. ``detached``: the call returns before the answer (``_async``,
         ``_future``), so a buffer the caller may change must not be sent zero-copy: ZeroMQ
         copies one below COPY_THRESHOLD as it sends, a larger one is copied here (a
@@ -264,7 +272,7 @@ class AICluster:
         size = memoryview(payload).nbytes
         if size > client.max_message_size:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only)
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only, direct)
 
     def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
         try:
@@ -316,7 +324,7 @@ class AICluster:
 
     def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
         """Run the inference on an image; returns what the container sent back."""
-        return self._infer_retrying(lambda: self._submit(inference_name, image_data, param, True, None, result_only=True).wait())
+        return self._infer_retrying(lambda: self._call(inference_name, image_data, param, True, result_only=True))
 
     def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
         """Run the inference on an image; ``func(code, message, result, response)`` or the
@@ -328,7 +336,7 @@ class AICluster:
 
     def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
         """Run the inference on bytes; returns (result, InferenceResponse)."""
-        result, response = self._infer_retrying(lambda: self._submit(inference_name, in_data, param, False, None).wait())
+        result, response = self._infer_retrying(lambda: self._call(inference_name, in_data, param, False, result_only=False))
         return result, response
 
     def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006

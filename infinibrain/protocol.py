@@ -12,8 +12,8 @@ anything that is not a well-formed message of this version; callers count, log a
 """
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgpack
@@ -22,6 +22,7 @@ import zmq
 
 VERSION = 1
 NOBLOCK = int(zmq.NOBLOCK)
+_Frame = zmq.Frame
 _SNDMORE = int(zmq.SNDMORE)
 
 # Port offsets from the manager's base port. The manager binds all of them.
@@ -68,6 +69,16 @@ def client_topic(client_id: str) -> bytes:
     return b"c/" + client_id.encode()
 
 
+def reply_topic(client_id: str, tag: Any) -> bytes:
+    """Where a client's answers go: its own topic, or with ``tag`` (a request's or a
+    hello's "to") the topic of one of its threads' own sockets (a synchronous caller
+    that receives its result itself). Not a prefix of the client's topic nor of another
+    tag's, so each SUB socket gets only its own."""
+    if type(tag) is str and 0 < len(tag) <= 32 and tag.isalnum():
+        return b"t/" + client_id.encode() + b"/" + tag.encode() + b"/"
+    return client_topic(client_id)
+
+
 def container_topic(container_id: str, sub_name: str) -> bytes:
     return f"q/{container_id}/{sub_name}".encode()
 
@@ -88,11 +99,19 @@ class ProtocolError(ValueError):
     """A frame that is not a message of this protocol version."""
 
 
-@dataclass
 class Message:
-    topic: bytes
-    header: dict
-    payload: list
+    """One decoded message: its topic frame, header and payload frames."""
+
+    __slots__ = ("_topic", "header", "payload")
+
+    def __init__(self, topic: Any, header: dict, payload: list) -> None:
+        self._topic = topic  # a frame; made bytes only if someone asks (nobody on the request path)
+        self.header = header
+        self.payload = payload
+
+    @property
+    def topic(self) -> bytes:
+        return _as_bytes(self._topic)
 
     @property
     def kind(self) -> str:
@@ -128,27 +147,26 @@ def decode(frames: Sequence[Any]) -> Message:
     """Parse frames received with ``recv_multipart(copy=False)`` or as bytes."""
     if len(frames) < 2:
         raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
-    topic = _as_bytes(frames[0])
     try:
         header = msgpack.unpackb(frame_buffer(frames[1]), raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated classes
         raise ProtocolError(f"header is not msgpack: {exc}") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("header is not a map")
     if header.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version {header.get('v')!r}")
-    if not isinstance(header.get("k"), str):
+    if type(header.get("k")) is not str:
         raise ProtocolError("header has no kind")
-    return Message(topic, header, list(frames[2:]))
+    return Message(frames[0], header, list(frames[2:]))
 
 
 def _as_bytes(frame: Any) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    return frame.bytes if type(frame) is _Frame else bytes(frame)
 
 
-def frame_buffer(frame: Any) -> memoryview:
+def frame_buffer(frame: Any) -> Any:
     """The bytes of a received frame without copying them."""
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return frame.buffer if type(frame) is _Frame else frame
 
 
 # ---- payloads -------------------------------------------------------------------
@@ -163,17 +181,32 @@ def array_from(meta: Any, frame: Any) -> np.ndarray:
     if not isinstance(meta, dict):
         raise ProtocolError("array description missing")
     try:
-        dtype = np.dtype(meta["dtype"])
+        dtype = _dtype(meta["dtype"])
         shape = tuple(int(n) for n in meta["shape"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad array description: {exc}") from None
     if dtype.hasobject:
         raise ProtocolError("object arrays are not accepted")
-    buf = frame_buffer(frame)
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if any(n < 0 for n in shape):
+        raise ProtocolError(f"bad array description: negative size in {shape}")
+    buf = memoryview(frame_buffer(frame))
+    expected = dtype.itemsize * math.prod(shape)
     if buf.nbytes != expected:
         raise ProtocolError(f"array frame has {buf.nbytes} bytes, shape {shape} {dtype} needs {expected}")
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+_dtypes: dict = {}
+
+
+def _dtype(name: Any) -> np.dtype:
+    """``np.dtype(name)``, remembered: parsing the description costs more than the lookup."""
+    dtype = _dtypes.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        dtype = np.dtype(name)
+        if isinstance(name, str) and len(_dtypes) < 256:
+            _dtypes[name] = dtype
+    return dtype
 
 
 def _result_default(value: Any) -> Any:
@@ -194,7 +227,7 @@ def pack_value(value: Any) -> bytes:
 
 def unpack_value(frame: Any) -> Any:
     try:
-        return msgpack.unpackb(_as_bytes(frame), raw=False, strict_map_key=False)
+        return msgpack.unpackb(frame_buffer(frame), raw=False, strict_map_key=False)
     except Exception as exc:
         raise ProtocolError(f"value frame is not msgpack: {exc}") from None
 

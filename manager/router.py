@@ -450,18 +450,23 @@ class Router:
             self.send_client(cid, P.ACK, {"rid": h["rid"]})
             assert self.commands is not None, "the daemon sets the command table before the loop runs"
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
-        elif kind == P.HELLO:
-            self.send_client(cid, P.HELLO_ACK, {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
-                                                "max": self.config.max_message_size, "no_input": self._no_input})
+        elif kind == P.HELLO:  # with "to": a thread's own socket proves it is subscribed
+            self.send_to(P.reply_topic(cid, h.get("to")), P.HELLO_ACK,
+                         {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
+                          "max": self.config.max_message_size, "no_input": self._no_input})
         else:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
     def send_client(self, cid: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
-        P.send(self.client_out, P.encode(P.client_topic(cid), kind, header, payload))
+        self.send_to(P.client_topic(cid), kind, header, payload)
 
-    def fail(self, cid: str, rid: str, code: int, *fields: Any, detail: str = "") -> None:
-        """End request ``rid`` of client ``cid`` with a numbered error."""
-        self.send_client(cid, P.RESULT, {"rid": rid, "code": code, "msg": format_message(code, *fields), "detail": detail})
+    def send_to(self, topic: bytes, kind: str, header: dict, payload: list | tuple = ()) -> None:
+        """Send to a client's topic, or to one of its threads' (protocol.reply_topic)."""
+        P.send(self.client_out, P.encode(topic, kind, header, payload))
+
+    def fail(self, topic: bytes, rid: str, code: int, *fields: Any, detail: str = "") -> None:
+        """End request ``rid``, whose answer goes to ``topic``, with a numbered error."""
+        self.send_to(topic, P.RESULT, {"rid": rid, "code": code, "msg": format_message(code, *fields), "detail": detail})
 
     def end(self, req: Request, code: int, detail: str) -> None:
         """End accepted request ``req`` with a numbered error (and count it)."""
@@ -471,29 +476,30 @@ class Router:
             if c is not None:
                 self.lifecycle.warmed(c, code, detail or format_message(code))
             return
-        self.fail(req.client, req.rid, code, detail=detail)
+        self.fail(req.reply, req.rid, code, detail=detail)
         self.metrics.ended(req, code)
 
-    def _refuse(self, client: Client, rid: str, name: Any, code: int, *fields: Any, detail: str = "") -> None:
+    def _refuse(self, reply: bytes, rid: str, name: Any, code: int, *fields: Any, detail: str = "") -> None:
         """Refuse a request before accepting it (and count it)."""
-        self.fail(client.id, rid, code, *fields, detail=detail)
+        self.fail(reply, rid, code, *fields, detail=detail)
         self.metrics.refused(name if isinstance(name, str) and name in self.services else "", code)
 
     def _on_request(self, client: Client, msg: P.Message) -> None:
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
+        reply = P.reply_topic(client.id, h["to"]) if "to" in h else P.client_topic(client.id)
         svc = self.services.get(name) if isinstance(name, str) else None
         if svc is None or not isinstance(name, str):
-            return self._refuse(client, rid, name, 400, detail=f"inference {name!r} is not registered")
+            return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} is not registered")
         if not svc.takes_input:
-            return self._refuse(client, rid, name, 403, name)
+            return self._refuse(reply, rid, name, 403, name)
         param = h.get("param")
         sub = param.get("sub_inference_name") if isinstance(param, dict) else None
         if sub and sub not in svc.modules:
-            return self._refuse(client, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(svc.modules)})")
+            return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(svc.modules)})")
         waiting = svc.queue
         if len(waiting) >= self.config.send_queue_size:
-            return self._refuse(client, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
+            return self._refuse(reply, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
         now = time.monotonic()
         cfg = svc.reg.config
         send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
@@ -517,6 +523,7 @@ class Router:
             send_deadline=now + send_timeout,
             answer_timeout=answer_timeout,
             accepted=now,
+            reply=reply,
         )
         waiting.append(req)
         self._unacked.append(req)
@@ -770,7 +777,7 @@ class Router:
         if code:
             header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
         result = [P.pack_value(None)] if taken else [frame] if frame is not None else []
-        self.send_client(req.client, P.RESULT, header, result)
+        self.send_to(req.reply, P.RESULT, header, result)
         self.metrics.ended(req, code)
 
     @staticmethod

@@ -59,6 +59,7 @@ class Request:
     batch: int = 0  # the mkey of the first request of the message it was sent in (dynamic batching)
     accepted: float = 0.0  # time.monotonic() when the manager accepted it
     done: bool = False  # answered or ended with an error
+    reply: bytes = b""  # the topic its answer goes to (protocol.reply_topic)
 
     @property
     def queued_wall(self) -> float:

@@ -79,6 +79,8 @@ class Connector:
         security.arm_client(self._sub, keys)
         self._sub.subscribe(P.container_topic(self._wire_id, sub_name))
         self._sub.connect(f"tcp://{host_ip}:{sub}")
+        self._poller = zmq.Poller()  # one for the Connector's life: Socket.poll makes one per call
+        self._poller.register(self._sub, zmq.POLLIN)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.linger = 1000  # let a last result leave before the program exits
         self._pub.sndhwm = 0
@@ -151,13 +153,13 @@ class Connector:
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                return bool(self._sub.poll(0))
+                return bool(self._poller.poll(0))
             beat_at = self._last_sent + self._beat_every
             if now >= beat_at:  # idle: say so
                 self._send(P.HEARTBEAT, {"sub": self.sub_name})
                 beat_at = now + self._beat_every
             until = beat_at if deadline is None else min(beat_at, deadline)
-            if self._sub.poll(max(0, int((until - now) * 1000)) + 1):
+            if self._poller.poll(max(0, int((until - now) * 1000)) + 1):
                 return True
 
     def _response(self, h: dict) -> InferenceResponse:

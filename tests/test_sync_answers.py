@@ -1,0 +1,156 @@
+"""Synchronous inference answers come straight to the calling thread's own socket.
+
+``infer`` and ``infer_image`` send their request with the tag of a SUB socket the calling
+thread owns; the manager publishes the answer on that socket's topic, so the thread
+receives it itself instead of through the SDK's I/O thread (docs/DECISIONS.md,
+"Synchronous answers"). Checked here with real sockets: where answers go, that threads
+never get each other's, the limit on sockets per AICluster, ended threads' sockets, and a
+request that ends with 401 on a thread's socket.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from conftest import connected, echo_config, wait_for
+from infinibrain import _client
+from infinibrain import protocol as P
+from infinibrain.errors import InfinibrainException
+
+
+def _listen(port: int, topic: bytes) -> zmq.Socket:
+    """A raw SUB socket on the manager's client-out port."""
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.linger = 0
+    s.subscribe(topic)
+    s.connect(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
+    return s
+
+
+def _results(sock: zmq.Socket, seconds: float) -> list[str]:
+    """Request numbers of the RESULT messages ``sock`` receives within ``seconds``."""
+    rids = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if sock.poll(50):
+            msg = P.decode(sock.recv_multipart())
+            if msg.kind == P.RESULT:
+                rids.append(str(msg.header["rid"]))
+    return rids
+
+
+def test_answers_go_to_the_calling_threads_socket(manager, name):
+    with connected(manager) as c:
+        c.load_inference(echo_config(name), "all")
+        client = c._client
+        main = _listen(manager.port, P.client_topic(client.id))
+        threads = _listen(manager.port, b"t/" + client.id.encode() + b"/")
+        try:
+            # Positive control: an _async answer goes to the client's own topic.
+            done = threading.Event()
+            rid = c.infer_async(name, b"a", {}, func=lambda *a: done.set())
+            assert done.wait(10)
+            assert rid in wait_for(lambda: _results(main, 0.5), timeout=10)
+            rids = []
+            for i in range(5):
+                result, response = c.infer(name, bytes([i]), {"i": i})
+                assert result["param"] == {"i": i}
+                rids.append(response.request_no)
+            seen_threads = _results(threads, 1.0)
+            seen_main = _results(main, 0.2)
+        finally:
+            main.close()
+            threads.close()
+        assert set(rids) <= set(seen_threads), "synchronous answers go to the thread's topic"
+        assert not set(rids) & set(seen_main), "and not through the client's topic"
+        c.unload_inference(name)
+
+
+def test_threads_get_their_own_answers_only(manager, name):
+    with connected(manager) as c:
+        c.load_inference(echo_config(name, max_send_num=4), "all")
+        wrong: list[tuple] = []
+
+        def work(t: int) -> None:
+            for i in range(25):
+                result, response = c.infer(name, b"x", {"t": t, "i": i})
+                if result["param"] != {"t": t, "i": i}:
+                    wrong.append((t, i, result["param"]))
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert not any(w.is_alive() for w in workers)
+        assert wrong == []
+        assert len(c._client._directs) == 6
+        c.unload_inference(name)
+
+
+def test_socket_limit_and_ended_threads(manager, name, monkeypatch):
+    monkeypatch.setattr(_client, "DIRECT_SOCKETS", 2)
+    with connected(manager) as c:
+        c.load_inference(echo_config(name, max_send_num=4), "all")
+        answers: list[dict] = []
+
+        def work(t: int) -> None:
+            for i in range(10):
+                answers.append(c.infer(name, b"x", {"t": t, "i": i})[0]["param"])
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        # Two threads had sockets; the other two were answered through the I/O thread.
+        assert sorted((a["t"], a["i"]) for a in answers) == [(t, i) for t in range(4) for i in range(10)]
+        assert len(c._client._directs) == 2
+        # A new thread's socket replaces those of threads that ended.
+        late = threading.Thread(target=work, args=(9,))
+        late.start()
+        late.join(60)
+        directs = c._client._directs
+        assert len(directs) == 1 and directs[0].thread is late
+        c.unload_inference(name)
+
+
+def test_a_late_answer_never_matches_the_next_call(manager, name):
+    with connected(manager) as c:
+        c.load_inference(echo_config(name, wait_queue_timeout=300, max_send_num=2), "all")
+        started = time.monotonic()
+        with pytest.raises(InfinibrainException) as err:
+            c.infer(name, b"x", {"sleep": 1.0, "n": "slow"})
+        assert err.value.code == 401 and time.monotonic() - started < 5
+        # The next call on this thread's socket gets its own answer, not the slow one's.
+        result, _ = c.infer(name, b"y", {"n": "next"})
+        assert result["param"] == {"n": "next"}
+        assert len(c._client._directs) == 1
+        c.unload_inference(name)
+
+
+def test_release_ends_a_waiting_synchronous_call(manager, name):
+    c = manager.client()
+    c.load_inference(echo_config(name), "all")
+    c.infer(name, b"warm", {})
+    outcome: list[int] = []
+
+    def call() -> None:
+        try:
+            c.infer(name, b"x", {"sleep": 1.5})
+            outcome.append(0)
+        except InfinibrainException as exc:
+            outcome.append(exc.code)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)
+    c.release()
+    t.join(5)
+    assert not t.is_alive() and outcome == [111]
+    with connected(manager) as other:
+        time.sleep(1.5)  # the released call's request still runs in its container until then
+        other.unload_inference(name)
