@@ -126,6 +126,20 @@ class Service:
         self.max_batch = cfg.get("max_batch_size") or 1
         self.batch_delay = (cfg.get("max_queue_delay") or 0) / 1000
         self.batch_timer = 0.0  # when a pump is due for a batch held back (0: none)
+        self._timeouts: tuple[ManagerConfig, float, float] | None = None  # (config, send, answer): timeouts()
+
+    def timeouts(self, config: ManagerConfig) -> tuple[float, float]:
+        """(send timeout, answer timeout) in seconds, the manager's defaults where the
+        inference sets none. An answer timeout of 0 in the manager's configuration means
+        no limit (a container that goes away still ends the request with 402; the
+        client's liveness check still holds)."""
+        cached = self._timeouts
+        if cached is None or cached[0] is not config:
+            cfg = self.reg.config
+            send = (cfg["send_timeout"] or config.default_send_timeout_ms) / 1000
+            answer = (cfg["wait_queue_timeout"] or config.default_wait_queue_timeout_ms) / 1000 or float("inf")
+            cached = self._timeouts = (config, send, answer)
+        return cached[1], cached[2]
 
     def limit(self, default: int) -> int:
         return self.reg.config["max_send_num"] or default
@@ -501,11 +515,7 @@ class Router:
         if len(waiting) >= self.config.send_queue_size:
             return self._refuse(reply, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
         now = time.monotonic()
-        cfg = svc.reg.config
-        send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
-        # 0 in the manager's configuration: no limit on the answer (a container that goes
-        # away still ends the request with 402; the client's liveness check still holds).
-        answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000 or float("inf")
+        send_timeout, answer_timeout = svc.timeouts(self.config)
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         req = Request(

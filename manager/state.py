@@ -37,7 +37,7 @@ class State(str, enum.Enum):
 RUNNING_STATES = (State.STARTING, State.READY, State.UNHEALTHY, State.STOPPING)
 
 
-@dataclass
+@dataclass(slots=True)  # one per request, made and read on the hot path
 class Request:
     """One inference request inside the manager, from acceptance to its answer."""
 
