@@ -1,9 +1,11 @@
 """The client core behind AICluster: sockets, one I/O thread, one callback thread.
 
-Every call, sync or ``_async``, becomes a ``Pending`` (a request number and a
-``concurrent.futures.Future``). The sync facade waits on the future; the ``_async`` facade
-returns the request number at once and its callback runs on the callback thread when the
-future completes. Nothing here knows which API is being served.
+Every call, sync or ``_async``, becomes a ``Pending`` (a request number, and a
+``concurrent.futures.Future`` or a callback). The sync facade waits on the future; the
+``_async`` facade returns the request number at once and its callback runs on the
+callback thread. A synchronous inference's answer comes to the calling thread's own
+socket (``DirectReply``), which that thread reads itself; everything else arrives on the
+I/O thread. Nothing here knows which API is being served.
 
 Guarantees:
 - every pending call ends: with its answer, or a numbered error when the manager does not

@@ -223,3 +223,43 @@ def test_warmup_settings_are_checked(tmp_path):
         with pytest.raises(InfinibrainException) as err:
             normalize_config({"name": "a", "implementation_type": "Loop", "warmup": bad})
         assert err.value.code == 302 and needle in str(err.value)
+
+
+# ---- the allocator's tuning ---------------------------------------------------------------
+
+MMAPPED_AFTER_4MB = r"""
+import ctypes, os, sys
+sys.path.insert(0, sys.argv[1])
+from infinibrain import allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+tuned = allocator.tune()
+before = libc.mallinfo2().hblkhd
+buf = bytearray(4 * 1024 * 1024)
+print(tuned, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="the tuning is glibc's mallopt")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_allocator_keeps_large_buffers_off_mmap(setting):
+    """Tuned, a 4 MB buffer comes from the heap (freed, it stays for the next message);
+    with INFINIBRAIN_MALLOC_TUNING=0 glibc maps it (and unmaps it when freed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, INFINIBRAIN_MALLOC_TUNING=setting)
+    out = subprocess.run([sys.executable, "-c", MMAPPED_AFTER_4MB, root], env=env, capture_output=True, text=True, timeout=60)
+    tuned, mapped = out.stdout.split()
+    if setting == "1":
+        assert tuned == "True" and int(mapped) < 1024 * 1024
+    else:
+        assert tuned == "False" and int(mapped) >= 4 * 1024 * 1024
