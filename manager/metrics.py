@@ -81,37 +81,29 @@ class Metrics(NullMetrics):
                                 ["inference", "board", "outcome"], registry=self.registry)
         self.board_bytes = Counter("infinibrain_board_bytes_sent", "Image and file bytes sent to boards",
                                    ["board"], registry=self.registry)
-        self._counts: dict[tuple[str, int], Any] = {}
-        self._waits: dict[str, Any] = {}
-        self._totals: dict[str, Any] = {}
+        self._children: dict[tuple, Any] = {}  # (metric, *labels) -> its labelled child
         self.registry.register(_Live(router))
         self.server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", host, port)
 
-    # The request path calls these for every request: the labelled children are looked up
-    # once per inference (and code) and kept, not through ``labels()`` each time.
+    # The request path calls these for every request: a labelled child is looked up once
+    # per metric and labels and kept, not through ``labels()`` each time.
 
-    def _count(self, inference: str, code: int) -> Any:
-        child = self._counts.get((inference, code))
+    def _child(self, metric: Any, *labels: str) -> Any:
+        child = self._children.get((metric, *labels))
         if child is None:
-            child = self._counts[(inference, code)] = self.requests.labels(inference, str(code))
+            child = self._children[(metric, *labels)] = metric.labels(*labels)
         return child
 
     def refused(self, inference: str, code: int) -> None:
-        self._count(inference, code).inc()
+        self._child(self.requests, inference, str(code)).inc()
 
     def dispatched(self, req: "Request") -> None:
-        child = self._waits.get(req.inference)
-        if child is None:
-            child = self._waits[req.inference] = self.queue_wait.labels(req.inference)
-        child.observe(time.monotonic() - req.accepted)
+        self._child(self.queue_wait, req.inference).observe(time.monotonic() - req.accepted)
 
     def ended(self, req: "Request", code: int) -> None:
-        self._count(req.inference, code).inc()
-        child = self._totals.get(req.inference)
-        if child is None:
-            child = self._totals[req.inference] = self.total.labels(req.inference)
-        child.observe(time.monotonic() - req.accepted)
+        self._child(self.requests, req.inference, str(code)).inc()
+        self._child(self.total, req.inference).observe(time.monotonic() - req.accepted)
 
     def deployed(self, inference: str, board: str, seconds: float, outcome: str) -> None:
         self.outcomes.labels(inference, board, outcome).inc()

@@ -84,7 +84,6 @@ class LocalHost:
     def __init__(self) -> None:
         self.python = sys.executable  # the manager's own interpreter, which can import infinibrain
         self._children: dict[int, subprocess.Popen] = {}
-        self._started: dict[int, int | None] = {}  # start time of each child, read once
 
     # ---- files -------------------------------------------------------------------------
 
@@ -160,21 +159,18 @@ class LocalHost:
             except OSError as exc:
                 raise make_error(302, detail=f"run_command {argv[0]!r} cannot be started: {exc.strerror}") from None
         self._children[child.pid] = child
-        self._started[child.pid] = start_time_of(self.read(f"/proc/{child.pid}/stat"))
-        return child.pid, self._started[child.pid] or 0
+        return child.pid, self.start_time(child.pid) or 0
 
     def start_time(self, pid: int) -> int | None:
         child = self._children.get(pid)
-        if child is not None:
-            if child.poll() is not None:
-                return None  # reaped here: the pid may already be someone else's
-            if self._started.get(pid) is not None:
-                # A child not yet reaped keeps its pid: no need to read /proc (the exit
-                # check asks for every container twice a second).
-                return self._started[pid]
+        if child is not None and child.poll() is not None:
+            return None  # reaped here: the pid may already be someone else's
         return start_time_of(self.read(f"/proc/{pid}/stat"))
 
     def alive(self, pid: int, start: int) -> bool:
+        child = self._children.get(pid)
+        if child is not None:  # our own child keeps its pid until reaped: no /proc read
+            return child.poll() is None  # (the exit check asks for every container twice a second)
         return self.start_time(pid) == start
 
     def adopt(self, pid: int, start: int, cwd: str) -> bool:
@@ -192,7 +188,6 @@ class LocalHost:
 
     def forget(self, pid: int) -> None:
         self._children.pop(pid, None)
-        self._started.pop(pid, None)
 
     def proc_files(self, pid: int) -> dict[str, str]:
         out = {name: self.read(f"/proc/{pid}/{name}") for name in PROC_FILES}
