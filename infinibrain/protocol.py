@@ -148,7 +148,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(frames) < 2:
         raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
     try:
-        header = msgpack.unpackb(frame_buffer(frames[1]), raw=False, strict_map_key=False)
+        header = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)  # a frame is a buffer: no copy
     except Exception as exc:  # msgpack raises several unrelated classes
         raise ProtocolError(f"header is not msgpack: {exc}") from None
     if type(header) is not dict:
