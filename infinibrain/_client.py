@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -98,6 +98,22 @@ class Pending:
             raise make_error(401, detail=f"no answer to request {self.rid}") from None
 
 
+def arrived(sock: zmq.Socket, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[P.Message]:
+    """The messages waiting on ``sock``, at most 256 (so one busy socket cannot hold its
+    reader for ever); a malformed one is logged and dropped."""
+    for _ in range(256):
+        try:
+            frames = P.recv(sock, P.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as exc:
+            logger.warning("dropped malformed message from the manager: %s", exc)
+            continue
+        yield msg
+
+
 class DirectReply:
     """A calling thread's own SUB socket: the answers to its synchronous inference requests
     come straight to it (topic ``protocol.reply_topic``), as a raw client's do, instead of
@@ -124,19 +140,7 @@ class DirectReply:
 
     def messages(self, timeout_ms: int) -> list[P.Message]:
         """What arrived within ``timeout_ms`` (malformed messages dropped)."""
-        out: list[P.Message] = []
-        if not self.poller.poll(timeout_ms):
-            return out
-        for _ in range(256):
-            try:
-                frames = P.recv(self.sock, P.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                out.append(P.decode(frames))
-            except P.ProtocolError as exc:
-                log.warning("dropped malformed message from the manager: %s", exc)
-        return out
+        return list(arrived(self.sock, log)) if self.poller.poll(timeout_ms) else []
 
     def close(self) -> None:
         if self.lock.acquire(timeout=1.0):  # its thread notices the client closing within a poll slice
@@ -434,16 +438,7 @@ class ClusterClient:
                 self.logger.exception("client I/O loop error: %s", exc)
 
     def _drain(self) -> None:
-        for _ in range(256):
-            try:
-                frames = P.recv(self._sub, P.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = P.decode(frames)
-            except P.ProtocolError as exc:
-                self.logger.warning("dropped malformed message from the manager: %s", exc)
-                continue
+        for msg in arrived(self._sub, self.logger):
             self._last_heard = time.monotonic()
             handler = self._handlers.get(msg.kind)
             if handler is not None:
