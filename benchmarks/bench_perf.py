@@ -7,7 +7,10 @@
    DEALER client) against a manager with two local boards, one ``process`` replica on
    each, ``max_send_num=2``. For 224x224x3 and 1920x1080x3 uint8 images: p50 of one
    request at a time (``infer_image``), requests and MB per second with WINDOW in flight
-   (``infer_image_future``, and ``infer_image_async`` with a callback).
+   (``infer_image_future``, and ``infer_image_async`` with a callback). For information,
+   the same work in infinibrain's topology with raw pyzmq (a pub/sub forwarder: client
+   PUB/SUB, XPUB to SUB workers, their PUB back), against the broker: what the pub/sub
+   sockets themselves cost.
 2. **Dynamic batching** (benchmarks/models/batched.py: about 3 ms per call plus a little
    per image) with ``max_batch_size=16`` against the same model unbatched, at 16 and 64
    in flight: requests per second and p99.
@@ -117,6 +120,95 @@ class Broker(Baseline):
         return throughput_baseline(self, image, count, seconds, WINDOW)["req_s"]
 
 
+# ---- the same in infinibrain's topology, raw: is pub/sub the cost? -----------------------------
+
+
+def ps_forwarder(base: int, stop_after: float) -> None:
+    """The manager's sockets with none of its work: client PUB -> SUB, XPUB -> worker SUB,
+    worker PUB -> SUB, PUB -> client SUB; CREDITS per worker, first come first served."""
+    ctx = zmq.Context()
+
+    def sock(kind: int, offset: int) -> zmq.Socket:
+        s = ctx.socket(kind)
+        if kind == zmq.SUB:
+            s.subscribe(b"")
+        s.bind(f"tcp://127.0.0.1:{base + offset}")
+        return s
+
+    requests, to_client, to_workers, results = sock(zmq.SUB, 0), sock(zmq.PUB, 1), sock(zmq.XPUB, 2), sock(zmq.SUB, 3)
+    credits: list[bytes] = []
+    waiting: list[list] = []
+    poller = zmq.Poller()
+    for s in (requests, results, to_workers):
+        poller.register(s, zmq.POLLIN)
+    deadline = time.monotonic() + stop_after
+    while time.monotonic() < deadline:
+        for s, _ in poller.poll(100):
+            if s is to_workers:  # a worker subscribed: its credits
+                event = to_workers.recv()
+                if event[:1] == b"\x01":
+                    credits += [event[1:]] * CREDITS
+                continue
+            for _ in range(256):
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if s is requests:  # [client topic, header, image]
+                    waiting.append(frames)
+                else:  # [worker topic, client topic, header, result]
+                    credits.append(frames[0].bytes)
+                    to_client.send_multipart(frames[1:], copy=False)
+        while waiting and credits:
+            to_workers.send_multipart([credits.pop(0), *waiting.pop(0)], copy=False)
+
+
+def ps_worker(base: int, name: bytes, stop_after: float) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.SUB)
+    s.subscribe(name)
+    s.connect(f"tcp://127.0.0.1:{base + 2}")
+    p = ctx.socket(zmq.PUB)
+    p.connect(f"tcp://127.0.0.1:{base + 3}")
+    deadline = time.monotonic() + stop_after
+    while time.monotonic() < deadline:
+        if not s.poll(100):
+            continue
+        _, client, header, payload = s.recv_multipart(copy=False)
+        meta = msgpack.unpackb(header.bytes)
+        image = np.frombuffer(payload.buffer, dtype=meta["dtype"]).reshape(meta["shape"])
+        p.send_multipart([name, client, header, msgpack.packb({"mean": float(image.mean())})], copy=False)
+
+
+class PubSubForwarder(Baseline):
+    """``ps_forwarder`` and two workers; the client a PUB and a SUB socket."""
+
+    def __init__(self, stop_after: float) -> None:  # noqa: super().__init__ starts other processes
+        base = free_base_port(4)
+        self.procs = [mp.Process(target=ps_forwarder, args=(base, stop_after), daemon=True)]
+        self.procs += [mp.Process(target=ps_worker, args=(base, name, stop_after), daemon=True) for name in (b"w1", b"w2")]
+        for p in self.procs:
+            p.start()
+        self.ctx = zmq.Context()
+        self.out = self.ctx.socket(zmq.PUB)
+        self.out.connect(f"tcp://127.0.0.1:{base}")
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.subscribe(b"me")
+        self.sock.connect(f"tcp://127.0.0.1:{base + 1}")
+        time.sleep(1.0)  # the subscriptions reach the forwarder (pub/sub drops before that)
+
+    def send(self, image: np.ndarray, n: int) -> None:
+        self.out.send_multipart([b"me", msgpack.packb({"n": n, "shape": list(image.shape), "dtype": image.dtype.str}), image],
+                                copy=False)
+
+    def throughput(self, image: np.ndarray, count: int, seconds: float) -> float:
+        return throughput_baseline(self, image, count, seconds, WINDOW)["req_s"]
+
+    def close(self) -> None:
+        self.out.close(linger=0)
+        super().close()
+
+
 # ---- measuring ---------------------------------------------------------------------------------
 
 def rss_bytes(pid: int) -> int:
@@ -205,6 +297,7 @@ def median_rounds(rounds: int, measures: dict[str, Callable[[], float]]) -> dict
 
 def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
     broker = Broker(stop_after=3600)
+    pubsub = PubSubForwarder(stop_after=3600)
     rows: list[Row] = []
     try:
         c.load_inference(model_config("mean", "mean.py"), "all")
@@ -219,6 +312,7 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                 "broker_rps": lambda: broker.throughput(image, count, args.seconds),
                 "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds, WINDOW)[0],
                 "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds, WINDOW)[0],
+                **({"pubsub_rps": lambda: pubsub.throughput(image, count, args.seconds)} if small else {}),
             })
             mb = image.nbytes / 1e6
             rows.append(Row("raw", f"{label} p50, one at a time", f["ours_p50"], f["broker_p50"], "lbbroker",
@@ -228,6 +322,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                                 ">= 0.8"))
                 rows.append(Row("raw", f"{label} req/s, {WINDOW} in flight (_async)", f["ours_async_rps"], f["broker_rps"],
                                 "lbbroker", ">= 0.8"))
+                rows.append(Row("raw", f"{label} req/s, raw pub/sub forwarder (our topology)", f["pubsub_rps"],
+                                f["broker_rps"], "lbbroker", ""))
             else:
                 rows.append(Row("raw", f"{label} MB/s, {WINDOW} in flight (future)", f["ours_rps"] * mb, f["broker_rps"] * mb,
                                 "lbbroker", ">= 1.0"))
@@ -236,6 +332,7 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
         c.unload_inference("mean")
     finally:
         broker.close()
+        pubsub.close()
     return rows
 
 
