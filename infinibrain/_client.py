@@ -371,11 +371,16 @@ class ClusterClient:
         still ends it: the I/O thread completes the future and this loop sees it within
         a poll slice."""
         assert p.future is not None
+        future = p.future
         with d.lock:
-            while not p.future.done() and not self._closed and time.monotonic() < p.deadline + COMMAND_TIMEOUT:
-                for msg in d.messages(TIMER_INTERVAL_MS):
+            while not future.done() and not self._closed and time.monotonic() < p.deadline + COMMAND_TIMEOUT:
+                if not d.poller.poll(TIMER_INTERVAL_MS):
+                    continue
+                for msg in arrived(d.sock, self.logger):
                     if msg.kind == P.RESULT:  # its own, or a late answer to an earlier call (dropped)
                         self._on_result(msg)
+                        if future.done():
+                            break  # nothing else is waited for on this socket
         return p.wait()
 
     def deliver(self, fn: Callable, *args: Any) -> None:
