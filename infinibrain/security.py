@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -120,7 +119,8 @@ def access_file(port: int) -> Path:
     return Path(default_state_dir()) / "access" / f"{int(port)}.json"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or "localhost") is this host's loopback only."""
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -131,7 +131,7 @@ def client_keys(host: str, port: int) -> CurveKeys | None:
     """The keys AICluster uses for the manager at ``host:port``: the environment's, else
     (a manager on this host) its access file; None: plain sockets."""
     keys = keys_from_env()
-    if keys is not None or not _is_loopback(host):
+    if keys is not None or not is_loopback(host):
         return keys
     path = access_file(port)
     try:
@@ -140,32 +140,10 @@ def client_keys(host: str, port: int) -> CurveKeys | None:
         return None
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"cannot read the access file {path}: {exc}") from None
-    if not isinstance(data, dict) or not _is_loopback(str(data.get("host", ""))):
+    if not isinstance(data, dict) or not is_loopback(str(data.get("host", ""))):
         return None  # written by a manager whose applications connect from elsewhere
     public, secret = load_pair(str(data.get("client_key", "")))
     return CurveKeys(load_public(str(data.get("server_key", ""))), public, secret)
-
-
-def write_access_file(port: int, host: str, server_public: bytes, client_key: str | os.PathLike) -> Path:
-    """Tell applications of this user on this host how to reach the CURVE manager on ``port``."""
-    path = access_file(port)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    scratch = path.with_suffix(".tmp")
-    scratch.write_text(json.dumps({"host": host, "port": int(port), "server_key": server_public.decode(),
-                                   "client_key": os.fspath(client_key)}, indent=2) + "\n")
-    os.chmod(scratch, 0o600)
-    os.replace(scratch, path)
-    return path
-
-
-def remove_access_file(port: int) -> None:
-    """A manager without CURVE on ``port``: local applications must not try keys on it."""
-    try:
-        access_file(port).unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # not ours to remove: a client will fail its handshake and say why
-        logging.getLogger("infinibrain.security").warning("cannot remove %s: %s", access_file(port), exc)
 
 
 def arm_client(sock: zmq.Socket, keys: CurveKeys | None) -> None:
@@ -222,7 +200,6 @@ __all__ = [
     "generate",
     "keys_from_env",
     "load_pair",
+    "is_loopback",
     "load_public",
-    "remove_access_file",
-    "write_access_file",
 ]

@@ -8,11 +8,12 @@ containers' keys (``curve_container_keys`` and the manager's own container key p
 the two container ports. A key of one side never passes on the other. A key dropped
 into one of those folders is accepted without a restart. The local application pair is
 announced to applications of the same user through an access file
-(``security.write_access_file``). Without CURVE, nothing here runs, the sockets are plain,
+(``write_access_file``; AICluster reads it with ``security.client_keys``). Without CURVE, nothing here runs, the sockets are plain,
 and an access file left for this port is removed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,11 +25,33 @@ from zmq.auth.thread import ThreadAuthenticator
 from infinibrain import security
 
 from .config import ConfigError, ManagerConfig
+from .registry import atomic_write
 
 log = logging.getLogger(__name__)
 
 CLIENTS = "clients"  # ZAP domains
 CONTAINERS = "containers"
+
+
+def write_access_file(port: int, host: str, server_public: bytes, client_key: str | os.PathLike) -> Path:
+    """Tell applications of this user on this host how to reach the CURVE manager on
+    ``port`` (``security.access_file``; owner-only, written whole or not at all)."""
+    path = security.access_file(port)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, json.dumps({"host": host, "port": int(port), "server_key": server_public.decode(),
+                                   "client_key": os.fspath(client_key)}, indent=2) + "\n")
+    return path
+
+
+def remove_access_file(port: int) -> None:
+    """A manager without CURVE on ``port``: local applications must not try keys on it."""
+    path = security.access_file(port)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # not ours to remove: a client will fail its handshake and say why
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 class AllowedKeys:
@@ -80,7 +103,7 @@ class Guard:
         self.enabled = config.curve
         self.auth: ThreadAuthenticator | None = None
         if not self.enabled:
-            security.remove_access_file(config.port)
+            remove_access_file(config.port)
             return
         if not security.curve_available():
             raise ConfigError("manager.curve = true, but this pyzmq/libzmq has no CURVE support")
@@ -107,7 +130,7 @@ class Guard:
             self.auth.configure_curve_callback(domain, keyset)
         log.info("CURVE on: manager public key %s", self.public.decode())
         try:
-            where = security.write_access_file(config.port, config.host, self.public, local_key)
+            where = write_access_file(config.port, config.host, self.public, local_key)
             log.info("applications of this user on this host find their keys in %s", where)
         except OSError as exc:  # the manager serves anyway; applications then need the environment
             log.warning("cannot write the access file for local applications: %s", exc)

@@ -224,14 +224,7 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     return cfg
 
 
-def is_loopback(address: str) -> bool:
-    """Whether ``address`` (an IP address or "localhost") is this host's loopback only."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+is_loopback = security.is_loopback  # one definition for the SDK and the manager
 
 
 def _default_board_host(cfg: ManagerConfig) -> str:
