@@ -634,8 +634,7 @@ class Router:
     def _dispatch(self, c: Instance, req: Request, replies: bool = True) -> None:
         header = self._item(req, replies)
         P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload))
-        req.batch = req.mkey
-        self._sent(c, req)
+        self._sent(c, req, req.mkey)
 
     def _dispatch_batch(self, c: Instance, batch: list[Request], replies: bool) -> None:
         """Several requests for one module in one message (an instance that asked for batches)."""
@@ -645,8 +644,7 @@ class Router:
         payload = [req.payload[0] if req.payload else b"" for req in batch]
         P.send(self.container_out, P.encode(P.container_topic(c.id, batch[0].sub), P.REQUESTS, header, payload))
         for req in batch:
-            req.batch = batch[0].mkey
-            self._sent(c, req)
+            self._sent(c, req, batch[0].mkey)
 
     @staticmethod
     def _item(req: Request, replies: bool) -> dict:
@@ -667,8 +665,10 @@ class Router:
             header["noreply"] = True
         return header
 
-    def _sent(self, c: Instance, req: Request) -> None:
+    def _sent(self, c: Instance, req: Request, batch: int) -> None:
+        """``req`` is in flight at ``c``, in the message whose first request is ``batch``."""
         req.container = c.id
+        req.batch = batch
         req.answer_deadline = time.monotonic() + req.answer_timeout
         if req.client:
             self.metrics.dispatched(req)
