@@ -128,6 +128,19 @@ def test_sub_inference_name_chooses_the_module(cluster, name):
     cluster.unload_inference(name)
 
 
+def test_a_module_named_like_another_gets_only_its_own_requests(cluster, name):
+    """A subscription is a prefix: "scale"'s Connector also hears "scale2"'s requests,
+    and must leave them to "scale2"'s."""
+    modules = [InferenceModulesConfig(sub_inference_name="scale"), InferenceModulesConfig(sub_inference_name="scale2")]
+    cfg = ContainerConfig(name=name, implementation_type="process", input="Main", output="Main", script_path=str(SCRIPTS),
+                          run_command="python prefixed.py", inference_modules=modules, max_send_num=4)
+    cluster.load_inference(cfg, "local")
+    served = [cluster.infer(name, b"x", {"sub_inference_name": "scale2"})[0]["module"] for _ in range(30)]
+    assert served == ["scale2"] * 30
+    assert cluster.infer(name, b"x", {"sub_inference_name": "scale"})[0]["module"] == "scale"
+    cluster.unload_inference(name)
+
+
 def test_output_none_completes_when_taken(cluster, name):
     cfg = echo_config(name, output=None, run_command="python sink.py")
     cluster.load_inference(cfg, "local")

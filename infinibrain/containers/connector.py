@@ -77,7 +77,8 @@ class Connector:
         self._sub.linger = 0
         self._sub.rcvhwm = 0
         security.arm_client(self._sub, keys)
-        self._sub.subscribe(P.container_topic(self._wire_id, sub_name))
+        self._topic = P.container_topic(self._wire_id, sub_name)
+        self._sub.subscribe(self._topic)
         self._sub.connect(f"tcp://{host_ip}:{sub}")
         self._poller = zmq.Poller()  # one for the Connector's life: Socket.poll makes one per call
         self._poller.register(self._sub, zmq.POLLIN)
@@ -135,6 +136,8 @@ class Connector:
             msg = P.decode(frames)
         except P.ProtocolError as exc:
             log.warning("dropped malformed message: %s", exc)
+            return
+        if msg.topic != self._topic:  # a module whose name ours begins ("scale2" for "scale"): not ours
             return
         if msg.kind == P.REQUEST:
             self._items.append((msg.header, msg.payload[0] if msg.payload else b""))
