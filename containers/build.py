@@ -46,6 +46,8 @@ from pathlib import Path
 
 import docker
 
+from infinibrain.imagebuild import cache_dir, host_platform_name
+
 log = logging.getLogger("infinibrain.build")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,7 @@ HERE = ROOT / "containers"
 
 SUITE = "bookworm"
 PACKAGES = ["python3", "python3-cffi-backend", "python3-zmq", "python3-msgpack", "python3-numpy"]
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+HOST_ARCH = host_platform_name().split("/")[1]
 # What a container never needs; removing it makes the image about half the size.
 TRIM = [
     "var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
@@ -112,12 +114,6 @@ def _apt_sources() -> list[tuple[str, list[str]]]:
                 for uri in fields.get("URIs", "").split():
                     found.append((uri, fields.get("Suites", "").split()))
     return found
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("INFINIBRAIN_CACHE") or Path.home() / ".cache" / "infinibrain")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def has_image(client: docker.DockerClient, tag: str) -> bool:

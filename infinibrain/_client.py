@@ -124,7 +124,7 @@ class DirectReply:
 
     _tags = itertools.count(1)
 
-    def __init__(self, ctx: zmq.Context, keys: Any, topic_of: Callable[[str], bytes], address: str) -> None:
+    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: str) -> None:
         self.tag = str(next(self._tags))
         self.thread = threading.current_thread()
         self.lock = threading.Lock()
@@ -133,7 +133,7 @@ class DirectReply:
         self.sock.linger = 0
         self.sock.rcvhwm = 0
         security.arm_client(self.sock, keys)
-        self.sock.subscribe(topic_of(self.tag))
+        self.sock.subscribe(P.reply_topic(client_id, self.tag))
         self.sock.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -193,7 +193,6 @@ class ClusterClient:
             keys = security.client_keys(self.host, self.port)
         except security.KeyFileError as exc:
             raise make_error(110, detail=f"CURVE keys: {exc}") from None
-        self._curve = keys is not None
         self._keys = keys
         self._ctx = zmq.Context()
         base = f"tcp://{self.host}:"
@@ -346,7 +345,7 @@ class ClusterClient:
                 d.close()
             if len(self._directs) >= DIRECT_SOCKETS:
                 return None
-            d = DirectReply(self._ctx, self._keys, lambda tag: P.reply_topic(self.id, tag), self._client_out)
+            d = DirectReply(self._ctx, self._keys, self.id, self._client_out)
             self._directs.append(d)
         self._direct.reply = d
         return d
@@ -453,7 +452,7 @@ class ClusterClient:
         event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             why = f"it does not accept this client's CURVE key (ZAP status {event['value']}); add the key's public file to its curve_client_keys"
-        elif not self._curve:
+        elif self._keys is None:
             why = "the security handshake failed: the manager may require CURVE (set INFINIBRAIN_CURVE_SERVER_KEY and INFINIBRAIN_CURVE_CLIENT_KEY)"
         else:
             why = "the CURVE handshake failed: check INFINIBRAIN_CURVE_SERVER_KEY, or the manager does not use CURVE"

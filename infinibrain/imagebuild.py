@@ -93,7 +93,7 @@ class Spec:
                          + " ".join(shlex.quote(p) for p in self.pip))
         for i, (here, to) in enumerate(self.files):
             # A folder's contents go into ``to``; a file into ``to`` if it ends with "/", else as ``to``.
-            source = f"files/{i}/" if here.is_dir() else f"files/{i}/{here.name}"
+            source = _in_context(i, here) + ("/" if here.is_dir() else "")
             lines.append(f"COPY {json.dumps([source, to])}")
         for k, v in sorted(self.env.items()):
             lines.append(f"ENV {k}={json.dumps(v)}")
@@ -113,10 +113,14 @@ class Spec:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
             for i, (here, _to) in enumerate(self.files):
-                arcname = f"files/{i}" if here.is_dir() else f"files/{i}/{here.name}"
-                tar.add(str(here), arcname=arcname, filter=_steady)
+                tar.add(str(here), arcname=_in_context(i, here), filter=_steady)
         buf.seek(0)
         return buf
+
+
+def _in_context(i: int, here: Path) -> str:
+    """Where the ``i``-th of the spec's files is in the build context."""
+    return f"files/{i}" if here.is_dir() else f"files/{i}/{here.name}"
 
 
 def _steady(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -231,7 +235,7 @@ def _wheels(client: Any, spec: Spec, say: Callable[[str], None]) -> Iterator[int
     machine = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}[spec.platform]
     major, minor = (int(x) for x in glibc.split(".")[:2])
     platforms = [f"manylinux2014_{machine}"] + [f"manylinux_2_{m}_{machine}" for m in range(17, minor + 1)] if major == 2 else []
-    folder = _cache() / "wheels" / f"{spec.platform.replace('/', '-')}-cp{python}"
+    folder = cache_dir() / "wheels" / f"{spec.platform.replace('/', '-')}-cp{python}"
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", python,
            "--implementation", "cp", "--abi", f"cp{python}", "-d", str(folder)]
@@ -273,8 +277,12 @@ def _image_python(client: Any, spec: Spec) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _cache() -> Path:
-    return Path(os.environ.get("INFINIBRAIN_CACHE") or Path.home() / ".cache" / "infinibrain")
+def cache_dir() -> Path:
+    """What builds keep between runs (base image tars, wheels, the example's photograph):
+    ``$INFINIBRAIN_CACHE``, else ``~/.cache/infinibrain``."""
+    path = Path(os.environ.get("INFINIBRAIN_CACHE") or Path.home() / ".cache" / "infinibrain")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 TIPS = """to keep it small: prefer PyPI's headless/-cpu wheels (opencv-python-headless, onnxruntime) to

@@ -124,8 +124,8 @@ class AICluster:
         except InfinibrainException as exc:
             raise make_error(110, detail=exc.detail or exc.message) from None
 
-
     connect_aiclustor = connect_aicluster  # the spelling printed in the reference's chapter 2
+
     # ---- 2.2 load_inference --------------------------------------------------------------
 
     def _load(self, container_config: Any, coprocessor_name: Any) -> Call:
@@ -266,7 +266,8 @@ class AICluster:
         else:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise argument_error(what, f"must be bytes, got {type(data).__name__}")
-            if detached and not isinstance(data, bytes) and not memoryview(data).readonly and memoryview(data).nbytes >= COPY_THRESHOLD:
+            view = memoryview(data)
+            if detached and not view.readonly and view.nbytes >= COPY_THRESHOLD:
                 data = bytes(data)
             payload, arr = data, None
         size = memoryview(payload).nbytes
@@ -309,15 +310,15 @@ class AICluster:
         requests) and, with ``lost_raises``, 402 (the connection to the manager is lost);
         every other outcome goes to the callback only."""
         client = self._client
+        error: InfinibrainException | None = None
         if lost_raises and client.lost:
-            callback = self._infer_callback(func)
             error = make_error(402, detail=f"the connection to the manager at {client.host}:{client.port} is lost")
-            client.deliver(callback, error.code, error.message, None, None)
-            raise error
-        self._connected_client()
+        else:
+            self._connected_client()
+            if isinstance(inference_name, str) and inference_name in client.no_input:
+                error = make_error(403, inference_name)
         callback = self._infer_callback(func)
-        if isinstance(inference_name, str) and inference_name in client.no_input:
-            error = make_error(403, inference_name)
+        if error is not None:
             client.deliver(callback, error.code, error.message, None, None)
             raise error
         return self._submit(inference_name, data, param, image, callback, detached=True).rid

@@ -111,7 +111,7 @@ class Message:
 
     @property
     def topic(self) -> bytes:
-        return _as_bytes(self._topic)
+        return frame_bytes(self._topic)
 
     @property
     def kind(self) -> str:
@@ -160,7 +160,8 @@ def decode(frames: Sequence[Any]) -> Message:
     return Message(frames[0], header, list(frames[2:]))
 
 
-def _as_bytes(frame: Any) -> bytes:
+def frame_bytes(frame: Any) -> bytes:
+    """The bytes of a received frame (a copy)."""
     return frame.bytes if type(frame) is _Frame else bytes(frame)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from infinibrain import security
 
 from .config import ConfigError, parse_config_text
+from .registry import atomic_write
 
 BOARD_RE = re.compile(r"^(?P<name>[^=]+)=(?:(?P<user>[^@]+)@)?(?P<address>[^:@]+)(?::(?P<port>\d+))?$")
 
@@ -68,9 +69,7 @@ def main(argv: list[str]) -> int:
     security.generate(keys, "containers")
     _, client_secret = security.generate(keys, "client")
     args.config.parent.mkdir(parents=True, exist_ok=True)
-    scratch = args.config.with_name(args.config.name + ".tmp")
-    scratch.write_text(text)
-    os.replace(scratch, args.config)
+    atomic_write(args.config, text)
     print(f"wrote {args.config}: CURVE on; applications' ports on 127.0.0.1:{args.port}-{args.port + 2}, "
           f"containers' ports on {args.boards_network}:{args.port + 3}-{args.port + 4}")
     print(f"manager public key: {manager_public} ({security.load_public(str(manager_public)).decode()})")

@@ -126,20 +126,6 @@ class Service:
         self.max_batch = cfg.get("max_batch_size") or 1
         self.batch_delay = (cfg.get("max_queue_delay") or 0) / 1000
         self.batch_timer = 0.0  # when a pump is due for a batch held back (0: none)
-        self._timeouts: tuple[ManagerConfig, float, float] | None = None  # (config, send, answer): timeouts()
-
-    def timeouts(self, config: ManagerConfig) -> tuple[float, float]:
-        """(send timeout, answer timeout) in seconds, the manager's defaults where the
-        inference sets none. An answer timeout of 0 in the manager's configuration means
-        no limit (a container that goes away still ends the request with 402; the
-        client's liveness check still holds)."""
-        cached = self._timeouts
-        if cached is None or cached[0] is not config:
-            cfg = self.reg.config
-            send = (cfg["send_timeout"] or config.default_send_timeout_ms) / 1000
-            answer = (cfg["wait_queue_timeout"] or config.default_wait_queue_timeout_ms) / 1000 or float("inf")
-            cached = self._timeouts = (config, send, answer)
-        return cached[1], cached[2]
 
     def limit(self, default: int) -> int:
         return self.reg.config["max_send_num"] or default
@@ -501,7 +487,7 @@ class Router:
     def _on_request(self, client: Client, msg: P.Message) -> None:
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
-        reply = P.reply_topic(client.id, h["to"]) if "to" in h else P.client_topic(client.id)
+        reply = P.reply_topic(client.id, h.get("to"))
         svc = self.services.get(name) if isinstance(name, str) else None
         if svc is None or not isinstance(name, str):
             return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} is not registered")
@@ -515,7 +501,11 @@ class Router:
         if len(waiting) >= self.config.send_queue_size:
             return self._refuse(reply, rid, name, 305, detail=f"{len(waiting)} requests wait for {name!r}")
         now = time.monotonic()
-        send_timeout, answer_timeout = svc.timeouts(self.config)
+        cfg = svc.reg.config
+        send_timeout = (cfg["send_timeout"] or self.config.default_send_timeout_ms) / 1000
+        # 0 in the manager's configuration: no limit on the answer (a container that goes
+        # away still ends the request with 402; the client's liveness check still holds).
+        answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000 or float("inf")
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         req = Request(
@@ -573,7 +563,7 @@ class Router:
             container = self._pick(svc, sub)
             if container is None:
                 return
-            size = svc.batch_size(container, sub) if svc.max_batch > 1 else 1
+            size = svc.batch_size(container, sub)
             if size == 1:
                 self._dispatch(container, waiting.popleft(), svc.replies)
             elif not self._hold_batch(svc, size):
@@ -613,11 +603,10 @@ class Router:
         equals); None when none has credit. Looks at this inference's instances only. For
         an instance that takes batches, max_send_num counts batches (messages) in flight."""
         limit = svc.limit(self.config.default_max_send_num)
-        batching = svc.max_batch > 1
         best: list[Instance] = []
         least = limit
         for c in svc.instances.values():
-            if batching and svc.batch_size(c, sub) > 1:
+            if svc.batch_size(c, sub) > 1:
                 load = len({r.batch for r in c.in_flight.values()})
             else:
                 load = len(c.in_flight)
@@ -794,8 +783,7 @@ class Router:
     def _response(c: Instance, req: Request, stamps: list) -> dict:
         """The InferenceResponse fields the client does not know (it knows pid, tid, its
         request number, the inference and the param it sent)."""
-        return {"metadata_sys": {"board": c.board, "container": c.suffix, "instance": c.id}, "sub_inference_name": req.sub,
-                "time_stamp": stamps}
+        return {"metadata_sys": c.metadata_sys(), "sub_inference_name": req.sub, "time_stamp": stamps}
 
     def _on_produced(self, c: Instance, msg: P.Message) -> None:
         """A result nobody asked for (input=None, output='Main'): to every client."""
@@ -803,7 +791,7 @@ class Router:
         if svc is None or not svc.replies:
             return
         resp = dict(msg.header.get("resp") or {})
-        resp.update(inference_name=c.inference, metadata_sys={"board": c.board, "container": c.suffix, "instance": c.id})
+        resp.update(inference_name=c.inference, metadata_sys=c.metadata_sys())
         P.send(self.client_out, P.encode(P.TOPIC_EVENT, P.EVENT, {"code": 0, "msg": "", "what": "result", "resp": resp},
                                          msg.payload[:1]))
 

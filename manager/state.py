@@ -114,6 +114,10 @@ class Instance:
     def connected(self) -> bool:
         return self.hello and bool(self.subs)
 
+    def metadata_sys(self) -> dict:
+        """Where it ran, as InferenceResponse.metadata_sys tells it."""
+        return {"board": self.board, "container": self.suffix, "instance": self.id}
+
     @property
     def serving(self) -> bool:
         """Whether requests may be sent to it now."""

@@ -3,19 +3,20 @@ NASA, public domain), taken from PyPI's scikit-image wheel (downloaded once with
 cached); nothing else is fetched. ``photo()`` returns the PNG's bytes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from infinibrain.imagebuild import cache_dir
 
 WHEEL = "scikit-image==0.25.2"
 MEMBER = "skimage/data/astronaut.png"
 
 
 def cache() -> Path:
-    path = Path(os.environ.get("INFINIBRAIN_CACHE") or Path.home() / ".cache" / "infinibrain") / "photos"
-    path.mkdir(parents=True, exist_ok=True)
+    path = cache_dir() / "photos"
+    path.mkdir(exist_ok=True)
     return path
 
 

@@ -114,21 +114,24 @@ class Connector:
             raise argument_error("timeout", f"must be a number of seconds >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout if timeout else None
         while not self._items:
-            try:  # busy: the next request is usually waiting already, and a poll costs more
-                self._take(P.recv(self._sub, P.NOBLOCK))
-            except zmq.Again:
-                if not self._wait(deadline):
-                    raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401) from None
+            # Busy, the next request is usually waiting already, and a poll costs more.
+            if not self._take_waiting() and not self._wait(deadline):
+                raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401)
         return self._items.popleft()
 
     def _more(self, count: int) -> list[tuple[dict, Any]]:
         """Up to ``count`` more requests that have arrived already (no waiting)."""
-        while len(self._items) < count:
-            try:
-                self._take(P.recv(self._sub, P.NOBLOCK))
-            except zmq.Again:
-                break
+        while len(self._items) < count and self._take_waiting():
+            pass
         return [self._items.popleft() for _ in range(min(count, len(self._items)))]
+
+    def _take_waiting(self) -> bool:
+        """Take one message if one is waiting; whether there was one."""
+        try:
+            self._take(P.recv(self._sub, P.NOBLOCK))
+        except zmq.Again:
+            return False
+        return True
 
     def _take(self, frames: list) -> None:
         """Queue the requests of one received message; answer a ping."""
@@ -193,7 +196,7 @@ class Connector:
 
     def _data(self, h: dict, frame: Any) -> tuple[bytes, dict, InferenceResponse]:
         response = self._response(h)
-        return (frame.bytes if hasattr(frame, "bytes") else bytes(frame)), response.metadata, response
+        return P.frame_bytes(frame), response.metadata, response
 
     def receive_request_image(self, timeout: int = 0) -> tuple[np.ndarray, dict, InferenceResponse]:
         """Wait for an image request (``timeout`` seconds, 0 = no limit).
