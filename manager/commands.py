@@ -234,17 +234,20 @@ class Commands:
             doomed = [i for i in self._one_per_image(images) if self._brought(i)]
             deleted = yield gather([self.ops.submit(_delete_image, i.runtime, i.spec, self._image_users(i)) for i in doomed])
             for inst, gone in zip(doomed, deleted):
-                if gone:
-                    for b in self.boards.values():
-                        if b.engine is self.boards[inst.board].engine:
-                            self.reconciler.registry.bring(b.name, inst.spec.config["image_tag"], False)
+                for b in self._sharing_engine(inst) if gone else ():
+                    self.reconciler.registry.bring(b.name, inst.spec.config["image_tag"], False)
         return self.views.handlers()
+
+    def _sharing_engine(self, inst: Instance) -> list[Board]:
+        """The boards whose engine is ``inst``'s board's (emulated boards share one)."""
+        engine = self.boards[inst.board].engine
+        return [b for b in self.boards.values() if b.engine is engine]
 
     def _brought(self, inst: Instance) -> bool:
         """Whether the manager brought ``inst``'s image to its engine (through any board of that
         engine): only such images are deleted again, never one built or put there by someone else."""
-        engine, tag = self.boards[inst.board].engine, inst.spec.config.get("image_tag")
-        return any(tag in self.reconciler.registry.brought.get(b.name, ()) for b in self.boards.values() if b.engine is engine)
+        tag = inst.spec.config.get("image_tag")
+        return any(tag in self.reconciler.registry.brought.get(b.name, ()) for b in self._sharing_engine(inst))
 
     @staticmethod
     def _one_per_image(instances: list[Instance]) -> list[Instance]:

@@ -44,7 +44,7 @@ from .restarts import Backoff, policy_of
 from .router import Router
 from .runtimes.base import ContainerSpec
 from .state import RUNNING_STATES, Instance, Request, State, instance_id
-from .validate import default_sub_name, module_list
+from .validate import default_sub_name
 
 log = logging.getLogger(__name__)
 
@@ -554,9 +554,8 @@ class Reconciler:
         instance of the first ``other`` container that serves module ``sub`` and has no
         program connected."""
         for name, reg in self.registrations.items():
-            cfg = reg.config
-            modules = [m["sub_inference_name"] for m in module_list(cfg)] or [name]
-            if cfg["implementation_type"] != "other" or sub not in modules:
+            svc = self.router.services.get(name)  # its modules, as the router routes them
+            if reg.config["implementation_type"] != "other" or svc is None or sub not in svc.modules:
                 continue
             for board in reg.boards:
                 inst = self.current(name, board)
