@@ -21,7 +21,7 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_infer import throughput_baseline, windowed  # noqa: E402
-from bench_perf import WINDOW, Broker, by_future, image_of, model_config  # noqa: E402
+from bench_perf import WINDOW, Broker, PubSubForwarder, by_future, image_of, model_config  # noqa: E402
 from conftest import ManagerProcess  # noqa: E402
 
 from infinibrain import AICluster  # noqa: E402
@@ -84,20 +84,24 @@ def main() -> int:
         finally:
             m.stop()
 
-    broker = Broker(stop_after=600)
+    for label, baseline in (("lbbroker", Broker), ("raw pub/sub forwarder (our topology)", PubSubForwarder)):
+        measure_baseline(label, baseline(stop_after=600), image, args)
+    return 0
+
+
+def measure_baseline(label: str, baseline: Broker | PubSubForwarder, image, args: argparse.Namespace) -> None:
     try:
-        throughput_baseline(broker, image, 500, args.seconds, WINDOW)  # warm up
+        throughput_baseline(baseline, image, 500, args.seconds, WINDOW)  # warm up
 
         def raw() -> tuple[int, float]:
-            r = throughput_baseline(broker, image, args.requests, args.seconds, WINDOW)
+            r = throughput_baseline(baseline, image, args.requests, args.seconds, WINDOW)
             return r["n"], r["req_s"]
 
-        procs = {"broker": broker.procs[0].pid, "client": os.getpid()}
-        procs.update({f"worker{i}": p.pid for i, p in enumerate(broker.procs[1:])})
-        measure("lbbroker", procs, raw)
+        procs = {"broker": baseline.procs[0].pid, "client": os.getpid()}
+        procs.update({f"worker{i}": p.pid for i, p in enumerate(baseline.procs[1:])})
+        measure(label, procs, raw)
     finally:
-        broker.close()
-    return 0
+        baseline.close()
 
 
 if __name__ == "__main__":

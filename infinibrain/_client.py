@@ -101,11 +101,7 @@ class Pending:
 def arrived(sock: zmq.Socket, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[P.Message]:
     """The messages waiting on ``sock``, at most 256 (so one busy socket cannot hold its
     reader for ever); a malformed one is logged and dropped."""
-    for _ in range(256):
-        try:
-            frames = P.recv(sock, P.NOBLOCK)
-        except zmq.Again:
-            return
+    for frames in P.received(sock, 256):
         try:
             msg = P.decode(frames)
         except P.ProtocolError as exc:
@@ -313,6 +309,8 @@ class ClusterClient:
         header = {"rid": p.rid, "tid": tid, "inf": inference, "param": param, "arr": arr, "ts": [["client_send", P.now()]]}
         if direct is not None:
             header["to"] = direct.tag
+        if result_only:
+            header["lean"] = True  # a result needs no InferenceResponse fields
         self._pending[p.rid] = p
         try:
             self._send("infer", P.REQUEST, header, (payload,))

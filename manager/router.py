@@ -156,7 +156,6 @@ class Router:
         self.dropped_by_port: dict[str, int] = {}
         self.loop_errors: Counter[str] = Counter()
         self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
-        self._unacked: deque[Request] = deque()  # accepted, in order; acknowledged if not done within ACK_DELAY
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
@@ -406,11 +405,7 @@ class Router:
                 time.sleep(0.01)  # a fault that repeats must not spin a core
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
-        for _ in range(BATCH):
-            try:
-                frames = P.recv(sock, P.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in P.received(sock, BATCH):
             try:
                 handler(frames)
             except P.ProtocolError as exc:
@@ -524,9 +519,9 @@ class Router:
             answer_timeout=answer_timeout,
             accepted=now,
             reply=reply,
+            lean=h.get("lean") is True,
         )
         waiting.append(req)
-        self._unacked.append(req)
         self.pump(name)
 
     # ---- distribution --------------------------------------------------------------
@@ -605,8 +600,9 @@ class Router:
         limit = svc.limit(self.config.default_max_send_num)
         best: list[Instance] = []
         least = limit
+        batching = svc.max_batch > 1
         for c in svc.instances.values():
-            if svc.batch_size(c, sub) > 1:
+            if batching and svc.batch_size(c, sub) > 1:
                 load = len({r.batch for r in c.in_flight.values()})
             else:
                 load = len(c.in_flight)
@@ -769,12 +765,15 @@ class Router:
         if not req.client:
             self.lifecycle.warmed(c, code, h.get("detail") or h.get("msg") or "")
             return
-        stamps = req.time_stamp
-        stamps.extend(h.get("ts") or [])
-        stamps.append(["manager_result", P.now()])
-        header = {"rid": req.rid, "code": code, "resp": self._response(c, req, stamps)}
-        if code:
-            header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
+        if code == 0 and req.lean:  # the caller wants the result alone (protocol: "lean")
+            header = {"rid": req.rid, "code": 0}
+        else:
+            stamps = req.time_stamp
+            stamps.extend(h.get("ts") or [])
+            stamps.append(["manager_result", P.now()])
+            header = {"rid": req.rid, "code": code, "resp": self._response(c, req, stamps)}
+            if code:
+                header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
         result = [P.pack_value(None)] if taken else [frame] if frame is not None else []
         self.send_to(req.reply, P.RESULT, header, result)
         self.metrics.ended(req, code)
@@ -846,12 +845,25 @@ class Router:
             P.send(self.client_out, P.encode(P.TOPIC_HEARTBEAT, P.HEARTBEAT, {"mid": self.instance}))
 
     def _ack_slow(self, now: float) -> None:
-        """Acknowledge the accepted requests not done within ACK_DELAY, with their deadline."""
-        while self._unacked and self._unacked[0].accepted <= now - ACK_DELAY:
-            req = self._unacked.popleft()
-            if not req.done and req.client:
-                left = req.send_deadline - req.accepted + req.answer_timeout
-                self.send_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})
+        """Acknowledge, once and with its deadline, each accepted request not answered within
+        ACK_DELAY. Looks at the requests still waiting or in flight only (a few, however
+        many are answered each second): most never need it."""
+        cutoff = now - ACK_DELAY
+        for svc in self.services.values():
+            for req in svc.queue:
+                if req.accepted > cutoff:
+                    break  # a queue is in order of acceptance
+                self._ack(req)
+        for c in self.containers.values():
+            for req in c.in_flight.values():
+                if req.accepted <= cutoff:
+                    self._ack(req)
+
+    def _ack(self, req: Request) -> None:
+        if not req.acked and req.client:
+            req.acked = True
+            left = req.send_deadline - req.accepted + req.answer_timeout
+            self.send_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})
 
     def _expire_waiting(self, now: float) -> None:
         for name, svc in self.services.items():

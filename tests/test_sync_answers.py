@@ -154,3 +154,64 @@ def test_release_ends_a_waiting_synchronous_call(manager, name):
     with connected(manager) as other:
         time.sleep(1.5)  # the released call's request still runs in its container until then
         other.unload_inference(name)
+
+
+def _headers(sock: zmq.Socket, kind: str, seconds: float) -> list[dict]:
+    """Headers of the ``kind`` messages ``sock`` receives within ``seconds``."""
+    found = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if sock.poll(50):
+            msg = P.decode(sock.recv_multipart())
+            if msg.kind == kind:
+                found.append(msg.header)
+    return found
+
+
+def test_a_result_alone_comes_without_the_response_fields(manager, name):
+    """infer_image wants the result only (protocol "lean"): its answer carries no
+    InferenceResponse fields; infer's carries them, and an error's always does."""
+    import numpy as np
+
+    with connected(manager) as c:
+        c.load_inference(echo_config(name), "all")
+        threads = _listen(manager.port, b"t/" + c._client.id.encode() + b"/")
+        try:
+            c.infer_image(name, np.zeros((2, 2), np.uint8), {"n": 1})  # the thread's socket proves itself first
+            _headers(threads, P.RESULT, 0.3)
+            c.infer_image(name, np.zeros((2, 2), np.uint8), {"n": 2})
+            result, response = c.infer(name, b"x", {"n": 3})
+            with pytest.raises(InfinibrainException):
+                c.infer_image(name, np.zeros((2, 2), np.uint8), {"bad_result": True})
+            answers = _headers(threads, P.RESULT, 1.0)
+        finally:
+            threads.close()
+        assert len(answers) == 3, answers
+        image, full, failed = answers
+        assert "resp" not in image and image["code"] == 0
+        assert full["resp"]["time_stamp"] and [s[0] for s in response.time_stamp][:2] == ["client_send", "manager_receive"]
+        assert failed["code"] == 999 and failed["resp"]["time_stamp"]
+        c.unload_inference(name)
+
+
+def test_a_slow_request_is_acknowledged_once_with_its_deadline(manager, name):
+    """A request not answered within router.ACK_DELAY is acknowledged to its client, once,
+    with the time it may still take (the client then waits that long instead of
+    ACK_TIMEOUT); one answered sooner is not acknowledged at all."""
+    with connected(manager) as c:
+        c.load_inference(echo_config(name, max_send_num=1), "all")
+        mine = _listen(manager.port, P.client_topic(c._client.id))
+        try:
+            c.infer(name, b"warm", {})
+            fast = c.infer_future(name, b"x", {})
+            slow = [c.infer_future(name, b"x", {"sleep": 0.4}) for _ in range(2)]  # the second waits in the queue
+            fast.result(10)
+            for f in slow:
+                f.result(10)
+            acks = _headers(mine, P.ACK, 0.5)
+        finally:
+            mine.close()
+        rids = [str(a["rid"]) for a in acks]
+        assert len(rids) == 2 and len(set(rids)) == 2, acks  # each slow one once, the fast one never
+        assert all(isinstance(a["timeout"], (int, float)) and a["timeout"] > 0 for a in acks)
+        c.unload_inference(name)

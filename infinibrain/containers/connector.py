@@ -127,10 +127,9 @@ class Connector:
 
     def _take_waiting(self) -> bool:
         """Take one message if one is waiting; whether there was one."""
-        try:
-            self._take(P.recv(self._sub, P.NOBLOCK))
-        except zmq.Again:
+        if not P.waiting(self._sub):
             return False
+        self._take(P.recv(self._sub))
         return True
 
     def _take(self, frames: list) -> None:
