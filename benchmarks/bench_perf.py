@@ -10,7 +10,10 @@
    (``infer_image_future``, and ``infer_image_async`` with a callback). For information,
    the same work in infinibrain's topology with raw pyzmq (a pub/sub forwarder: client
    PUB/SUB, XPUB to SUB workers, their PUB back), against the broker: what the pub/sub
-   sockets themselves cost.
+   sockets themselves cost. The baselines' processes start as fresh interpreters
+   (multiprocessing's "spawn"), as the manager and its containers do; the same broker
+   forked from this process is measured too, for information: forked processes share
+   this one's memory and run markedly faster under load (docs/BENCHMARKS.md).
 2. **Dynamic batching** (benchmarks/models/batched.py: about 3 ms per call plus a little
    per image) with ``max_batch_size=16`` against the same model unbatched, at 16 and 64
    in flight: requests per second and p99.
@@ -56,6 +59,10 @@ from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # no
 
 PAYLOADS = {"224x224x3": (224, 224, 3), "1920x1080x3": (1080, 1920, 3)}
 WINDOW = 16
+# The baselines' processes start as fresh interpreters, as the manager and its containers
+# do: a process forked from this one costs measurably less CPU per request than the same
+# program started anew (docs/BENCHMARKS.md), which would favour the baseline.
+FRESH = mp.get_context("spawn")
 CREDITS = 2
 
 
@@ -102,19 +109,34 @@ def lb_worker(back: int, stop_after: float) -> None:
         s.send_multipart([client, header, msgpack.packb({"mean": float(image.mean())})], copy=False)
 
 
+def wait_ready(baseline: Baseline, seconds: float = 60.0) -> None:
+    """Until a request is answered: fresh interpreters take a while to start, and pub/sub
+    drops what is sent before the subscriptions have arrived. Answers to earlier tries
+    are drained."""
+    probe = np.zeros((2, 2), np.uint8)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        baseline.send(probe, -1)
+        if baseline.sock.poll(500):
+            while baseline.sock.poll(300):
+                baseline.recv()
+            return
+    raise RuntimeError(f"{type(baseline).__name__} did not answer within {seconds:g} s")
+
+
 class Broker(Baseline):
     """The guide's load-balancing broker and two workers; the client side is bench_infer's."""
 
-    def __init__(self, stop_after: float) -> None:  # noqa: super().__init__ starts other processes
+    def __init__(self, stop_after: float, start: Any = FRESH) -> None:  # noqa: super().__init__ starts other processes
         port = free_base_port(2)
-        self.procs = [mp.Process(target=lb_broker, args=(port, port + 1, stop_after), daemon=True)]
-        self.procs += [mp.Process(target=lb_worker, args=(port + 1, stop_after), daemon=True) for _ in range(2)]
+        self.procs = [start.Process(target=lb_broker, args=(port, port + 1, stop_after), daemon=True)]
+        self.procs += [start.Process(target=lb_worker, args=(port + 1, stop_after), daemon=True) for _ in range(2)]
         for p in self.procs:
             p.start()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
-        time.sleep(0.5)
+        wait_ready(self)
 
     def throughput(self, image: np.ndarray, count: int, seconds: float) -> float:
         return throughput_baseline(self, image, count, seconds, WINDOW)["req_s"]
@@ -185,8 +207,8 @@ class PubSubForwarder(Baseline):
 
     def __init__(self, stop_after: float) -> None:  # noqa: super().__init__ starts other processes
         base = free_base_port(4)
-        self.procs = [mp.Process(target=ps_forwarder, args=(base, stop_after), daemon=True)]
-        self.procs += [mp.Process(target=ps_worker, args=(base, name, stop_after), daemon=True) for name in (b"w1", b"w2")]
+        self.procs = [FRESH.Process(target=ps_forwarder, args=(base, stop_after), daemon=True)]
+        self.procs += [FRESH.Process(target=ps_worker, args=(base, name, stop_after), daemon=True) for name in (b"w1", b"w2")]
         for p in self.procs:
             p.start()
         self.ctx = zmq.Context()
@@ -195,7 +217,7 @@ class PubSubForwarder(Baseline):
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.subscribe(b"me")
         self.sock.connect(f"tcp://127.0.0.1:{base + 1}")
-        time.sleep(1.0)  # the subscriptions reach the forwarder (pub/sub drops before that)
+        wait_ready(self)
 
     def send(self, image: np.ndarray, n: int) -> None:
         self.out.send_multipart([b"me", msgpack.packb({"n": n, "shape": list(image.shape), "dtype": image.dtype.str}), image],
@@ -297,6 +319,7 @@ def median_rounds(rounds: int, measures: dict[str, Callable[[], float]]) -> dict
 
 def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
     broker = Broker(stop_after=3600)
+    forked = Broker(stop_after=3600, start=mp.get_context("fork"))  # for information: what forking is worth
     pubsub = PubSubForwarder(stop_after=3600)
     rows: list[Row] = []
     try:
@@ -312,7 +335,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                 "broker_rps": lambda: broker.throughput(image, count, args.seconds),
                 "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds, WINDOW)[0],
                 "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds, WINDOW)[0],
-                **({"pubsub_rps": lambda: pubsub.throughput(image, count, args.seconds)} if small else {}),
+                **({"pubsub_rps": lambda: pubsub.throughput(image, count, args.seconds),
+                    "forked_rps": lambda: forked.throughput(image, count, args.seconds)} if small else {}),
             })
             mb = image.nbytes / 1e6
             rows.append(Row("raw", f"{label} p50, one at a time", f["ours_p50"], f["broker_p50"], "lbbroker",
@@ -324,6 +348,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                                 "lbbroker", ">= 0.8"))
                 rows.append(Row("raw", f"{label} req/s, raw pub/sub forwarder (our topology)", f["pubsub_rps"],
                                 f["broker_rps"], "lbbroker", ""))
+                rows.append(Row("raw", f"{label} req/s, lbbroker forked from this process", f["forked_rps"], f["broker_rps"],
+                                "lbbroker", ""))
             else:
                 rows.append(Row("raw", f"{label} MB/s, {WINDOW} in flight (future)", f["ours_rps"] * mb, f["broker_rps"] * mb,
                                 "lbbroker", ">= 1.0"))
@@ -332,6 +358,7 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
         c.unload_inference("mean")
     finally:
         broker.close()
+        forked.close()
         pubsub.close()
     return rows
 

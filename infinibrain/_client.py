@@ -99,9 +99,9 @@ class Pending:
 
 
 def arrived(sock: zmq.Socket, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[P.Message]:
-    """The messages waiting on ``sock``, at most 256 (so one busy socket cannot hold its
-    reader for ever); a malformed one is logged and dropped."""
-    for frames in P.received(sock, 256):
+    """The messages waiting on ``sock`` once a poll has said one is, at most 256 (so one
+    busy socket cannot hold its reader for ever); a malformed one is logged and dropped."""
+    for frames in P.received(sock, 256, polled=True):
         try:
             msg = P.decode(frames)
         except P.ProtocolError as exc:
@@ -425,11 +425,11 @@ class ClusterClient:
         next_timers = 0.0
         while not self._closed:
             try:
-                ready = dict(poller.poll(TIMER_INTERVAL_MS))
-                if self._sub in ready:
-                    self._drain()
-                if self._monitor in ready:
-                    self._on_monitor()
+                for sock, _ in poller.poll(TIMER_INTERVAL_MS):
+                    if sock is self._sub:
+                        self._drain()
+                    elif sock is self._monitor:
+                        self._on_monitor()
                 now = time.monotonic()
                 if now >= next_timers:  # not after every message: they look at every pending call
                     next_timers = now + TIMER_INTERVAL_MS / 1000

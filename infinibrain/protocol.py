@@ -145,20 +145,22 @@ def recv(sock: Any, flags: int = 0) -> list:
     return frames
 
 
-def waiting(sock: Any) -> bool:
-    """Whether a message can be received from ``sock`` without waiting. Asked before each
-    receive instead of trying a NOBLOCK receive: pyzmq's zmq.Again costs three times
-    what this question does, and a loop that drains a socket meets one on every pass."""
-    return bool(sock.get(_EVENTS) & _POLLIN)
-
-
-def received(sock: Any, limit: int) -> Iterator[list]:
+def received(sock: Any, limit: int, polled: bool = False) -> Iterator[list]:
     """The frames of each message waiting on ``sock``, at most ``limit`` messages (so one
-    busy socket cannot hold its reader for ever)."""
-    for _ in range(limit):
-        if not sock.get(_EVENTS) & _POLLIN:
+    busy socket cannot hold its reader for ever). ``polled``: a poll has just said a
+    message is there, so the first is taken without asking.
+
+    Whether another is waiting is asked (ZMQ_EVENTS) rather than found by a NOBLOCK
+    receive that fails: pyzmq's zmq.Again costs three times the question, and a loop
+    that drains a socket would meet one on every pass."""
+    for i in range(limit):
+        if (i or not polled) and not sock.get(_EVENTS) & _POLLIN:
             return
-        yield recv(sock)
+        try:
+            frames = recv(sock, NOBLOCK)
+        except zmq.Again:  # not there after all: never wait for one here
+            return
+        yield frames
 
 
 def decode(frames: Sequence[Any]) -> Message:

@@ -405,7 +405,7 @@ class Router:
                 time.sleep(0.01)  # a fault that repeats must not spin a core
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list], None]) -> None:
-        for frames in P.received(sock, BATCH):
+        for frames in P.received(sock, BATCH, polled=True):
             try:
                 handler(frames)
             except P.ProtocolError as exc:

@@ -115,8 +115,11 @@ class Connector:
         deadline = time.monotonic() + timeout if timeout else None
         while not self._items:
             # Busy, the next request is usually waiting already, and a poll costs more.
-            if not self._take_waiting() and not self._wait(deadline):
+            if self._take_waiting():
+                continue
+            if not self._wait(deadline):
                 raise ContainerReceiveTimeoutException(RECEIVE_TIMEOUT_MESSAGE, 401)
+            self._take_waiting(polled=True)
         return self._items.popleft()
 
     def _more(self, count: int) -> list[tuple[dict, Any]]:
@@ -125,12 +128,13 @@ class Connector:
             pass
         return [self._items.popleft() for _ in range(min(count, len(self._items)))]
 
-    def _take_waiting(self) -> bool:
-        """Take one message if one is waiting; whether there was one."""
-        if not P.waiting(self._sub):
-            return False
-        self._take(P.recv(self._sub))
-        return True
+    def _take_waiting(self, polled: bool = False) -> bool:
+        """Take one message if one is waiting (``polled``: a poll just said so); whether
+        there was one."""
+        for frames in P.received(self._sub, 1, polled):
+            self._take(frames)
+            return True
+        return False
 
     def _take(self, frames: list) -> None:
         """Queue the requests of one received message; answer a ping."""
