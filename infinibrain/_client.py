@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -60,6 +61,16 @@ def next_request_no() -> str:
 
 
 Callback = Callable[[int, str, Any, Any], None]
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_name(start: str, end: str) -> str:
+    return f"{start}->{end}"
+
+
+def _stage(start: Any, end: Any) -> str:
+    """An elapsed_time stage's name, "<start>-><end>" (the same few names every time)."""
+    return _stage_name(start, end) if type(start) is str and type(end) is str else f"{start}->{end}"
 
 
 class Pending:
@@ -557,10 +568,14 @@ class ClusterClient:
         """The InferenceResponse of an answer: what only the manager knows (where it ran, the
         module, the time stamps) from ``data``, the rest from the request itself."""
         data = data if isinstance(data, dict) else {}
-        stamps = [list(s) for s in data.get("time_stamp") or ()]
+        given = data.get("time_stamp")
+        stamps = list(given) if isinstance(given, list) else []  # the decoder's fresh lists: ours to keep
         stamps.append(["client_receive", P.now()])
-        elapsed = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
-        elapsed.append(["total", stamps[-1][1] - stamps[0][1]])
+        try:
+            elapsed = [[_stage(a[0], b[0]), b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
+            elapsed.append(["total", stamps[-1][1] - stamps[0][1]])
+        except (TypeError, IndexError, KeyError):  # stamps not [stage, seconds]: the answer still ends its call
+            elapsed = []
         return InferenceResponse(pid=self.pid, tid=p.tid, request_no=p.rid, inference_name=p.inference,
                                  metadata=p.param if p.param is not None else {}, metadata_sys=data.get("metadata_sys") or {},
                                  sub_inference_name=data.get("sub_inference_name") or "", time_stamp=stamps,

@@ -263,3 +263,19 @@ def test_allocator_keeps_large_buffers_off_mmap(setting):
         assert tuned == "True" and int(mapped) < 1024 * 1024
     else:
         assert tuned == "False" and int(mapped) >= 4 * 1024 * 1024
+
+
+def test_an_answer_with_odd_time_stamps_still_gives_a_response():
+    """The client builds InferenceResponse.elapsed_time from the manager's stamps; stamps
+    that are not [stage, seconds] leave it empty instead of failing the answer (a call
+    whose answer failed to be read would wait for its deadline)."""
+    from infinibrain._client import ClusterClient, Pending
+
+    client = object.__new__(ClusterClient)  # no sockets: only the pure part is used
+    client.pid = 7
+    p = Pending("5", "infer", 0.0, inference="x", tid=3, param={"a": 1})
+    good = client._response(p, {"time_stamp": [["client_send", 1.0], ["manager_receive", 1.5]], "sub_inference_name": "m"})
+    assert [e[0] for e in good.elapsed_time] == ["client_send->manager_receive", "manager_receive->client_receive", "total"]
+    assert good.elapsed_time[0][1] == 0.5 and good.request_no == "5" and good.sub_inference_name == "m"
+    odd = client._response(p, {"time_stamp": [["client_send", "soon"], {"x": 1}]})
+    assert odd.elapsed_time == [] and odd.time_stamp[-1][0] == "client_receive"
