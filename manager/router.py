@@ -846,8 +846,9 @@ class Router:
 
     def _ack_slow(self, now: float) -> None:
         """Acknowledge, once and with its deadline, each accepted request not answered within
-        ACK_DELAY. Looks at the requests still waiting or in flight only (a few, however
-        many are answered each second): most never need it."""
+        ACK_DELAY. Looks at the requests still waiting or in flight only (usually a few,
+        however many are answered each second; at most the queues' bound): most never
+        need it."""
         cutoff = now - ACK_DELAY
         for svc in self.services.values():
             for req in svc.queue:
