@@ -18,7 +18,6 @@ Guarantees:
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import itertools
 import logging
 import os
@@ -61,16 +60,6 @@ def next_request_no() -> str:
 
 
 Callback = Callable[[int, str, Any, Any], None]
-
-
-@functools.lru_cache(maxsize=256)
-def _stage_name(start: str, end: str) -> str:
-    return f"{start}->{end}"
-
-
-def _stage(start: Any, end: Any) -> str:
-    """An elapsed_time stage's name, "<start>-><end>" (the same few names every time)."""
-    return _stage_name(start, end) if type(start) is str and type(end) is str else f"{start}->{end}"
 
 
 class Pending:
@@ -146,7 +135,8 @@ class DirectReply:
         self.poller.register(self.sock, zmq.POLLIN)
 
     def messages(self, timeout_ms: int) -> list[P.Message]:
-        """What arrived within ``timeout_ms`` (malformed messages dropped)."""
+        """What arrived within ``timeout_ms`` (malformed messages dropped). Only its thread's
+        answers come here, so reading all that waits loses nothing."""
         return list(arrived(self.sock, log)) if self.poller.poll(timeout_ms) else []
 
     def close(self) -> None:
@@ -382,13 +372,9 @@ class ClusterClient:
         future = p.future
         with d.lock:
             while not future.done() and not self._closed and time.monotonic() < p.deadline + COMMAND_TIMEOUT:
-                if not d.poller.poll(TIMER_INTERVAL_MS):
-                    continue
-                for msg in arrived(d.sock, self.logger):
+                for msg in d.messages(TIMER_INTERVAL_MS):
                     if msg.kind == P.RESULT:  # its own, or a late answer to an earlier call (dropped)
                         self._on_result(msg)
-                        if future.done():
-                            break  # nothing else is waited for on this socket
         return p.wait()
 
     def deliver(self, fn: Callable, *args: Any) -> None:
@@ -572,7 +558,7 @@ class ClusterClient:
         stamps = list(given) if isinstance(given, list) else []  # the decoder's fresh lists: ours to keep
         stamps.append(["client_receive", P.now()])
         try:
-            elapsed = [[_stage(a[0], b[0]), b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
+            elapsed = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
             elapsed.append(["total", stamps[-1][1] - stamps[0][1]])
         except (TypeError, IndexError, KeyError):  # stamps not [stage, seconds]: the answer still ends its call
             elapsed = []

@@ -465,7 +465,6 @@ class Router:
 
     def end(self, req: Request, code: int, detail: str) -> None:
         """End accepted request ``req`` with a numbered error (and count it)."""
-        req.done = True
         if not req.client:  # the manager's own (a warm-up): its instance hears of it
             c = self.containers.get(req.container or "")
             if c is not None:
@@ -760,7 +759,6 @@ class Router:
             return
         if frame is not None:
             c.rx_bytes += len(frame)
-        req.done = True
         code = 0 if taken else int(h.get("code") or 0)
         if not req.client:
             self.lifecycle.warmed(c, code, h.get("detail") or h.get("msg") or "")

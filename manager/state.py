@@ -58,7 +58,6 @@ class Request:
     container: str | None = None
     batch: int = 0  # the mkey of the first request of the message it was sent in (dynamic batching)
     accepted: float = 0.0  # time.monotonic() when the manager accepted it
-    done: bool = False  # answered or ended with an error
     acked: bool = False  # acknowledged to its client (it took longer than router.ACK_DELAY)
     reply: bytes = b""  # the topic its answer goes to (protocol.reply_topic)
     lean: bool = False  # its client wants a result without the InferenceResponse's fields
