@@ -49,11 +49,11 @@ def test_answers_go_to_the_calling_threads_socket(manager, name):
         main = _listen(manager.port, P.client_topic(client.id))
         threads = _listen(manager.port, b"t/" + client.id.encode() + b"/")
         try:
+            # Both raw listeners join the manager's PUB socket before anything is measured (a
+            # SUB socket misses what is published before its subscription arrives).
+            wait_for(lambda: c.infer(name, b"j", {})[1].request_no in _results(threads, 0.3), timeout=10)
             # Positive control: an _async answer goes to the client's own topic.
-            done = threading.Event()
-            rid = c.infer_async(name, b"a", {}, func=lambda *a: done.set())
-            assert done.wait(10)
-            assert rid in wait_for(lambda: _results(main, 0.5), timeout=10)
+            wait_for(lambda: _async_seen(c, name, main), timeout=10)
             rids = []
             for i in range(5):
                 result, response = c.infer(name, bytes([i]), {"i": i})
@@ -67,6 +67,14 @@ def test_answers_go_to_the_calling_threads_socket(manager, name):
         assert set(rids) <= set(seen_threads), "synchronous answers go to the thread's topic"
         assert not set(rids) & set(seen_main), "and not through the client's topic"
         c.unload_inference(name)
+
+
+def _async_seen(c, name: str, sock: zmq.Socket) -> bool:
+    """Whether the answer to one ``infer_async`` call reaches ``sock``."""
+    done = threading.Event()
+    rid = c.infer_async(name, b"a", {}, func=lambda *a: done.set())
+    assert done.wait(10)
+    return rid in _results(sock, 0.3)
 
 
 def test_threads_get_their_own_answers_only(manager, name):
@@ -177,7 +185,8 @@ def test_a_result_alone_comes_without_the_response_fields(manager, name):
         c.load_inference(echo_config(name), "all")
         threads = _listen(manager.port, b"t/" + c._client.id.encode() + b"/")
         try:
-            c.infer_image(name, np.zeros((2, 2), np.uint8), {"n": 1})  # the thread's socket proves itself first
+            # The thread's socket proves itself and the raw listener joins first.
+            wait_for(lambda: c.infer(name, b"j", {})[1].request_no in _results(threads, 0.3), timeout=10)
             _headers(threads, P.RESULT, 0.3)
             c.infer_image(name, np.zeros((2, 2), np.uint8), {"n": 2})
             result, response = c.infer(name, b"x", {"n": 3})
@@ -202,7 +211,7 @@ def test_a_slow_request_is_acknowledged_once_with_its_deadline(manager, name):
         c.load_inference(echo_config(name, max_send_num=1), "all")
         mine = _listen(manager.port, P.client_topic(c._client.id))
         try:
-            c.infer(name, b"warm", {})
+            wait_for(lambda: _async_seen(c, name, mine), timeout=10)  # the raw listener has joined
             fast = c.infer_future(name, b"x", {})
             slow = [c.infer_future(name, b"x", {"sleep": 0.4}) for _ in range(2)]  # the second waits in the queue
             fast.result(10)
