@@ -7,7 +7,10 @@
    DEALER client) against a manager with two local boards, one ``process`` replica on
    each, ``max_send_num=2``. For 224x224x3 and 1920x1080x3 uint8 images: p50 of one
    request at a time (``infer_image``), requests and MB per second with WINDOW in flight
-   (``infer_image_future``, and ``infer_image_async`` with a callback). For information,
+   (``infer_image_future``, and ``infer_image_async`` with a callback). The images travel
+   in shared memory (infinibrain/shm.py), as they do whenever client, manager and
+   container share a host; for information, the same with a client that sends frames
+   (as from another host) is measured too. For information,
    the same work in infinibrain's topology with raw pyzmq (a pub/sub forwarder: client
    PUB/SUB, XPUB to SUB workers, their PUB back), against the broker: what the pub/sub
    sockets themselves cost. The baselines' processes start as fresh interpreters
@@ -55,7 +58,7 @@ from bench_control import cpu_seconds  # noqa: E402
 from bench_infer import Baseline, Finish, latency, throughput_baseline, windowed  # noqa: E402
 from conftest import ManagerProcess, free_base_port  # noqa: E402
 
-from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig, allocator  # noqa: E402
+from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig, allocator, shm  # noqa: E402
 
 PAYLOADS = {"224x224x3": (224, 224, 3), "1920x1080x3": (1080, 1920, 3)}
 WINDOW = 16
@@ -324,7 +327,17 @@ def median_rounds(rounds: int, measures: dict[str, Callable[[], float]]) -> dict
 # ---- 1. against the raw broker -----------------------------------------------------------------
 
 
-def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
+def frames_only_client(port: int) -> AICluster:
+    """A client that sends every payload in frames, as one with INFINIBRAIN_SHM_BYTES=0 (or
+    on another host) does: what shared memory is worth (docs/DECISIONS.md)."""
+    saved, shm.LIMIT_BYTES = shm.LIMIT_BYTES, 0
+    try:
+        return AICluster(port=port)
+    finally:
+        shm.LIMIT_BYTES = saved
+
+
+def raw_section(c: AICluster, framed: AICluster, args: argparse.Namespace) -> list[Row]:
     broker = Broker(stop_after=3600)
     forked = Broker(stop_after=3600, start=mp.get_context("fork"))  # for information: what forking is worth
     pubsub = PubSubForwarder(stop_after=3600)
@@ -342,6 +355,7 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                 "broker_rps": lambda: broker.throughput(image, count, args.seconds),
                 "ours_rps": lambda: windowed(by_future(c, "mean", image), count, args.seconds, WINDOW)[0],
                 "ours_async_rps": lambda: windowed(by_callback(c, "mean", image), count, args.seconds, WINDOW)[0],
+                "framed_rps": lambda: windowed(by_future(framed, "mean", image), count, args.seconds, WINDOW)[0],
                 **({"pubsub_rps": lambda: pubsub.throughput(image, count, args.seconds),
                     "forked_rps": lambda: forked.throughput(image, count, args.seconds)} if small else {}),
             })
@@ -353,6 +367,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                                 ">= 0.8"))
                 rows.append(Row("raw", f"{label} req/s, {WINDOW} in flight (_async)", f["ours_async_rps"], f["broker_rps"],
                                 "lbbroker", ">= 0.8"))
+                rows.append(Row("raw", f"{label} req/s, future, frames only (no shm)", f["framed_rps"], f["broker_rps"],
+                                "lbbroker", ""))
                 rows.append(Row("raw", f"{label} req/s, raw pub/sub forwarder (our topology)", f["pubsub_rps"],
                                 f["broker_rps"], "lbbroker", ""))
                 rows.append(Row("raw", f"{label} req/s, lbbroker forked from this process", f["forked_rps"], f["broker_rps"],
@@ -362,6 +378,8 @@ def raw_section(c: AICluster, args: argparse.Namespace) -> list[Row]:
                                 "lbbroker", ">= 1.0"))
                 rows.append(Row("raw", f"{label} MB/s, {WINDOW} in flight (_async)", f["ours_async_rps"] * mb,
                                 f["broker_rps"] * mb, "lbbroker", ">= 1.0"))
+                rows.append(Row("raw", f"{label} MB/s, future, frames only (no shm)", f["framed_rps"] * mb,
+                                f["broker_rps"] * mb, "lbbroker", ""))
         c.unload_inference("mean")
     finally:
         broker.close()
@@ -503,7 +521,8 @@ def main() -> int:
         try:
             with AICluster(port=m.port) as c:
                 if "raw" in only:
-                    rows += raw_section(c, args)
+                    with frames_only_client(m.port) as framed:
+                        rows += raw_section(c, framed, args)
                 if "batching" in only:
                     rows += batching_section(c, args)
                 if "scaling" in only:

@@ -33,6 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import allocator
 from . import protocol as P
 from . import security
+from . import shm
 from .errors import error_from_code, format_message, make_error
 from .retry import NO_RETRY, RetryPolicy
 from .types import InferenceResponse
@@ -67,7 +68,7 @@ class Pending:
     (for the sync and ``_future`` forms) the future that carries it."""
 
     __slots__ = ("rid", "kind", "deadline", "future", "on_done", "on_progress", "cmd", "acked", "inference", "tid", "param",
-                 "result_only")
+                 "result_only", "segment")
 
     def __init__(self, rid: str, kind: str, deadline: float, *, on_done: Callback | None = None,
                  on_progress: Callable[[str, dict], None] | None = None, cmd: str = "", inference: str = "", tid: int = 0,
@@ -87,6 +88,7 @@ class Pending:
         # The future's value is the result alone (infer_image, infer_image_future), not
         # (result, InferenceResponse): the response is then never built.
         self.result_only = result_only
+        self.segment: shm.Segment | None = None  # the shared memory its payload is in, until it ends
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
@@ -176,6 +178,8 @@ class ClusterClient:
         self._directs: list[DirectReply] = []
         self._directs_lock = threading.Lock()
         self._generation = 0  # counts connection losses: a thread's socket proves itself again after one
+        self._probe, self._pool = self._shared_memory()
+        self._shm_ok = False  # the manager said it reads our segments (hello_ack "shm")
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._open_sockets()
         self._io = threading.Thread(target=self._io_loop, name=f"infinibrain-io-{self.id}", daemon=True)
@@ -218,6 +222,26 @@ class ClusterClient:
         self._sub.connect(base + str(self.port + P.CLIENT_OUT))
         self._wake_r, self._wake_w = os.pipe()
 
+    def _shared_memory(self) -> tuple[shm.Probe | None, shm.Pool | None]:
+        """The probe and segments of large payloads (infinibrain/shm.py); (None, None) when
+        this host offers none or INFINIBRAIN_SHM_BYTES=0."""
+        if shm.LIMIT_BYTES <= 0 or not shm.available():
+            return None, None
+        try:
+            shm.sweep()
+            return shm.Probe(shm.probe_name(self.id), self.id), shm.Pool(self.id)
+        except OSError as exc:
+            self.logger.info("no shared memory for large payloads (%s): they go in frames", exc)
+            return None, None
+
+    def _hello(self, path: str, to: str | None = None) -> None:
+        header: dict[str, Any] = {"path": path}
+        if to is not None:
+            header["to"] = to
+        if self._probe is not None and path == "infer":
+            header["shm"] = self._probe.name  # read it, and you may read our segments
+        self._send(path, P.HELLO, header)
+
     def _send(self, path: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
         header.setdefault("cid", self.id)
         header.setdefault("pid", self.pid)
@@ -238,7 +262,7 @@ class ClusterClient:
         while time.monotonic() < deadline:
             for path in ("infer", "mgmt"):
                 if path not in self._acked_paths:
-                    self._send(path, P.HELLO, {"path": path})
+                    self._hello(path)
             with self._link:
                 self._link.wait_for(lambda: len(self._acked_paths) == 2 or bool(self._refused), timeout=0.05)
                 if len(self._acked_paths) == 2:
@@ -283,6 +307,9 @@ class ClusterClient:
         for s in (*self._paths.values(), self._monitor, self._sub):
             s.close(linger=0)
         self._ctx.term()
+        if self._pool is not None and self._probe is not None:
+            self._pool.close()
+            self._probe.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -300,9 +327,10 @@ class ClusterClient:
         return p
 
     def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
-              result_only: bool = False, direct: DirectReply | None = None) -> Pending:
+              result_only: bool = False, direct: DirectReply | None = None, detached: bool = False) -> Pending:
         """Send one inference request; ``result_only``: its future carries the result alone;
-        ``direct``: its answer goes to that socket of the calling thread (``wait_direct``)."""
+        ``direct``: its answer goes to that socket of the calling thread (``wait_direct``);
+        ``detached``: the caller may change ``payload`` once this returns."""
         self.check_connected()
         tid = threading.get_native_id()
         p = Pending(next_request_no(), "infer", time.monotonic() + ACK_TIMEOUT, on_done=on_done, inference=inference, tid=tid,
@@ -312,13 +340,35 @@ class ClusterClient:
             header["to"] = direct.tag
         if result_only:
             header["lean"] = True  # a result needs no InferenceResponse fields
+        frames = self._payload(p, header, payload, detached)
         self._pending[p.rid] = p
         try:
-            self._send("infer", P.REQUEST, header, (payload,))
+            self._send("infer", P.REQUEST, header, frames)
         except BaseException:
             self._pending.pop(p.rid, None)
+            self._release(p)
             raise
         return p
+
+    def _payload(self, p: Pending, header: dict, payload: Any, detached: bool) -> tuple:
+        """The frames that carry ``payload``: none when it goes in shared memory (header
+        ``shm``), else one. A detached caller's writable buffer is copied before a
+        zero-copy send (ZeroMQ copies one below COPY_THRESHOLD as it sends)."""
+        view = memoryview(payload)
+        if self._shm_ok and view.nbytes >= shm.MIN_BYTES and view.c_contiguous:
+            assert self._pool is not None
+            p.segment = self._pool.take(view.nbytes)
+            if p.segment is not None:
+                header["shm"] = p.segment.write(view)
+                return ()
+        if detached and not view.readonly and view.nbytes >= COPY_THRESHOLD:
+            payload = payload.copy() if hasattr(payload, "copy") else bytes(view)
+        return (payload,)
+
+    def _release(self, p: Pending) -> None:
+        if p.segment is not None and self._pool is not None:
+            self._pool.give(p.segment)
+            p.segment = None
 
     # ---- synchronous answers straight to the calling thread ----------------------------
 
@@ -356,7 +406,7 @@ class ClusterClient:
         deadline = time.monotonic() + DIRECT_PROOF
         with d.lock:
             while time.monotonic() < deadline and not self._closed:
-                self._send("infer", P.HELLO, {"path": "infer", "to": d.tag})
+                self._hello("infer", d.tag)
                 if any(m.kind == P.HELLO_ACK for m in d.messages(50)):
                     d.proven = generation
                     return True
@@ -383,6 +433,7 @@ class ClusterClient:
 
     def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "") -> None:
         """End ``p``: its future, or its callback (which gets the reference's message only)."""
+        self._release(p)
         future = p.future
         if future is not None:
             if code:
@@ -463,6 +514,8 @@ class ClusterClient:
         if isinstance(h.get("max"), int) and h["max"] > 0:
             self.max_message_size = h["max"]
         self._takes_no_input(h)
+        if h.get("path") == "infer":
+            self._shm_ok = h.get("shm") is True and self._pool is not None
         with self._link:
             self._refused = ""  # whatever refused us before, this path works now
             self._acked_paths.add(str(h.get("path")))
@@ -594,13 +647,14 @@ class ClusterClient:
         elif now >= self._next_hello:
             self._next_hello = now + min(self.hb_interval, 0.5)
             for path in ("infer", "mgmt"):
-                self._send(path, P.HELLO, {"path": path})
+                self._hello(path)
 
     def _lost(self, why: str) -> None:
         self.logger.warning("connection to the manager lost: %s", why)
         with self._link:
             self.connected = False
             self._acked_paths.clear()
+            self._shm_ok = False  # the manager that comes back proves it again
             self._generation += 1  # threads' sockets prove themselves again
         self._fail_all(402, f"connection to the manager lost ({why})")
         self._event(112, format_message(112), "keepalive", None)

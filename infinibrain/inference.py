@@ -12,7 +12,7 @@ import numpy as np
 from . import _api
 from . import protocol as P
 from ._api import Call
-from ._client import COPY_THRESHOLD, ClusterClient, DirectReply, Pending
+from ._client import ClusterClient, DirectReply, Pending
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
 from .errors import ConnectionFailedException, InfinibrainException, SocketConnectionException, argument_error, make_error
@@ -244,10 +244,9 @@ class AICluster:
     def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
                 detached: bool = False, result_only: bool = False, direct: DirectReply | None = None) -> Pending:
         """Send one request. ``detached``: the call returns before the answer (``_async``,
-        ``_future``), so a buffer the caller may change must not be sent zero-copy: ZeroMQ
-        copies one below COPY_THRESHOLD as it sends, a larger one is copied here (a
-        read-only array or immutable bytes go zero-copy). ``result_only``: the pending
-        call's future carries the result alone."""
+        ``_future``), so a buffer the caller may change is copied before it is sent (the
+        client does it: into shared memory, or a copy for ZeroMQ). ``result_only``: the
+        pending call's future carries the result alone."""
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
         what = "image_data" if image else "in_data"
@@ -260,20 +259,15 @@ class AICluster:
             if data.dtype.hasobject:
                 raise argument_error(what, "an array of Python objects cannot be sent")
             array = np.ascontiguousarray(data)
-            if detached and array.flags.writeable and array.nbytes >= COPY_THRESHOLD:
-                array = array.copy()  # the caller may reuse its buffer (a camera loop) once we return
             payload, arr = array, P.array_meta(array)
         else:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise argument_error(what, f"must be bytes, got {type(data).__name__}")
-            view = memoryview(data)
-            if detached and not view.readonly and view.nbytes >= COPY_THRESHOLD:
-                data = bytes(data)
             payload, arr = data, None
         size = memoryview(payload).nbytes
         if size > client.max_message_size:
             raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only, direct)
+        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only, direct, detached)
 
     def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
         try:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from infinibrain import protocol as P
+from infinibrain import shm
 
 from . import image_registry
 from .config import BoardConfig, ManagerConfig
@@ -72,6 +73,8 @@ class Board:
             INFINIBRAIN_SUB_PORT=str(manager.port + P.CONTAINER_OUT),
             INFINIBRAIN_MAX_MESSAGE_SIZE=str(manager.max_message_size),
             INFINIBRAIN_HEARTBEAT_MS=str(manager.container_heartbeat_ms),
+            # Read it and say what it holds: then requests' data may stay in shared memory.
+            INFINIBRAIN_SHM_PROBE=shm.manager_probe_name(manager.port),
         )
         return env
 

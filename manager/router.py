@@ -37,6 +37,7 @@ import zmq
 
 from infinibrain import allocator
 from infinibrain import protocol as P
+from infinibrain import shm
 from infinibrain.errors import format_message
 
 from .auth import CLIENTS, CONTAINERS, Guard
@@ -172,7 +173,23 @@ class Router:
         self._next_client_check = 0.0
         self.hb_interval = config.heartbeat_interval_ms / 1000
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
+        self._shm = shm.Reader()  # clients' segments, read for containers that cannot
+        self.shm_passed = 0  # requests whose data a container read from shared memory itself
+        self.shm_read = 0  # requests whose data the manager read from shared memory for a container
+        self.shm_token = f"{os.getpid()}:{self.instance}"  # what a container finds in our probe (its pid: for shm.sweep)
+        self._shm_probe = self._probe()
         self._bind()
+
+    def _probe(self) -> shm.Probe | None:
+        """The segment a container reads to show it shares our /dev/shm (it is named in
+        every container's INFINIBRAIN_SHM_PROBE, manager/boards.py)."""
+        if not shm.available():
+            return None
+        try:
+            return shm.Probe(shm.manager_probe_name(self.config.port), self.shm_token)
+        except OSError as exc:
+            log.info("no shared memory probe for containers (%s): requests' data reach them in frames", exc)
+            return None
 
     # ---- sockets -------------------------------------------------------------------
 
@@ -218,6 +235,8 @@ class Router:
         for s in (self.infer_in, self.mgmt_in, self.container_in, self.client_out, self.container_out):
             s.close(linger=0)
         self.guard.close()
+        if self._shm_probe is not None:
+            self._shm_probe.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -251,6 +270,7 @@ class Router:
             "in_flight": {c["id"]: c["in_flight"] for c in live["containers"] if c["in_flight"]},
             "loop_errors": live["loop_errors"],
             "max_message_size": self.config.max_message_size,
+            "shared_memory": {"passed": self.shm_passed, "read": self.shm_read},
             "rss_bytes": _rss_bytes(),
         }
 
@@ -446,9 +466,11 @@ class Router:
             assert self.commands is not None, "the daemon sets the command table before the loop runs"
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
         elif kind == P.HELLO:  # with "to": a thread's own socket proves it is subscribed
+            if "shm" in h:  # may it name its shared memory? only if we can read it
+                client.shm = h["shm"] == shm.probe_name(cid) and shm.read_probe(h["shm"]) == cid
             self.send_to(P.reply_topic(cid, h.get("to")), P.HELLO_ACK,
                          {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
-                          "max": self.config.max_message_size, "no_input": self._no_input})
+                          "max": self.config.max_message_size, "no_input": self._no_input, "shm": client.shm is True})
         else:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
@@ -500,6 +522,16 @@ class Router:
         # 0 in the manager's configuration: no limit on the answer (a container that goes
         # away still ends the request with 402; the client's liveness check still holds).
         answer_timeout = (cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms) / 1000 or float("inf")
+        ref = h.get("shm")
+        if ref is not None:
+            try:
+                if client.shm is None:  # a client this manager has not said hello to (it restarted): its probe
+                    client.shm = shm.read_probe(shm.probe_name(client.id)) == client.id
+                if not client.shm:
+                    raise shm.ShmError("the manager cannot read this client's probe segment; send the data in a frame")
+                ref = list(shm.parse_ref(ref, client.id))
+            except shm.ShmError as exc:
+                return self._refuse(reply, rid, name, 999, detail=f"its data cannot be read from shared memory: {exc}")
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         req = Request(
@@ -519,6 +551,7 @@ class Router:
             accepted=now,
             reply=reply,
             lean=h.get("lean") is True,
+            shm=ref,
         )
         waiting.append(req)
         self.pump(name)
@@ -616,22 +649,45 @@ class Router:
         return best[next(self._rr) % len(best)] if len(best) > 1 else best[0]
 
     def _dispatch(self, c: Instance, req: Request, replies: bool = True) -> None:
-        header = self._item(req, replies)
-        P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, req.payload))
+        payload = self._payload(c, req)
+        if payload is not None:
+            self._send_one(c, req, payload, replies)
+
+    def _send_one(self, c: Instance, req: Request, payload: list, replies: bool) -> None:
+        header = self._item(c, req, replies)
+        P.send(self.container_out, P.encode(P.container_topic(c.id, req.sub), P.REQUEST, header, payload))
         self._sent(c, req, req.mkey)
 
     def _dispatch_batch(self, c: Instance, batch: list[Request], replies: bool) -> None:
         """Several requests for one module in one message (an instance that asked for batches)."""
-        if len(batch) == 1:
-            return self._dispatch(c, batch[0], replies)
-        header = {"items": [self._item(req, replies) for req in batch]}
-        payload = [req.payload[0] if req.payload else b"" for req in batch]
-        P.send(self.container_out, P.encode(P.container_topic(c.id, batch[0].sub), P.REQUESTS, header, payload))
-        for req in batch:
-            self._sent(c, req, batch[0].mkey)
+        items = [(req, payload) for req in batch if (payload := self._payload(c, req)) is not None]
+        if len(items) <= 1:
+            return self._send_one(c, *items[0], replies) if items else None
+        header = {"items": [self._item(c, req, replies) for req, _ in items]}
+        frames = [payload[0] if payload else b"" for _, payload in items]  # one frame per item
+        P.send(self.container_out, P.encode(P.container_topic(c.id, batch[0].sub), P.REQUESTS, header, frames))
+        for req, _ in items:
+            self._sent(c, req, items[0][0].mkey)
+
+    def _payload(self, c: Instance, req: Request) -> list | None:
+        """The frames that carry ``req``'s data to ``c``: its own; none when ``c`` reads the
+        client's shared memory itself; else the segment's bytes, read here (zero-copy).
+        None, and the request ended with 999, when the segment cannot be read."""
+        if req.shm is None:
+            return req.payload
+        if c.shm:
+            self.shm_passed += 1
+            return req.payload
+        try:
+            view = self._shm.view(req.shm)
+        except shm.ShmError as exc:
+            self.end(req, 999, f"its data cannot be read from shared memory: {exc}")
+            return None
+        self.shm_read += 1
+        return [view]
 
     @staticmethod
-    def _item(req: Request, replies: bool) -> dict:
+    def _item(c: Instance, req: Request, replies: bool) -> dict:
         """What the Connector uses of a request, no more (the time stamps stay here and are
         merged on the way back)."""
         req.time_stamp.append(["manager_send", P.now()])
@@ -645,6 +701,8 @@ class Router:
             "param": req.param,
             "arr": req.arr,
         }
+        if req.shm is not None and c.shm:
+            header["shm"] = req.shm
         if not replies:
             header["noreply"] = True
         return header
@@ -718,6 +776,8 @@ class Router:
             c.heartbeats = c.heartbeats or bool(h.get("hb"))
             if kind == P.HELLO and isinstance(h.get("batch"), int) and h["batch"] > 1:
                 c.batch[str(h.get("sub"))] = h["batch"]  # its Connector asks for batches
+            if kind == P.HELLO:
+                c.shm = h.get("shm") == self.shm_token  # it read our probe
             if not c.hello:
                 c.hello = True
                 log.info("container %s connected", c.id)
@@ -896,6 +956,7 @@ class Router:
         limit = self.config.client_timeout_ms / 1000
         for cid in [cid for cid, cl in self.clients.items() if now - cl.last_seen > limit]:
             del self.clients[cid]
+            self._shm.forget(shm.owner_prefix(cid))
             dropped = self.take_waiting(lambda r: r.client == cid)  # nobody is left to answer
             if dropped:
                 log.info("dropped %d queued requests of silent client %s", len(dropped), cid)

@@ -61,6 +61,7 @@ class Request:
     acked: bool = False  # acknowledged to its client (it took longer than router.ACK_DELAY)
     reply: bytes = b""  # the topic its answer goes to (protocol.reply_topic)
     lean: bool = False  # its client wants a result without the InferenceResponse's fields
+    shm: Any = None  # [segment, bytes]: its data is in its client's shared memory, not in payload
 
     @property
     def queued_wall(self) -> float:
@@ -69,7 +70,7 @@ class Request:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(f) for f in self.payload)
+        return sum(len(f) for f in self.payload) + (self.shm[1] if self.shm else 0)
 
 
 @dataclass(eq=False)
@@ -92,6 +93,7 @@ class Instance:
     last_ping: float = 0.0
     in_flight: dict[int, Request] = field(default_factory=dict)
     batch: dict[str, int] = field(default_factory=dict)  # module -> requests per message its Connector takes
+    shm: bool = False  # its Connector read the manager's probe: it reads requests' shared memory itself
     tx_bytes: int = 0
     rx_bytes: int = 0
     # The lifecycle: what the reconciler knows.
@@ -134,3 +136,4 @@ class Client:
     id: str
     pid: int
     last_seen: float
+    shm: bool | None = None  # whether the manager read its probe (None: not tried): it may name its segments (infinibrain/shm.py)

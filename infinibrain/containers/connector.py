@@ -7,7 +7,8 @@ arguments override them. ``sub_name`` selects the module of the container whose 
 this Connector receives; several Connectors (one per module, each in its own thread) may
 share one container.
 
-An image arrives as a read-only numpy array over the received message (no copy); call
+An image arrives as a read-only numpy array over the received message (no copy), or over
+a copy of it when the client sent it through shared memory (infinibrain/shm.py); call
 ``.copy()`` before changing it in place.
 
 Liveness: while a Connector waits in ``receive_request(_image)`` it tells the manager it
@@ -30,6 +31,7 @@ import zmq
 from .. import allocator
 from .. import protocol as P
 from .. import security
+from .. import shm
 from ..errors import RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, argument_error, format_message
 from ..types import InferenceResponse
 
@@ -71,6 +73,8 @@ class Connector:
         self._batch = 1  # requests per message the manager may send: more once the program asks for batches
         self._items: deque[tuple[dict, Any]] = deque()  # received requests not yet handed out
         self.sub_name = sub_name
+        self._shm_probe = env.get("INFINIBRAIN_SHM_PROBE")
+        self._shm = shm.Reader()
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._ctx = context or zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -103,6 +107,12 @@ class Connector:
         header = {"sub": self.sub_name, "hb": int(self._beat_every * 1000)}
         if self._batch > 1:
             header["batch"] = self._batch  # send me up to this many requests in one message
+        # Whether we see the manager's /dev/shm (read at every hello: a manager that
+        # restarted holds a new token): then a large image comes as a segment's name, read
+        # here, instead of through two sockets (infinibrain/shm.py).
+        token = shm.read_probe(self._shm_probe) if self._shm_probe else None
+        if token:
+            header["shm"] = token
         self._send(P.HELLO, header)
 
     # ---- receiving -------------------------------------------------------------------
@@ -146,15 +156,33 @@ class Connector:
         if msg.topic != self._topic:  # a module whose name ours begins ("scale2" for "scale"): not ours
             return
         if msg.kind == P.REQUEST:
-            self._items.append((msg.header, msg.payload[0] if msg.payload else b""))
+            self._queue(msg.header, msg.payload[0] if msg.payload else b"")
         elif msg.kind == P.REQUESTS:
             items = msg.header.get("items")
             if not isinstance(items, list) or len(items) != len(msg.payload):
                 log.warning("dropped a malformed batch of requests (%d frames)", len(msg.payload))
                 return
-            self._items.extend(zip(items, msg.payload))
+            for item, frame in zip(items, msg.payload):
+                self._queue(item, frame)
         elif msg.kind == P.PING:
             self._hello()
+
+    def _queue(self, h: Any, frame: Any) -> None:
+        """Queue one request; its data comes from the client's shared memory when the
+        header names a segment. It is copied out at once: the client reuses the segment
+        when the request ends, and a program may keep an image longer than that."""
+        if not isinstance(h, dict):
+            log.warning("dropped a request whose header is not a map")
+            return
+        if "shm" in h:
+            try:
+                frame = bytes(self._shm.view(h["shm"]))
+            except shm.ShmError as exc:
+                log.warning("request %s: its data cannot be read from shared memory: %s", h.get("rid"), exc)
+                detail = f"the container could not read the request's shared memory: {exc}"
+                self._send(P.RESULT, {"mkey": h.get("mkey"), "code": 999, "msg": format_message(999), "detail": detail})
+                return
+        self._items.append((h, frame))
 
     def _wait(self, deadline: float | None) -> bool:
         """Wait for a message until ``deadline`` (None: no limit), beating while idle;
