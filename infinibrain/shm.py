@@ -130,8 +130,11 @@ def read_probe(name: Any) -> str | None:
     if not isinstance(name, str) or not name.endswith("-probe"):
         return None
     try:
-        with open(_path(name), "rb") as f:
-            return f.read(256).decode()
+        fd = os.open(_path(name), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            return os.read(fd, 256).decode()
+        finally:
+            os.close(fd)
     except (OSError, ShmError, UnicodeDecodeError):
         return None
 
