@@ -24,8 +24,8 @@
    two, WINDOW in flight; and 8 client processes at once, each with 4 in flight: the
    slowest client's requests per second against the fastest's.
 4. **Size**: manager CPU per request and p50 with 2 containers and with ``--containers``
-   (default 200, ``Loop`` containers idle beside the model's two); the manager's memory
-   per idle container.
+   (default 200, ``Loop`` containers idle beside the model's two): two managers side by
+   side, measured in alternating rounds; the manager's memory per idle container.
 
 Each figure of 1 and 2 is the median of ``--rounds`` alternating rounds.
 
@@ -452,42 +452,59 @@ def scaling_section(c: AICluster, port: int, args: argparse.Namespace) -> list[R
 
 
 def size_section(args: argparse.Namespace) -> list[Row]:
-    """Manager CPU per request and p50 with 2 containers, then with ``--containers``."""
+    """Manager CPU per request and p50 with ``--containers`` registered against 2: two
+    managers side by side, one with the model's 2 containers, one with as many ``Loop``
+    containers idle beside them, measured in alternating rounds (a drift of the machine
+    then weighs on both alike); and, for information, the larger one before its idle
+    containers were loaded, as a sequential measure sees it."""
     with tempfile.TemporaryDirectory(prefix="ib-bench-size-") as folder:
-        m = ManagerProcess(Path(folder), boards=("local", "b2"), log_level="WARNING", metrics_port=-1).start()
+        managers = {k: ManagerProcess(Path(folder) / k, boards=("local", "b2"), log_level="WARNING", metrics_port=-1)
+                    for k in ("few", "many")}
         try:
-            with AICluster(port=m.port) as c:
-                c.load_inference(model_config("mean", "mean.py"), "all")
+            for m in managers.values():
+                m.start()
+            with managers["few"].client() as few_c, managers["many"].client() as many_c:
+                clients = {"few": few_c, "many": many_c}
                 image = image_of(PAYLOADS["224x224x3"])
+                for c in clients.values():
+                    c.load_inference(model_config("mean", "mean.py"), "all")
 
-                def measure() -> tuple[float, float]:
+                def measure(key: str) -> tuple[float, float]:
+                    c, pid = clients[key], managers[key].proc.pid
                     p50 = p50_ms(lambda im: c.infer_image("mean", im), image, args.requests // 2, args.seconds)
-                    before = cpu_seconds(m.proc.pid)
-                    _, latencies = windowed(by_future(c, "mean", image), args.requests, args.seconds, WINDOW)
-                    return p50, 1e6 * (cpu_seconds(m.proc.pid) - before) / len(latencies)
+                    before = cpu_seconds(pid)  # in clock ticks (10 ms): enough requests that one tick is little
+                    _, latencies = windowed(by_future(c, "mean", image), 2 * args.requests, args.seconds, WINDOW)
+                    return p50, 1e6 * (cpu_seconds(pid) - before) / len(latencies)
 
-                few = median_pairs([measure() for _ in range(args.rounds)])
-                rss_few = rss_bytes(m.proc.pid)
+                before_loading = median_pairs([measure("many") for _ in range(args.rounds)])
+                rss_few = rss_bytes(managers["many"].proc.pid)
                 extra = max(args.containers - 2, 0)
                 t0 = time.monotonic()
                 for first in range(0, extra // 2, 10):
-                    futures = [c.load_inference_future(ContainerConfig(name=f"idle{i}", implementation_type="Loop"), "all")
+                    futures = [many_c.load_inference_future(ContainerConfig(name=f"idle{i}", implementation_type="Loop"), "all")
                                for i in range(first, min(first + 10, extra // 2))]
                     for f in futures:
                         f.result(timeout=600)
                 loaded = time.monotonic() - t0
                 time.sleep(2)  # their first heartbeats and pings settle
-                many = median_pairs([measure() for _ in range(args.rounds)])
-                rss_many = rss_bytes(m.proc.pid)
-                c.unload_inference("")
+                rss_many = rss_bytes(managers["many"].proc.pid)
+                rounds: dict[str, list[tuple[float, float]]] = {"few": [], "many": []}
+                for _ in range(args.rounds):
+                    for key in rounds:
+                        rounds[key].append(measure(key))
+                few, many = median_pairs(rounds["few"]), median_pairs(rounds["many"])
+                for c in clients.values():
+                    c.unload_inference("")
         finally:
-            m.stop()
-            m.cleanup()
+            for m in managers.values():
+                m.stop()
+                m.cleanup()
     n = 2 + 2 * (extra // 2)
     per_container_kb = (rss_many - rss_few) / max(n - 2, 1) / 1024
     return [
         Row("size", f"manager CPU per request, {n} vs 2 containers", many[1], few[1], "2 containers", "<= 1.2", "us"),
         Row("size", f"224x224x3 p50, {n} vs 2 containers", many[0], few[0], "2 containers", "<= 1.2", "ms"),
+        Row("size", f"manager CPU per request, {n} vs before loading them", many[1], before_loading[1], "same, earlier", "", "us"),
         Row("size", "manager memory per idle container", per_container_kb, 0.0, f"({loaded:.0f} s to load)", "", "kB"),
     ]
 

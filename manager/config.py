@@ -67,7 +67,9 @@ class ManagerConfig:
     default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None; 0 = no limit
     default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
     container_start_timeout_ms: int = 30_000  # a started container is ready (connected, warmed up) by then, or failed
-    container_heartbeat_ms: int = 1_000  # an idle Connector says it is alive this often
+    # An idle Connector says it is alive this often: a few times within liveness_timeout_ms
+    # is enough (each beat of each idle container costs the manager a wake-up).
+    container_heartbeat_ms: int = 2_500
     liveness_timeout_ms: int = 10_000  # idle and silent this long: unhealthy; unhealthy this long: restarted (policy)
     restart_stable_after_ms: int = 10_000  # running this long after a restart resets the restart backoff
     container_stop_timeout_ms: int = 5_000  # SIGTERM, then SIGKILL after this

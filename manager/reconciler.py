@@ -170,11 +170,15 @@ class Reconciler:
             self._check_silence(now)
         if not self._dirty and now < self._next_pass:
             return
+        timed_only = not self._dirty  # nothing happened: only what waits on the clock can move
         self._dirty = False
         self._next_pass = now + PASS_INTERVAL
         for name, reg in list(self.registrations.items()):
             for board, placement in list(reg.boards.items()):
-                self._converge(self.slot(name, board), reg, placement, now)
+                s = self.slot(name, board)
+                if timed_only and placement.running and self._settled(s, reg):
+                    continue
+                self._converge(s, reg, placement, now)
         for key, s in list(self.slots.items()):
             owner = self.registrations.get(s.name)
             if owner is None or s.board not in owner.boards:
@@ -183,6 +187,16 @@ class Reconciler:
                     del self.slots[key]
         for change in list(self.changes):
             self._follow(change, now)
+
+    @staticmethod
+    def _settled(s: Slot, reg: Registration) -> bool:
+        """Its one instance is the wanted revision, ready and connected, and no step or
+        change is under way: ``_converge`` would do nothing, now or later, until something
+        happens (which pokes a full pass). Many idle containers then cost the loop little."""
+        if s.busy or s.change is not None or s.removing or s.replacing or len(s.instances) != 1:
+            return False
+        inst = next(iter(s.instances.values()))
+        return inst.state is State.READY and inst.revision == reg.revision and inst.connected
 
     def _converge(self, s: Slot, reg: Registration | None, placement: Placement | None, now: float) -> None:
         if s.busy or now < s.retry_at:

@@ -914,9 +914,10 @@ class Router:
                     break  # a queue is in order of acceptance
                 self._ack(req)
         for c in self.containers.values():
-            for req in c.in_flight.values():
-                if req.accepted <= cutoff:
-                    self._ack(req)
+            if c.in_flight:  # most of many containers have nothing in flight
+                for req in c.in_flight.values():
+                    if req.accepted <= cutoff:
+                        self._ack(req)
 
     def _ack(self, req: Request) -> None:
         if not req.acked and req.client:
