@@ -14,14 +14,16 @@ its own ``/dev/shm``) gets the bytes in a frame, which the manager reads from th
 
 Segments belong to the client that made them: it reuses one once its request has ended
 and removes them all when it closes or exits. Segments left by a process that died are
-removed by the next client to start on the host (``sweep``). A name is
-``infinibrain-<pid>-<owner>-<n>``; only names of that form are ever opened.
+removed by the next client to start on the host (``sweep``: an owner is alive while it
+holds a lock on its probe). A name is ``infinibrain-<pid>-<owner>-<n>``; only names of
+that form are ever opened.
 
 Thread safety: a ``Pool`` is shared by the client's calling threads and its I/O thread
 (one lock); a ``Reader`` is owned by one thread (the router's loop, a Connector's).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -42,8 +44,8 @@ MIN_BYTES = int(os.environ.get("INFINIBRAIN_SHM_MIN_BYTES", 64 << 10))
 LIMIT_BYTES = int(os.environ.get("INFINIBRAIN_SHM_BYTES", 256 << 20))
 MAX_MAPPINGS = 64  # segments a reader keeps mapped (one per request a client has in flight)
 _PAGE = mmap.PAGESIZE
-# A client's segments and probe carry its pid (for ``sweep``); the manager's probe its port
-# (containers are told its name, which must not change when the manager restarts).
+# A client's segments and probe carry its id (its pid and a token); the manager's probe its
+# port (containers are told its name, which must not change when the manager restarts).
 _NAME = re.compile(r"infinibrain-(?:([0-9]+)-[A-Za-z0-9]+-(?:[0-9]+|probe)|manager-[0-9]+-probe)\Z")
 
 
@@ -113,16 +115,22 @@ class Probe:
         segment = _create(draft, max(len(data), 1))
         segment[: len(data)] = data
         segment.close()
+        # Held while we live (``sweep`` asks), taken before the name appears.
+        fd = os.open(_path(draft), os.O_RDONLY | os.O_NOFOLLOW)
+        fcntl.flock(fd, fcntl.LOCK_SH)
         os.rename(_path(draft), _path(name))
-        self._finalizer = weakref.finalize(self, _remove_probe, name, token, os.getpid())
+        self._finalizer = weakref.finalize(self, _remove_probe, name, token, fd, os.getpid())
 
     def close(self) -> None:
         self._finalizer()
 
 
-def _remove_probe(name: str, token: str, pid: int) -> None:
-    if os.getpid() == pid and read_probe(name) == token:  # not one that replaced ours since
+def _remove_probe(name: str, token: str, fd: int, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child exiting: the probe is its parent's
+        return
+    if read_probe(name) == token:  # not one that replaced ours since
         _unlink([name])
+    os.close(fd)
 
 
 def read_probe(name: Any) -> str | None:
@@ -219,19 +227,24 @@ class Pool:
 
 
 def sweep() -> int:
-    """Remove segments whose process is gone (it died without closing); how many."""
+    """Remove the segments and probes of owners that are gone (they died without
+    closing); how many. An owner is alive while its probe is locked: the lock goes with
+    its process however it ends, and, unlike a pid, means the same in every pid namespace
+    that shares this /dev/shm."""
     removed = 0
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return 0
     uid = os.getuid()
+    alive: dict[str, bool] = {}
     for name in names:
-        match = _NAME.match(name)
-        if match is None:
+        if not _NAME.match(name):
             continue
-        pid = match.group(1) or (read_probe(name) or "").partition(":")[0]  # a manager's probe holds "<pid>:<token>"
-        if not pid.isdigit() or _alive(int(pid)):
+        owner = name.rsplit("-", 1)[0]
+        if owner not in alive:
+            alive[owner] = _held(owner + "-probe")
+        if alive[owner]:
             continue
         try:
             path = _path(name)
@@ -243,14 +256,21 @@ def sweep() -> int:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _held(probe: str) -> bool:
+    """Whether a live process holds ``probe`` (a missing probe: nobody does)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(_path(probe), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
         return False
-    except OSError:  # another user's: alive
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    except OSError:
+        return True  # cannot tell: leave it
+    finally:
+        os.close(fd)  # and with it our lock, if we got it
+    return False
 
 
 # ---- the readers: the manager, a Connector ------------------------------------------------

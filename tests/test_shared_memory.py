@@ -251,22 +251,23 @@ def test_containers_a_restarted_manager_adopts_keep_reading_shared_memory(fresh_
         c.unload_inference(name)
 
 
-def test_sweep_removes_only_what_dead_processes_left(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    live = str(os.getpid())
-    made = {
-        f"infinibrain-{dead}-gone-1": b"x", f"infinibrain-{dead}-gone-probe": b"x",
-        "infinibrain-manager-1-probe": f"{dead}:abc".encode(),
-        f"infinibrain-{live}-here-1": b"x", "infinibrain-manager-2-probe": f"{live}:abc".encode(),
-    }
-    for n, data in made.items():
+def test_sweep_removes_only_what_owners_that_are_gone_left(tmp_path):
+    """An owner is alive while it holds its probe's lock, whatever its pid says (a client in
+    another pid namespace sharing /dev/shm has pids that mean nothing here)."""
+    live_owner, gone_owner = "12345-liveowner", "12345-goneowner"  # one pid, as two namespaces may give
+    live = shm.Probe(shm.probe_name(live_owner), live_owner)
+    made = [f"infinibrain-{live_owner}-1", f"infinibrain-{gone_owner}-1", f"infinibrain-{gone_owner}-probe",
+            "infinibrain-manager-1-probe", f"infinibrain-{gone_owner}-2"]
+    for n in made:
         with open(os.path.join(shm.SHM_DIR, n), "wb") as f:
-            f.write(data)
+            f.write(b"x")
     try:
         shm.sweep()
-        left = {n for n in made if os.path.exists(os.path.join(shm.SHM_DIR, n))}
-        assert left == {f"infinibrain-{live}-here-1", "infinibrain-manager-2-probe"}
+        left = {n for n in made + [live.name] if os.path.exists(os.path.join(shm.SHM_DIR, n))}
+        assert left == {f"infinibrain-{live_owner}-1", live.name}
     finally:
+        live.close()
         for n in made:
             if os.path.exists(os.path.join(shm.SHM_DIR, n)):
                 os.unlink(os.path.join(shm.SHM_DIR, n))
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, live.name))
