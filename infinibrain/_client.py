@@ -228,7 +228,7 @@ class ClusterClient:
         if shm.LIMIT_BYTES <= 0 or not shm.available():
             return None, None
         try:
-            shm.sweep()
+            shm.sweep_once()
             return shm.Probe(shm.probe_name(self.id), self.id), shm.Pool(self.id)
         except OSError as exc:
             self.logger.info("no shared memory for large payloads (%s): they go in frames", exc)

@@ -14,9 +14,9 @@ its own ``/dev/shm``) gets the bytes in a frame, which the manager reads from th
 
 Segments belong to the client that made them: it reuses one once its request has ended
 and removes them all when it closes or exits. Segments left by a process that died are
-removed by the next client to start on the host (``sweep``: an owner is alive while it
-holds a lock on its probe). A name is ``infinibrain-<pid>-<owner>-<n>``; only names of
-that form are ever opened.
+removed when the next program starts its first client on the host (``sweep``: an owner
+is alive while it holds a lock on its probe). A name is ``infinibrain-<pid>-<owner>-<n>``;
+only names of that form are ever opened.
 
 Thread safety: a ``Pool`` is shared by the client's calling threads and its I/O thread
 (one lock); a ``Reader`` is owned by one thread (the router's loop, a Connector's).
@@ -46,7 +46,7 @@ MAX_MAPPINGS = 64  # segments a reader keeps mapped (one per request a client ha
 _PAGE = mmap.PAGESIZE
 # A client's segments and probe carry its id (its pid and a token); the manager's probe its
 # port (containers are told its name, which must not change when the manager restarts).
-_NAME = re.compile(r"infinibrain-(?:([0-9]+)-[A-Za-z0-9]+-(?:[0-9]+|probe)|manager-[0-9]+-probe)\Z")
+_NAME = re.compile(r"infinibrain-(?:[0-9]+-[A-Za-z0-9]+-(?:[0-9]+|probe)|manager-[0-9]+-probe)\Z")
 
 
 class ShmError(Exception):
@@ -109,7 +109,6 @@ class Probe:
 
     def __init__(self, name: str, token: str) -> None:
         self.name = name
-        self.token = token
         data = token.encode()
         draft = f"{PREFIX}{os.getpid()}-draft{os.urandom(4).hex()}-probe"
         segment = _create(draft, max(len(data), 1))
@@ -131,6 +130,11 @@ def _remove_probe(name: str, token: str, fd: int, pid: int) -> None:
     if read_probe(name) == token:  # not one that replaced ours since
         _unlink([name])
     os.close(fd)
+
+
+def proven(owner: str) -> bool:
+    """Whether client ``owner``'s probe holds its id here: then we read its segments."""
+    return read_probe(probe_name(owner)) == owner
 
 
 def read_probe(name: Any) -> str | None:
@@ -224,6 +228,17 @@ class Pool:
         with self._lock:
             self._free.clear()
             self._finalizer()
+
+
+_swept = False
+
+
+def sweep_once() -> None:
+    """``sweep`` the first time a process asks (each client asks as it starts)."""
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep()
 
 
 def sweep() -> int:

@@ -466,8 +466,8 @@ class Router:
             assert self.commands is not None, "the daemon sets the command table before the loop runs"
             self.commands.submit(client, str(h["rid"]), str(h["cmd"]), h.get("args") or {})
         elif kind == P.HELLO:  # with "to": a thread's own socket proves it is subscribed
-            if "shm" in h:  # may it name its shared memory? only if we can read it
-                client.shm = h["shm"] == shm.probe_name(cid) and shm.read_probe(h["shm"]) == cid
+            if "shm" in h and not client.shm:  # may it name its shared memory? only if we read its probe
+                client.shm = h["shm"] == shm.probe_name(cid) and shm.proven(cid)
             self.send_to(P.reply_topic(cid, h.get("to")), P.HELLO_ACK,
                          {"path": h.get("path"), "mid": self.instance, "hb": self.hb_interval,
                           "max": self.config.max_message_size, "no_input": self._no_input, "shm": client.shm is True})
@@ -526,7 +526,7 @@ class Router:
         if ref is not None:
             try:
                 if client.shm is None:  # a client this manager has not said hello to (it restarted): its probe
-                    client.shm = shm.read_probe(shm.probe_name(client.id)) == client.id
+                    client.shm = shm.proven(client.id)
                 if not client.shm:
                     raise shm.ShmError("the manager cannot read this client's probe segment; send the data in a frame")
                 ref = list(shm.parse_ref(ref, client.id))
