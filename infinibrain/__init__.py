@@ -4,6 +4,8 @@ The host API is ``infinibrain.inference.AICluster`` with ``CoprocessorHandler``
 (``infinibrain.coprocessor``) and ``ContainerHandler`` (``infinibrain.container``); inside
 containers, ``infinibrain.containers`` gives ``Connector`` and the log functions. Every
 data class and exception is importable from here too.
+
+Import only: nothing here runs on a thread of its own.
 """
 __version__ = "0.1.0"
 

@@ -52,7 +52,7 @@ def with_retries(attempt: Callable[[], Any], retry: RetryPolicy, kind: str) -> A
         except InfinibrainException as exc:
             if not retry.retries(exc.code, n, kind):
                 raise
-            time.sleep(retry.delay(n))
+            time.sleep(retry.pause(n, exc))
             n += 1
 
 
@@ -85,7 +85,7 @@ def run_future(send: Callable[[], "Pending"], convert: Callable[[Any], Any], ret
 
     def finish(n: int, exc: BaseException | None, done: concurrent.futures.Future | None) -> None:
         if isinstance(exc, InfinibrainException) and retry.retries(exc.code, n, kind):
-            timer = threading.Timer(retry.delay(n), attempt, (n + 1,))
+            timer = threading.Timer(retry.pause(n, exc), attempt, (n + 1,))
             timer.daemon = True
             timer.start()
         elif exc is not None:

@@ -17,15 +17,12 @@ Guarantees:
 """
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -33,125 +30,24 @@ from zmq.utils.monitor import recv_monitor_message
 from . import allocator
 from . import protocol as P
 from . import security
-from . import shm
-from .errors import error_from_code, format_message, make_error
+from ._callbacks import CallbackThread
+from ._direct import DirectReplies, DirectReply, arrived
+from ._outbox import COPY_THRESHOLD, Outbox
+from ._pending import ACK_TIMEOUT, Pending, Waiting, next_request_no, response_of
+from .errors import format_message, make_error
 from .retry import NO_RETRY, RetryPolicy
 from .types import InferenceResponse
 
 log = logging.getLogger("infinibrain.client")
 
-ACK_TIMEOUT = 5.0  # a manager that is alive acknowledges within milliseconds
-ANSWER_GRACE = 2.0  # beyond the deadline the manager announced, before we give up ourselves
-COMMAND_TIMEOUT = 3600.0  # bound on a management command once acknowledged
 LIVENESS = 4  # heartbeats missed before the manager counts as lost
 TIMER_INTERVAL_MS = 20  # deadlines and heartbeats are looked at this often
-DIRECT_SOCKETS = 32  # threads per AICluster that receive their synchronous answers themselves
-DIRECT_PROOF = 1.0  # seconds a thread's socket may take to prove it is subscribed, else the I/O thread serves it
-# Frames smaller than this are copied when sent (one memcpy) rather than handed to pyzmq's
-# zero-copy machinery (a tracker and its garbage-collector thread per frame), which costs
-# more for an image of a few hundred kB; larger ones go zero-copy.
-COPY_THRESHOLD = 1 << 20
-
-_request_numbers = itertools.count(1)
-
-
-def next_request_no() -> str:
-    """Request acceptance numbers: unique within this process (together with the pid, cluster-wide)."""
-    return str(next(_request_numbers))
-
-
-Callback = Callable[[int, str, Any, Any], None]
-
-
-class Pending:
-    """One call waiting for its answer: a request number, what to do with the answer, and
-    (for the sync and ``_future`` forms) the future that carries it."""
-
-    __slots__ = ("rid", "kind", "deadline", "future", "on_done", "on_progress", "cmd", "acked", "inference", "tid", "param",
-                 "result_only", "segment")
-
-    def __init__(self, rid: str, kind: str, deadline: float, *, on_done: Callback | None = None,
-                 on_progress: Callable[[str, dict], None] | None = None, cmd: str = "", inference: str = "", tid: int = 0,
-                 param: dict | None = None, result_only: bool = False) -> None:
-        self.rid = rid
-        self.kind = kind  # "infer" or "cmd"
-        self.deadline = deadline
-        # An ``_async`` call has its callback only; every other form waits on a future.
-        self.future: concurrent.futures.Future | None = concurrent.futures.Future() if on_done is None else None
-        self.on_done = on_done  # (code, message, result, response)
-        self.on_progress = on_progress  # (cmd, info): progress events of a slow command
-        self.cmd = cmd
-        self.acked = False
-        self.inference = inference
-        self.tid = tid
-        self.param = param  # what was sent as additional information (InferenceResponse.metadata)
-        # The future's value is the result alone (infer_image, infer_image_future), not
-        # (result, InferenceResponse): the response is then never built.
-        self.result_only = result_only
-        self.segment: shm.Segment | None = None  # the shared memory its payload is in, until it ends
-
-    def wait(self) -> Any:
-        """The answer, or its numbered exception (bounded even if the I/O thread died)."""
-        assert self.future is not None, "an _async call has no future to wait on"
-        bound = None if self.deadline == float("inf") else max(self.deadline - time.monotonic(), 0) + COMMAND_TIMEOUT
-        try:
-            return self.future.result(timeout=bound)
-        except concurrent.futures.TimeoutError:
-            raise make_error(401, detail=f"no answer to request {self.rid}") from None
-
-
-def arrived(sock: zmq.Socket, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[P.Message]:
-    """The messages waiting on ``sock`` once a poll has said one is, at most 256 (so one
-    busy socket cannot hold its reader for ever); a malformed one is logged and dropped."""
-    for frames in P.received(sock, 256, polled=True):
-        try:
-            msg = P.decode(frames)
-        except P.ProtocolError as exc:
-            logger.warning("dropped malformed message from the manager: %s", exc)
-            continue
-        yield msg
-
-
-class DirectReply:
-    """A calling thread's own SUB socket: the answers to its synchronous inference requests
-    come straight to it (topic ``protocol.reply_topic``), as a raw client's do, instead of
-    through the I/O thread and a wake-up (docs/DECISIONS.md, "Synchronous answers").
-
-    Used only by its thread, under ``lock``; ``close`` takes the lock, so a socket is
-    never closed while its thread waits on it."""
-
-    _tags = itertools.count(1)
-
-    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: str) -> None:
-        self.tag = str(next(self._tags))
-        self.thread = threading.current_thread()
-        self.lock = threading.Lock()
-        self.proven = -1  # the connection generation in which the manager answered on this socket
-        self.sock = ctx.socket(zmq.SUB)
-        self.sock.linger = 0
-        self.sock.rcvhwm = 0
-        security.arm_client(self.sock, keys)
-        self.sock.subscribe(P.reply_topic(client_id, self.tag))
-        self.sock.connect(address)
-        self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
-
-    def messages(self, timeout_ms: int) -> list[P.Message]:
-        """What arrived within ``timeout_ms`` (malformed messages dropped). Only its thread's
-        answers come here, so reading all that waits loses nothing."""
-        return list(arrived(self.sock, log)) if self.poller.poll(timeout_ms) else []
-
-    def close(self) -> None:
-        if self.lock.acquire(timeout=1.0):  # its thread notices the client closing within a poll slice
-            self.sock.close(linger=0)
-            self.lock.release()
-
 
 class ClusterClient:
     def __init__(self, host: str, port: int, connect_timeout: float,
                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
         self.host, self.port = host, port
-        self.logger = logger or log
+        self._logger = logger or log
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
         self.pid = os.getpid()
         self.connect_timeout = connect_timeout
@@ -170,22 +66,28 @@ class ClusterClient:
         self._next_beat = 0.0
         self._next_hello = 0.0
         self._closed = False
-        self._pending: dict[str, Pending] = {}
         self._send_lock = threading.Lock()
         self._link = threading.Condition()
-        self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
-        self._direct = threading.local()  # this thread's DirectReply
-        self._directs: list[DirectReply] = []
-        self._directs_lock = threading.Lock()
         self._generation = 0  # counts connection losses: a thread's socket proves itself again after one
-        self._probe, self._pool = self._shared_memory()
-        self._shm_ok = False  # the manager said it reads our segments (hello_ack "shm")
+        self._outbox = Outbox(self.id, self.logger)
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self._open_sockets()
+        self._directs = DirectReplies(self._ctx, self._keys, self.id, self._client_out, lambda tag: self._hello("infer", tag),
+                                      self._on_result, self.logger)
+        self._callbacks = CallbackThread(f"infinibrain-cb-{self.id}", self.logger)
+        self._waiting = Waiting(self.pid, self._outbox, self._callbacks, self.logger)
         self._io = threading.Thread(target=self._io_loop, name=f"infinibrain-io-{self.id}", daemon=True)
-        self._cb = threading.Thread(target=self._callback_loop, name=f"infinibrain-cb-{self.id}", daemon=True)
         self._io.start()
-        self._cb.start()
+
+    @property
+    def logger(self) -> logging.Logger | logging.LoggerAdapter:
+        return self._logger
+
+    @logger.setter
+    def logger(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        """Every part of the client logs there from now on (AICluster.set_logger)."""
+        self._logger = logger
+        self._callbacks.logger = self._waiting.logger = self._directs.logger = logger
 
     # ---- sockets -------------------------------------------------------------------
 
@@ -222,24 +124,12 @@ class ClusterClient:
         self._sub.connect(base + str(self.port + P.CLIENT_OUT))
         self._wake_r, self._wake_w = os.pipe()
 
-    def _shared_memory(self) -> tuple[shm.Probe | None, shm.Pool | None]:
-        """The probe and segments of large payloads (infinibrain/shm.py); (None, None) when
-        this host offers none or INFINIBRAIN_SHM_BYTES=0."""
-        if shm.LIMIT_BYTES <= 0 or not shm.available():
-            return None, None
-        try:
-            shm.sweep_once()
-            return shm.Probe(shm.probe_name(self.id), self.id), shm.Pool(self.id)
-        except OSError as exc:
-            self.logger.info("no shared memory for large payloads (%s): they go in frames", exc)
-            return None, None
-
     def _hello(self, path: str, to: str | None = None) -> None:
         header: dict[str, Any] = {"path": path}
         if to is not None:
             header["to"] = to
-        if self._probe is not None and path == "infer":
-            header["shm"] = self._probe.name  # read it, and you may read our segments
+        if self._outbox.probe_name is not None and path == "infer":
+            header["shm"] = self._outbox.probe_name  # read it, and you may read our segments
         self._send(path, P.HELLO, header)
 
     def _send(self, path: str, kind: str, header: dict, payload: list | tuple = ()) -> None:
@@ -296,20 +186,13 @@ class ClusterClient:
             self._closed = True
         os.write(self._wake_w, b"x")
         self._io.join(timeout=5)
-        self._fail_all(111, "this AICluster was released")
-        self._callbacks.put(None)
-        if threading.current_thread() is not self._cb:
-            self._cb.join(timeout=5)
-        with self._directs_lock:
-            directs, self._directs = self._directs, []
-        for d in directs:
-            d.close()
+        self._waiting.fail_all(111, "this AICluster was released")
+        self._callbacks.close()
+        self._directs.close()
         for s in (*self._paths.values(), self._monitor, self._sub):
             s.close(linger=0)
         self._ctx.term()
-        if self._pool is not None and self._probe is not None:
-            self._pool.close()
-            self._probe.close()
+        self._outbox.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -318,16 +201,17 @@ class ClusterClient:
     def command(self, cmd: str, args: dict, on_done: Callable | None = None, on_progress: Callable | None = None) -> Pending:
         self.check_connected()
         p = Pending(next_request_no(), "cmd", time.monotonic() + ACK_TIMEOUT, on_done=on_done, on_progress=on_progress, cmd=cmd)
-        self._pending[p.rid] = p
+        self._waiting.add(p)
         try:
             self._send("mgmt", P.COMMAND, {"rid": p.rid, "cmd": cmd, "args": args})
         except BaseException:
-            self._pending.pop(p.rid, None)
+            self._waiting.take(p.rid)
             raise
         return p
 
     def infer(self, inference: str, payload: Any, arr: dict | None, param: dict, on_done: Callable | None = None,
-              result_only: bool = False, direct: DirectReply | None = None, detached: bool = False) -> Pending:
+              result_only: bool = False, direct: DirectReply | None = None, detached: bool = False,
+              priority: int = 0) -> Pending:
         """Send one inference request; ``result_only``: its future carries the result alone;
         ``direct``: its answer goes to that socket of the calling thread (``wait_direct``);
         ``detached``: the caller may change ``payload`` once this returns."""
@@ -340,128 +224,32 @@ class ClusterClient:
             header["to"] = direct.tag
         if result_only:
             header["lean"] = True  # a result needs no InferenceResponse fields
-        frames = self._payload(p, header, payload, detached)
-        self._pending[p.rid] = p
+        if priority:
+            header["pri"] = priority
+        frames = self._outbox.frames(p, header, payload, detached)
+        self._waiting.add(p)
         try:
             self._send("infer", P.REQUEST, header, frames)
         except BaseException:
-            self._pending.pop(p.rid, None)
-            self._release(p)
+            self._waiting.take(p.rid)
+            self._outbox.release(p)
             raise
         return p
-
-    def _payload(self, p: Pending, header: dict, payload: Any, detached: bool) -> tuple:
-        """The frames that carry ``payload``: none when it goes in shared memory (header
-        ``shm``), else one. A detached caller's writable buffer is copied before a
-        zero-copy send (ZeroMQ copies one below COPY_THRESHOLD as it sends)."""
-        view = memoryview(payload)
-        if self._shm_ok and view.nbytes >= shm.MIN_BYTES and view.c_contiguous:
-            assert self._pool is not None
-            p.segment = self._pool.take(view.nbytes)
-            if p.segment is not None:
-                header["shm"] = p.segment.write(view)
-                return ()
-        if detached and not view.readonly and view.nbytes >= COPY_THRESHOLD:
-            payload = payload.copy() if hasattr(payload, "copy") else bytes(view)
-        return (payload,)
-
-    def _release(self, p: Pending) -> None:
-        if p.segment is not None and self._pool is not None:
-            self._pool.give(p.segment)
-            p.segment = None
 
     # ---- synchronous answers straight to the calling thread ----------------------------
 
     def direct_reply(self) -> DirectReply | None:
         """The calling thread's own answer socket, proven subscribed in this connection;
         None (answers come through the I/O thread) when it cannot be had."""
-        d: DirectReply | None = getattr(self._direct, "reply", None)
-        if d is None:
-            d = self._new_direct()
-            if d is None:
-                return None
-        if d.proven != self._generation and not self._prove(d):
-            return None
-        return d
-
-    def _new_direct(self) -> DirectReply | None:
-        with self._directs_lock:
-            if self._closed:
-                return None
-            gone = [d for d in self._directs if not d.thread.is_alive()]
-            for d in gone:  # its thread ended: nobody uses it any more
-                self._directs.remove(d)
-                d.close()
-            if len(self._directs) >= DIRECT_SOCKETS:
-                return None
-            d = DirectReply(self._ctx, self._keys, self.id, self._client_out)
-            self._directs.append(d)
-        self._direct.reply = d
-        return d
-
-    def _prove(self, d: DirectReply) -> bool:
-        """Have the manager answer a hello on ``d`` (a SUB socket drops what arrives before
-        its subscription has reached the manager)."""
-        generation = self._generation
-        deadline = time.monotonic() + DIRECT_PROOF
-        with d.lock:
-            while time.monotonic() < deadline and not self._closed:
-                self._hello("infer", d.tag)
-                if any(m.kind == P.HELLO_ACK for m in d.messages(50)):
-                    d.proven = generation
-                    return True
-        self.logger.debug("thread socket %s not answered within %g s: answers come through the I/O thread", d.tag, DIRECT_PROOF)
-        return False
+        return None if self._closed else self._directs.of_this_thread(self._generation)
 
     def wait_direct(self, p: Pending, d: DirectReply) -> Any:
-        """``p.wait()`` for a request answered on ``d``: this thread receives its answer
-        itself. Whatever ends a call otherwise (a deadline, a lost connection, release)
-        still ends it: the I/O thread completes the future and this loop sees it within
-        a poll slice."""
-        assert p.future is not None
-        future = p.future
-        with d.lock:
-            while not future.done() and not self._closed and time.monotonic() < p.deadline + COMMAND_TIMEOUT:
-                for msg in d.messages(TIMER_INTERVAL_MS):
-                    if msg.kind == P.RESULT:  # its own, or a late answer to an earlier call (dropped)
-                        self._on_result(msg)
-        return p.wait()
+        """``p.wait()`` for a request answered on ``d``, which this thread reads itself."""
+        return self._directs.wait(p, d)
 
     def deliver(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the callback thread."""
-        self._callbacks.put((fn, args))
-
-    def _finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "") -> None:
-        """End ``p``: its future, or its callback (which gets the reference's message only)."""
-        self._release(p)
-        future = p.future
-        if future is not None:
-            if code:
-                exc = error_from_code(code, message, detail)
-                exc.response = response  # type: ignore[attr-defined]
-                future.set_exception(exc)
-            elif p.kind == "cmd" or p.result_only:
-                future.set_result(result)
-            else:
-                future.set_result((result, response))
-            return
-        if code and detail:
-            # A callback gets the reference's message only: the detail is in the log.
-            self.logger.debug("request %s ended with [%d] %s: %s", p.rid, code, message, detail)
-        if p.on_done is not None:
-            self.deliver(p.on_done, code, message, result if code == 0 else None, response)
-
-    def _fail_all(self, infer_code: int, why: str) -> None:
-        for rid in list(self._pending):
-            p = self._pending.pop(rid, None)
-            if p is not None:
-                code = infer_code if p.kind == "infer" else 111
-                self._finish(p, code, format_message(code), response=self._bare_response(p), detail=why)
-
-    def _bare_response(self, p: Pending) -> InferenceResponse | None:
-        if p.kind != "infer":
-            return None
-        return InferenceResponse(pid=self.pid, tid=p.tid, request_no=p.rid, inference_name=p.inference)
+        self._callbacks.deliver(fn, *args)
 
     # ---- the I/O thread -------------------------------------------------------------------
 
@@ -515,7 +303,7 @@ class ClusterClient:
             self.max_message_size = h["max"]
         self._takes_no_input(h)
         if h.get("path") == "infer":
-            self._shm_ok = h.get("shm") is True and self._pool is not None
+            self._outbox.agreed(h.get("shm") is True)
         with self._link:
             self._refused = ""  # whatever refused us before, this path works now
             self._acked_paths.add(str(h.get("path")))
@@ -535,18 +323,11 @@ class ClusterClient:
             self._lost("the manager restarted")
 
     def _on_ack(self, msg: P.Message) -> None:
-        p = self._pending.get(str(msg.header.get("rid")))
-        if p is not None and not p.acked:
-            p.acked = True
-            timeout = msg.header.get("timeout")
-            if p.kind == "infer" and timeout is None and "timeout" in msg.header:
-                p.deadline = float("inf")  # no answer limit: the manager's liveness still ends it
-            else:
-                p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
+        self._waiting.acked(msg.header.get("rid"), msg.header)
 
     def _on_result(self, msg: P.Message) -> None:
         h = msg.header
-        p = self._pending.pop(str(h.get("rid")), None)
+        p = self._waiting.take(h.get("rid"))
         if p is None:
             return
         code = int(h.get("code") or 0)
@@ -557,20 +338,23 @@ class ClusterClient:
             except P.ProtocolError as exc:
                 code, h["msg"], h["detail"] = 999, format_message(999), f"result could not be decoded: {exc}"
         # The InferenceResponse is built only for a form that hands it out.
-        response = None if (code == 0 and p.result_only) else self._response(p, h.get("resp"))
-        self._finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "")
+        response = None if (code == 0 and p.result_only) else response_of(p, self.pid, h.get("resp"))
+        retry_after = h.get("retry_after") if code == 305 and isinstance(h.get("retry_after"), (int, float)) else None
+        if retry_after is not None and response is not None:
+            response.metadata_sys["retry_after"] = retry_after
+        self._waiting.finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "", retry_after)
 
     def _on_reply(self, msg: P.Message) -> None:
         h = msg.header
-        p = self._pending.pop(str(h.get("rid")), None)
+        p = self._waiting.take(h.get("rid"))
         if p is None:
             return
         code = int(h.get("code") or 0)
         result = P.unpack_value(msg.payload[0]) if (code == 0 and msg.payload) else None
-        self._finish(p, code, h.get("msg") or "", result, detail=h.get("detail") or "")
+        self._waiting.finish(p, code, h.get("msg") or "", result, detail=h.get("detail") or "")
 
     def _on_progress(self, msg: P.Message) -> None:
-        p = self._pending.get(str(msg.header.get("rid")))
+        p = self._waiting.get(msg.header.get("rid"))
         listener = (p.on_progress or self.progress_callback) if p is not None else None
         if listener is not None and isinstance(msg.header.get("info"), dict):
             self.deliver(listener, p.cmd, msg.header["info"])  # type: ignore[union-attr]
@@ -603,23 +387,6 @@ class ClusterClient:
         P.PROGRESS: _on_progress,
     }
 
-    def _response(self, p: Pending, data: Any) -> InferenceResponse:
-        """The InferenceResponse of an answer: what only the manager knows (where it ran, the
-        module, the time stamps) from ``data``, the rest from the request itself."""
-        data = data if isinstance(data, dict) else {}
-        given = data.get("time_stamp")
-        stamps = list(given) if isinstance(given, list) else []  # the decoder's fresh lists: ours to keep
-        stamps.append(["client_receive", P.now()])
-        try:
-            elapsed = [[f"{a[0]}->{b[0]}", b[1] - a[1]] for a, b in zip(stamps, stamps[1:])]
-            elapsed.append(["total", stamps[-1][1] - stamps[0][1]])
-        except (TypeError, IndexError, KeyError):  # stamps not [stage, seconds]: the answer still ends its call
-            elapsed = []
-        return InferenceResponse(pid=self.pid, tid=p.tid, request_no=p.rid, inference_name=p.inference,
-                                 metadata=p.param if p.param is not None else {}, metadata_sys=data.get("metadata_sys") or {},
-                                 sub_inference_name=data.get("sub_inference_name") or "", time_stamp=stamps,
-                                 elapsed_time=elapsed)
-
     def _event(self, code: int, message: str, cmd: str, result: Any) -> None:
         if self.manage_callback is not None:
             self.deliver(self.manage_callback, code, message, cmd, result)
@@ -628,14 +395,7 @@ class ClusterClient:
         if self._closed:
             return
         now = time.monotonic()
-        for p in list(self._pending.values()):
-            if p.deadline <= now and self._pending.pop(p.rid, None) is not None:
-                if not p.acked:
-                    code = 402 if p.kind == "infer" else 111
-                    why = f"the manager did not acknowledge request {p.rid}"
-                else:
-                    code, why = (401, f"no answer to request {p.rid} in time") if p.kind == "infer" else (111, f"no reply to command {p.rid}")
-                self._finish(p, code, format_message(code), response=self._bare_response(p), detail=why)
+        self._waiting.expire(now)
         if self.manager_id is None:
             return  # still in the first handshake
         if self.connected:
@@ -654,24 +414,11 @@ class ClusterClient:
         with self._link:
             self.connected = False
             self._acked_paths.clear()
-            self._shm_ok = False  # the manager that comes back proves it again
+            self._outbox.agreed(False)  # the manager that comes back proves it again
             self._generation += 1  # threads' sockets prove themselves again
-        self._fail_all(402, f"connection to the manager lost ({why})")
+        self._waiting.fail_all(402, f"connection to the manager lost ({why})")
         self._event(112, format_message(112), "keepalive", None)
         self._next_hello = 0.0
 
-    # ---- the callback thread -------------------------------------------------------------
 
-    def _callback_loop(self) -> None:
-        while True:
-            item = self._callbacks.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:  # an application's callback must not stop the SDK
-                self.logger.exception("callback %s raised", getattr(fn, "__name__", fn))
-
-
-__all__ = ["ClusterClient", "Pending", "next_request_no"]
+__all__ = ["ClusterClient", "DirectReply", "Pending", "next_request_no"]

@@ -1,5 +1,8 @@
 """TOML files the command line reads (deployment files, image specs): one reader, with the
-numbered errors that name the file."""
+numbered errors that name the file.
+
+Pure: the command's thread.
+"""
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,8 @@ the command with ``infinibrain: [CODE] message`` plus what to do, and the exit s
 ``errors.exit_status(CODE)`` (305 -> 35, 500 -> 50, ...); 1 for anything else, 2 for usage.
 
     infinibrain [--host H] [--port P] [--timeout S] COMMAND ...
+
+The command's main thread (behind it, the AICluster's own I/O and callback threads).
 """
 from __future__ import annotations
 
@@ -154,16 +156,27 @@ def cmd_deploy(c: AICluster, args: argparse.Namespace) -> int:
                 raise
             load_with_progress(c, {**cfg, "force_update": True}, wanted, args.quiet)
             changed = True
-        removed = sorted(before - set(wanted))
-        for board in removed:
+        for board in sorted(before - set(wanted)):
             c.unload_inference(name, board, delete_image=False)
-        added = sorted(set(wanted) - before)
-        what = ("created" if not before else "updated" if changed
-                else "unchanged" if not added and not removed else "boards changed")
-        detail = "".join([f", added on {', '.join(added)}" if added and before else "",
-                          f", removed from {', '.join(removed)}" if removed else ""])
-        print(f"{name}: {what} on {', '.join(sorted(wanted))}{detail}")
+        print(deploy_outcome(name, before, wanted, changed))
     return 0
+
+
+def deploy_outcome(name: str, before: set[str], wanted: list[str], changed: bool) -> str:
+    """What ``deploy`` did to one inference, each board named once:
+    ``classifier: created on b2, local`` (it was new), else the boards it kept, as
+    ``updated on`` (new containers from new settings) or ``unchanged on``, then
+    ``added on`` (boards new to it) and ``removed from`` (boards no longer listed), e.g.
+    ``classifier: updated on local; added on b2; removed from b3``."""
+    if not before:
+        return f"{name}: created on {', '.join(sorted(set(wanted)))}"
+    kept = sorted(before & set(wanted))
+    added = sorted(set(wanted) - before)
+    removed = sorted(before - set(wanted))
+    parts = [f"{'updated' if changed else 'unchanged'} on {', '.join(kept)}" if kept else "",
+             f"added on {', '.join(added)}" if added else "",
+             f"removed from {', '.join(removed)}" if removed else ""]
+    return f"{name}: {'; '.join(p for p in parts if p) or 'unchanged'}"
 
 
 def load_with_progress(c: AICluster, cfg: dict, boards: list[str], quiet: bool) -> Any:
@@ -251,7 +264,7 @@ def cmd_queue(c: AICluster, args: argparse.Namespace) -> int:
     if args.json:
         dump(rows)
     elif rows:
-        table(rows, ["inference_name", "request_no", "pid", "mng_queue_in"])
+        table(rows, ["inference_name", "request_no", "pid", "priority", "mng_queue_in"])
     else:
         print("no requests waiting")
     return 0

@@ -1,4 +1,7 @@
-"""ContainerHandler: controls one inference container (reference chapter 4)."""
+"""ContainerHandler: controls one inference container (reference chapter 4).
+
+The caller's thread: each call hands off to its AICluster's client core (_client.py).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable

@@ -1,4 +1,7 @@
-"""CoprocessorHandler: controls one AI extension board (reference chapter 3)."""
+"""CoprocessorHandler: controls one AI extension board (reference chapter 3).
+
+The caller's thread: each call hands off to its AICluster's client core (_client.py).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable

@@ -36,6 +36,8 @@ The reference's own names work too: the short names of its chapter 8
 and 4.4 (``CoprocesorNotFoundExpection``, ...) are the same classes. ``NotImplemented``
 (the short name of NotImplementedException) is importable by name but left out of ``*``
 imports, so that it never shadows Python's own ``NotImplemented`` unasked.
+
+Pure data: any thread.
 """
 from __future__ import annotations
 
@@ -103,7 +105,11 @@ class CoprocessorNotFoundException(InfinibrainException):
 
 
 class SendQueueFullException(InfinibrainException):
+    """305. ``retry_after``: seconds to wait before sending again, from how fast the
+    inference's queue drains (None when the manager did not say)."""
+
     code = 305
+    retry_after: float | None = None
 
 
 class SendQueueTimeoutException(InfinibrainException):
@@ -205,14 +211,14 @@ HINTS: dict[int, str] = {
     302: "fix the setting the message names (see `infinibrain logs NAME` if a container did not start)",
     303: "wait until its requests are done (`infinibrain queue NAME`), or delete them",
     304: "check the board's name with `infinibrain status`",
-    305: "the send-wait queue is full: slow down, or raise send_queue_size",
+    305: "the send-wait queue is full: wait retry_after seconds (in the detail), or raise max_queue_size",
     306: "no container took the request in time: check `infinibrain status` (distribution on, containers connected)",
     307: "check the container's name with `infinibrain status`",
     308: "add --force to delete another process's requests",
     309: "another command is working on this inference: try again shortly",
     400: "check the inference name with `infinibrain status`",
     401: "the container did not answer in time: see `infinibrain logs NAME`, or raise wait_queue_timeout",
-    402: "the container went away while serving it: see `infinibrain logs NAME`",
+    402: "the container went away while serving it: see `infinibrain logs NAME`; retries= sends such requests elsewhere",
     403: "this inference takes no requests (input = None)",
     404: "delete_queue removed it before it was sent; send it again if it is still wanted",
     500: "check the board: is it on, is sshd running, are its key and known_hosts right?",

@@ -25,6 +25,8 @@ loopback-only web server; inside, pip runs from the wheel the runtime image carr
 itself or of them behind. Packages the image has from Debian (numpy, pyzmq, msgpack)
 satisfy dependencies. Each of apt, pip and files is one layer, in that order, so a change
 to your files rebuilds (and ships) only the top layer.
+
+The command's main thread, and one thread of its own serving the wheels to the build.
 """
 from __future__ import annotations
 

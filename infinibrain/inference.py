@@ -1,4 +1,7 @@
-"""AICluster: the host application's view of the cluster (reference chapter 2)."""
+"""AICluster: the host application's view of the cluster (reference chapter 2).
+
+The application's threads: each call checks its arguments there and hands off to the client core (_client.py).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,23 +10,23 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-import numpy as np
 
 from . import _api
 from . import protocol as P
 from ._api import Call
-from ._client import ClusterClient, DirectReply, Pending
+from ._client import ClusterClient
+from ._infer import _Inference
 from .container import ContainerHandler
 from .coprocessor import CoprocessorHandler
 from .errors import ConnectionFailedException, InfinibrainException, SocketConnectionException, argument_error, make_error
 from .retry import NO_RETRY, RetryPolicy
-from .types import FILE_INFO_KEYS, ContainerConfig, ContainerStatus, CoprocessorImages, InferenceResponse, QueueInfo, _plain
+from .types import FILE_INFO_KEYS, ContainerConfig, ContainerStatus, CoprocessorImages, QueueInfo, _plain
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5570
 
 
-class AICluster:
+class AICluster(_Inference):
     """Controls the whole cluster: registers inferences, runs them, inspects and manages.
 
     ``AICluster()`` connects to a manager started with the embedded default on this host
@@ -231,130 +234,7 @@ class AICluster:
         """get_container_status, to ``func`` or the manage callback."""
         return self._run_async(func, self._query, "get_container_status", inference_name, _statuses)
 
-    # ---- 2.9 / 2.12 inference ---------------------------------------------------------------------
-
-    def _call(self, inference_name: Any, data: Any, param: Any, image: bool, result_only: bool) -> Any:
-        """A synchronous inference: send, and wait for the answer, which comes straight to
-        this thread's own socket when it has one."""
-        client = self._connected_client()
-        direct = client.direct_reply()
-        pending = self._submit(inference_name, data, param, image, None, result_only=result_only, direct=direct)
-        return client.wait_direct(pending, direct) if direct is not None else pending.wait()
-
-    def _submit(self, inference_name: Any, data: Any, param: Any, image: bool, on_done: Callable | None,
-                detached: bool = False, result_only: bool = False, direct: DirectReply | None = None) -> Pending:
-        """Send one request. ``detached``: the call returns before the answer (``_async``,
-        ``_future``), so a buffer the caller may change is copied before it is sent (the
-        client does it: into shared memory, or a copy for ZeroMQ). ``result_only``: the
-        pending call's future carries the result alone."""
-        client = self._connected_client()
-        name = _api.require_str(inference_name, "inference_name")
-        what = "image_data" if image else "in_data"
-        payload: Any
-        if data is None:
-            raise argument_error(what)
-        if image:
-            if not isinstance(data, np.ndarray):
-                raise argument_error(what, f"must be a numpy.ndarray, got {type(data).__name__}")
-            if data.dtype.hasobject:
-                raise argument_error(what, "an array of Python objects cannot be sent")
-            array = np.ascontiguousarray(data)
-            payload, arr = array, P.array_meta(array)
-        else:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise argument_error(what, f"must be bytes, got {type(data).__name__}")
-            payload, arr = data, None
-        size = memoryview(payload).nbytes
-        if size > client.max_message_size:
-            raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
-        return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only, direct, detached)
-
-    def _infer_retrying(self, attempt: Callable[[], Any]) -> Any:
-        try:
-            return _api.with_retries(attempt, self._client.retry, "infer")
-        except InfinibrainException as exc:
-            # 403 reaches the infer callback too (chapter 8: "as exception" and "to callback").
-            if exc.code == 403 and self._client.infer_callback is not None:
-                self._client.deliver(self._client.infer_callback, exc.code, exc.message, None, getattr(exc, "response", None))
-            raise
-
-    def infer_image_future(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> "Future[Any]":  # noqa: B006
-        """infer_image as a ``concurrent.futures.Future`` of the result (not in the reference;
-        ``await asyncio.wrap_future(...)`` in asyncio code)."""
-        self._connected_client()
-        return _api.run_future(lambda: self._submit(inference_name, image_data, param, True, None, detached=True, result_only=True),
-                               _api.same, self._client.retry, "infer")
-
-    def infer_future(self, inference_name: str, in_data: bytes, param: Any = {}) -> "Future[tuple[Any, InferenceResponse]]":  # noqa: B006
-        """infer as a ``concurrent.futures.Future`` of (result, InferenceResponse)."""
-        self._connected_client()
-        return _api.run_future(lambda: self._submit(inference_name, in_data, param, False, None, detached=True),
-                               _api.same, self._client.retry, "infer")
-
-    def _infer_callback(self, func: Callable | None) -> Callable:
-        callback = func or self._client.infer_callback
-        if callback is None or not callable(callback):
-            raise argument_error("func", "no callback given and no infer_callback set with set_callback")
-        return callback
-
-    def _send_async(self, inference_name: Any, data: Any, param: Any, image: bool, func: Callable | None,
-                    lost_raises: bool) -> str:
-        """An ``_async`` inference. Raised at call time, and passed to the callback too, as
-        the reference's table has them: 403 (the manager says which inferences take no
-        requests) and, with ``lost_raises``, 402 (the connection to the manager is lost);
-        every other outcome goes to the callback only."""
-        client = self._client
-        error: InfinibrainException | None = None
-        if lost_raises and client.lost:
-            error = make_error(402, detail=f"the connection to the manager at {client.host}:{client.port} is lost")
-        else:
-            self._connected_client()
-            if isinstance(inference_name, str) and inference_name in client.no_input:
-                error = make_error(403, inference_name)
-        callback = self._infer_callback(func)
-        if error is not None:
-            client.deliver(callback, error.code, error.message, None, None)
-            raise error
-        return self._submit(inference_name, data, param, image, callback, detached=True).rid
-
-    def infer_image(self, inference_name: str, image_data: np.ndarray, param: Any = {}) -> Any:  # noqa: B006 - the reference's default
-        """Run the inference on an image; returns what the container sent back."""
-        return self._infer_retrying(lambda: self._call(inference_name, image_data, param, True, result_only=True))
-
-    def infer_image_async(self, inference_name: str, image_data: np.ndarray, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
-        """Run the inference on an image; ``func(code, message, result, response)`` or the
-        infer callback gets the outcome. The image is copied unless it is read-only
-        (``image.setflags(write=False)`` sends it without a copy: then do not change it
-        until the callback ran). InvalidInferenceNameException (403) is raised at once
-        (and passed to the callback)."""
-        return self._send_async(inference_name, image_data, param, True, func, lost_raises=False)
-
-    def infer(self, inference_name: str, in_data: bytes, param: Any = {}) -> tuple[Any, InferenceResponse]:  # noqa: B006
-        """Run the inference on bytes; returns (result, InferenceResponse)."""
-        result, response = self._infer_retrying(lambda: self._call(inference_name, in_data, param, False, result_only=False))
-        return result, response
-
-    def infer_async(self, inference_name: str, in_data: bytes, param: Any = {}, func: Callable | None = None) -> str:  # noqa: B006
-        """Run the inference on bytes; the outcome goes to ``func`` or the infer callback.
-        InvalidInferenceNameException (403) and ContainerDisconnectException (402, the
-        connection to the manager is lost) are raised at once (and passed to the callback)."""
-        return self._send_async(inference_name, in_data, param, False, func, lost_raises=True)
-
-    def infer_voice(self, *args: Any, **kwargs: Any) -> Any:
-        """Not supported: NotImplementedException (900)."""
-        raise make_error(900, detail="infer_voice")
-
-    def infer_voice_async(self, *args: Any, **kwargs: Any) -> str:
-        """Not supported: NotImplementedException (900)."""
-        raise make_error(900, detail="infer_voice_async")
-
-    def infer_text(self, *args: Any, **kwargs: Any) -> Any:
-        """Not supported: NotImplementedException (900)."""
-        raise make_error(900, detail="infer_text")
-
-    def infer_text_async(self, *args: Any, **kwargs: Any) -> str:
-        """Not supported: NotImplementedException (900)."""
-        raise make_error(900, detail="infer_text_async")
+    # ---- 2.9 / 2.12 inference: infinibrain/_infer.py -------------------------------------------------
 
     # ---- 2.13 put_file -------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ Every message is a multipart ZeroMQ message ``[topic, header, *payload]``:
 
 Encoding and decoding live here and nowhere else. ``decode`` raises ProtocolError for
 anything that is not a well-formed message of this version; callers count, log and drop.
+
+Pure: any thread (each socket it sends on or reads from is used by one thread).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ PORT_COUNT = 5
 # nothing else is said: the manager's default, and what a client or container assumes
 # until it is told.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# Requests per message to a container, when neither its inference (max_batch_size) nor its
+# program (Connector's max_size) says more: no batching.
+DEFAULT_MAX_BATCH_SIZE = 1
 
 # Message kinds (header "k").
 HELLO = "hello"  # client or container -> manager: prove the path works

@@ -9,7 +9,10 @@ repeated:
 - queries and distribution switches (``Call.safe``) also on 111 (not connected: the SDK
   reconnects by itself) and 500 (a board's SSH link was down);
 - inference, only with ``inference=True``, and only on 305, 306 and 111: the request
-  never reached a container, so it cannot run twice.
+  never reached a container, so it cannot run twice. After a 305 it waits at least the
+  ``retry_after`` the manager named (up to ``max_backoff``).
+
+Pure: the calling thread waits between attempts (a ``_future`` call's next attempt starts on a timer thread).
 """
 from __future__ import annotations
 
@@ -55,6 +58,14 @@ class RetryPolicy:
         """Seconds to wait after attempt number ``attempt``."""
         base = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
         return base * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def pause(self, attempt: int, error: Exception) -> float:
+        """Seconds to wait after attempt number ``attempt`` ended with ``error``: the
+        backoff, or the ``retry_after`` a full queue named if that is longer (up to
+        ``max_backoff``)."""
+        hint = getattr(error, "retry_after", None)
+        delay = self.delay(attempt)
+        return max(delay, min(hint, self.max_backoff)) if isinstance(hint, (int, float)) else delay
 
 
 NO_RETRY = RetryPolicy(attempts=1)

@@ -21,6 +21,8 @@ without CURVE removes the file for its port.
 A container started by the manager gets ``INFINIBRAIN_CURVE_SERVER_KEY``,
 ``INFINIBRAIN_CURVE_PUBLIC_KEY`` and ``INFINIBRAIN_CURVE_SECRET_KEY`` (Z85 text) in its
 environment; ``INFINIBRAIN_CURVE_CLIENT_KEY`` (a file) works there too.
+
+Pure: any thread, when a socket is made.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Attribute names, order and defaults are the reference's. Each class converts to a plain
 dict (``to_dict``) and back (``from_dict``, which ignores keys it does not know so that
 an older SDK can read a newer manager's answers).
+
+Pure data: any thread.
 """
 from __future__ import annotations
 
@@ -77,6 +79,13 @@ class ContainerConfig(_Wire):
     request still gets its own result. ``max_send_num`` then counts batches.
     ``max_queue_delay`` (ms, default 0) holds a short batch back for up to that long while
     more requests may come (0: send what is waiting at once).
+
+    Routing (docs/DECISIONS.md, "Routing"): ``max_queue_size`` bounds the requests waiting
+    to be sent (None: the manager's ``send_queue_size``); one more is refused at once with
+    305, whose exception's ``retry_after`` says when to come back. ``retries`` (default 0):
+    how many times a request whose container went away before answering is sent to
+    another container of the inference, within its deadline, instead of ending with 402
+    (for models that are safe to run twice).
     """
 
     name: str | None = None
@@ -99,6 +108,8 @@ class ContainerConfig(_Wire):
     ready_timeout: int | None = None
     max_batch_size: int | None = None
     max_queue_delay: int | None = None
+    max_queue_size: int | None = None
+    retries: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ContainerConfig":
@@ -180,12 +191,15 @@ class ContainerStatus(_Wire):
 
 @dataclass
 class QueueInfo(_Wire):
-    """One request waiting in a send-wait queue (§7.7)."""
+    """One request waiting in a send-wait queue (§7.7); ``priority`` (ours, after the
+    reference's four) is the one it was sent with. get_queue_info lists a queue in the
+    order it sends its requests."""
 
     request_no: int = 0
     inference_name: str = ""
     pid: int = 0
     mng_queue_in: str = ""
+    priority: int = 0
 
 
 @dataclass

@@ -1,3 +1,4 @@
+"""``python -m infinibrain.manager``: the daemon (daemon.py), on the main thread."""
 import sys
 
 from .daemon import main

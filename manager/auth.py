@@ -10,6 +10,8 @@ into one of those folders is accepted without a restart. The local application p
 announced to applications of the same user through an access file
 (``write_access_file``; AICluster reads it with ``security.client_keys``). Without CURVE, nothing here runs, the sockets are plain,
 and an access file left for this port is removed.
+
+The router thread arms its sockets here; ZAP runs on pyzmq's authenticator thread, which reads the key folders.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ implementation type. A ``local`` board is this machine; an ``ssh`` board is a re
 machine reached through one ``SSHLink`` that its process runtimes (through an ``SSHHost``)
 and its Docker engine (an ``SSHEngine``) share. Local boards on one Docker engine share one
 ``Engine``.
+
+Made on the main thread at start-up; worker threads use the runtimes, the router thread a board's paths and environment.
 """
 from __future__ import annotations
 

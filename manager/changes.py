@@ -10,7 +10,6 @@ be checked on the boards before anything is stopped is checked by the command fi
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +18,8 @@ from infinibrain.errors import make_error
 from .operations import gather
 from .reconciler import Change, Reconciler
 from .registry import Placement, Registration, Registry, Stable
-from .router import Router
+from .dispatch import Dispatcher
+from .settings import InferenceSettings
 
 Sink = Callable[[dict], None] | None
 
@@ -28,7 +28,7 @@ Sink = Callable[[dict], None] | None
 class Snapshot:
     """A registration's desired state (not what runs), to undo an edit with."""
 
-    config: dict
+    config: InferenceSettings
     revision: int
     stable: Stable | None
     boards: dict[str, tuple[str, bool]]  # board -> (distribution, running)
@@ -57,7 +57,7 @@ class Snapshot:
 class LoadPlan:
     """What a load_inference of one config will do (decided before anything changes)."""
 
-    cfg: dict
+    cfg: InferenceSettings
     boards: list[str]  # the boards it names
     new: bool  # a new registration
     replace: bool  # new settings (or force_update): a new revision, rolled out everywhere
@@ -65,21 +65,21 @@ class LoadPlan:
 
     @property
     def name(self) -> str:
-        return self.cfg["name"]
+        return self.cfg.name
 
 
 class Changes:
-    def __init__(self, reconciler: Reconciler, registry: Registry, router: Router) -> None:
+    def __init__(self, reconciler: Reconciler, registry: Registry, dispatcher: Dispatcher) -> None:
         self.reconciler = reconciler
         self.registry = registry
-        self.router = router
+        self.dispatcher = dispatcher
 
     @property
     def registrations(self) -> dict[str, Registration]:
         return self.registry.registrations
 
     def _settled(self, reg: Registration) -> None:
-        self.router.open_service(reg)
+        self.dispatcher.open_service(reg)
         self.registry.persist(reg.name)
 
     def _watch(self, what: str, reg: Registration, boards: list[str], undo: Callable[[], None] | None,
@@ -109,7 +109,7 @@ class Changes:
 
         return undo, snap
 
-    def _roll(self, reg: Registration, cfg: dict) -> None:
+    def _roll(self, reg: Registration, cfg: InferenceSettings) -> None:
         """New settings (or the same, to make new containers): a new revision, and the
         current one kept as the one to go back to."""
         if reg.stable is None:
@@ -119,20 +119,20 @@ class Changes:
 
     # ---- load_inference ---------------------------------------------------------------------
 
-    def plan_load(self, cfg: dict, boards: list[str]) -> LoadPlan:
+    def plan_load(self, cfg: InferenceSettings, boards: list[str]) -> LoadPlan:
         """203 for a changed tag, 302 for other settings, both without force_update."""
-        existing = self.registrations.get(cfg["name"])
+        existing = self.registrations.get(cfg.name)
         if existing is None:
             return LoadPlan(cfg, boards, True, False, list(boards))
         old = existing.config
-        if old.get("image_tag") != cfg.get("image_tag") and not cfg["force_update"]:
-            raise make_error(203, old.get("image_tag"), cfg.get("image_tag"))
-        if _settings(old) != _settings(cfg) and not cfg["force_update"]:
-            raise make_error(302, detail=f"inference {cfg['name']!r} is registered with other settings; "
-                                         "set force_update=True to replace them")
-        if cfg["force_update"]:
+        if old.image_tag != cfg.image_tag and not cfg.force_update:
+            raise make_error(203, old.image_tag, cfg.image_tag)
+        if _settings(old) != _settings(cfg) and not cfg.force_update:
+            raise make_error(302, detail=f"inference {cfg.name!r} is registered with other settings; "
+                                         "set force_update=True in its ContainerConfig to replace them")
+        if cfg.force_update:
             return LoadPlan(cfg, boards, False, True, list(dict.fromkeys([*existing.boards, *boards])))
-        ready = {i.board for i in self.reconciler.instances_of(cfg["name"]) if i.revision == existing.revision and i.serving}
+        ready = {i.board for i in self.reconciler.instances_of(cfg.name) if i.revision == existing.revision and i.serving}
         return LoadPlan(cfg, boards, False, False, [b for b in boards if b not in ready])
 
     def load(self, plan: LoadPlan, sink: Sink) -> concurrent.futures.Future:
@@ -153,7 +153,7 @@ class Changes:
     def _drop(self, name: str, why: str) -> None:
         """Forget a registration whose containers are (being) removed."""
         if self.registrations.pop(name, None) is not None:
-            self.router.close_service(name, why)
+            self.dispatcher.close_service(name, why)
             self.registry.persist(name)
 
     # ---- unload_inference -----------------------------------------------------------------
@@ -164,7 +164,7 @@ class Changes:
         boards = [b for b in reg.boards if not board or b == board]
         whole = len(boards) == len(reg.boards)
         instances = [i for i in self.reconciler.instances_of(name) if i.board in boards]
-        queued = len(self.router.services[name].queue) if whole and name in self.router.services else 0
+        queued = len(self.dispatcher.services[name].queue) if whole and name in self.dispatcher.services else 0
         running = sum(len(i.in_flight) for i in instances)
         # Unloading some of its boards leaves the queue to the others: only running
         # requests are in the way then.
@@ -178,7 +178,7 @@ class Changes:
         boards = [b for b in reg.boards if not board or b == board]
         whole = len(boards) == len(reg.boards)
         if whole:
-            self.router.close_service(name, "was unloaded")
+            self.dispatcher.close_service(name, "was unloaded")
         slots = [self.reconciler.slot(name, b) for b in boards]
         for s in slots:
             s.removing = True
@@ -196,7 +196,7 @@ class Changes:
             for s in slots:
                 s.removing = False
             if whole:
-                self.router.open_service(reg)
+                self.dispatcher.open_service(reg)
 
         return self.reconciler.watch(Change("unload_inference", name, boards, commit=commit, undo=undo, touched=boards))
 
@@ -263,10 +263,10 @@ class Changes:
             self.registrations[name].boards[board].distribution = state
         names = sorted({n for n, _ in pairs})
         for name in names:
-            self.router.pump(name)
+            self.dispatcher.pump(name)
         return gather([self.registry.persist(n) for n in names])
 
 
 
-def _settings(cfg: dict) -> dict:
-    return {k: v for k, v in copy.deepcopy(cfg).items() if k != "force_update"}
+def _settings(cfg: InferenceSettings) -> InferenceSettings:
+    return cfg.replace(force_update=False)

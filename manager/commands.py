@@ -27,12 +27,16 @@ from infinibrain.types import FILE_INFO_KEYS
 from . import operations as ops
 from .boards import Board
 from .changes import Changes
+from .dispatch import Dispatcher
+from .figures import Figures
+from .loop import Loop
+from .metrics import NullMetrics
 from .operations import Operations, gather
 from .reconciler import Reconciler
-from .router import Router
 from .state import Client, Instance, State
 from .validate import normalize_config
 from .views import Views
+from .wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,13 @@ class Locks:
 
 
 class Commands:
-    def __init__(self, router: Router, reconciler: Reconciler, changes: Changes, views: Views,
-                 boards: dict[str, Board], operations: Operations) -> None:
-        self.router = router
+    def __init__(self, loop: Loop, wire: Wire, dispatcher: Dispatcher, figures: Figures, reconciler: Reconciler,
+                 changes: Changes, views: Views, boards: dict[str, Board], operations: Operations, metrics: NullMetrics) -> None:
+        self.loop = loop
+        self.wire = wire
+        self.dispatcher = dispatcher
+        self.figures = figures
+        self.metrics = metrics
         self.reconciler = reconciler
         self.changes = changes
         self.views = views
@@ -107,8 +115,8 @@ class Commands:
             "delete_queue": Spec(self.delete_queue),
             "board_distribution": Spec(self.board_distribution),
             "container_distribution": Spec(self.container_distribution),
-            "ping": Spec(lambda ctx, a: {"instance": self.router.instance}),
-            "stats": Spec(lambda ctx, a: self.router.stats()),
+            "ping": Spec(lambda ctx, a: {"instance": self.wire.instance}),
+            "stats": Spec(lambda ctx, a: self.figures.stats()),
         }
 
     # ---- running a command -------------------------------------------------------------------
@@ -120,7 +128,7 @@ class Commands:
         held: list[tuple[str, str]] = []
 
         def tell(info: dict) -> None:  # progress of this command, to the client that sent it
-            self.router.call_soon(self.router.send_client, client.id, P.PROGRESS, {"rid": rid, "info": info})
+            self.loop.call_soon(self.wire.to_client, client.id, P.PROGRESS, {"rid": rid, "info": info})
 
         try:
             if not isinstance(args, dict):
@@ -159,7 +167,7 @@ class Commands:
         self._wait(fut, resume)
 
     def _wait(self, fut: concurrent.futures.Future, then: Callable[[concurrent.futures.Future], None]) -> None:
-        fut.add_done_callback(lambda f: self.router.call_soon(then, f))
+        fut.add_done_callback(lambda f: self.loop.call_soon(then, f))
 
     def _reply_future(self, cid: str, rid: str, cmd: str, f: concurrent.futures.Future) -> None:
         exc = f.exception()
@@ -170,7 +178,7 @@ class Commands:
             header = {"rid": rid, "code": 0, "msg": ""}
         else:
             header = {"rid": rid, "code": error.code, "msg": error.message, "detail": error.detail}
-        self.router.send_client(cid, P.REPLY, header, [P.pack_value(result)])
+        self.wire.to_client(cid, P.REPLY, header, [P.pack_value(result)])
 
     # ---- locks ----------------------------------------------------------------------------------
 
@@ -235,7 +243,7 @@ class Commands:
             deleted = yield gather([self.ops.submit(_delete_image, i.runtime, i.spec, self._image_users(i)) for i in doomed])
             for inst, gone in zip(doomed, deleted):
                 for b in self._sharing_engine(inst) if gone else ():
-                    self.reconciler.registry.bring(b.name, inst.spec.config["image_tag"], False)
+                    self.reconciler.registry.bring(b.name, inst.spec.config.image_tag or "", False)
         return self.views.handlers()
 
     def _sharing_engine(self, inst: Instance) -> list[Board]:
@@ -246,23 +254,23 @@ class Commands:
     def _brought(self, inst: Instance) -> bool:
         """Whether the manager brought ``inst``'s image to its engine (through any board of that
         engine): only such images are deleted again, never one built or put there by someone else."""
-        tag = inst.spec.config.get("image_tag")
+        tag = inst.spec.config.image_tag
         return any(tag in self.reconciler.registry.brought.get(b.name, ()) for b in self._sharing_engine(inst))
 
     @staticmethod
     def _one_per_image(instances: list[Instance]) -> list[Instance]:
         seen: dict[tuple[int, str], Instance] = {}
         for i in instances:
-            tag = i.spec.config.get("image_tag")
+            tag = i.spec.config.image_tag
             if tag and i.runtime.kind in ("docker", "nvidia"):
                 seen.setdefault((id(i.runtime), tag), i)
         return list(seen.values())
 
     def _image_users(self, gone: Instance) -> list:
         """The engines of the registered instances that still use ``gone``'s image."""
-        tag = gone.spec.config.get("image_tag")
-        users = [i for i in self.router.containers.values()
-                 if i.inference in self.reconciler.registrations and i.spec.config.get("image_tag") == tag]
+        tag = gone.spec.config.image_tag
+        users = [i for i in self.dispatcher.containers.values()
+                 if i.inference in self.reconciler.registrations and i.spec.config.image_tag == tag]
         return list({id(self.boards[i.board].engine): self.boards[i.board].engine for i in users}.values())
 
     def reload_inference(self, ctx: Context, args: dict) -> Step:
@@ -313,7 +321,7 @@ class Commands:
             raise make_error(101, "To")
         reg = self.views.registered(name)
         instances = [i for b in reg.boards if (i := self.reconciler.current(name, b)) is not None and i.state is not State.PENDING]
-        queued = len(self.router.services[name].queue) if name in self.router.services else 0
+        queued = len(self.dispatcher.services[name].queue) if name in self.dispatcher.services else 0
         running = sum(len(i.in_flight) for i in self.reconciler.instances_of(name))
         if queued or running:
             raise make_error(303, detail=f"{name!r} has {queued} queued and {running} running requests")
@@ -321,7 +329,7 @@ class Commands:
         # Kept for the containers made later (a restart, a new board), once it worked here.
         yield self.ops.submit(_keep_files, self.reconciler.registry.files, name, sources, target)
         for inst, sent in zip(instances, sizes):
-            self.router.metrics.sent_to_board(inst.board, sent)
+            self.metrics.sent_to_board(inst.board, sent)
         return None
 
     def add_inference(self, ctx: Context, args: dict) -> Step:
@@ -371,8 +379,8 @@ class Commands:
             raise make_error(100, "tags", detail="a list of image tags")
         board = _str(args, "board")
         boards = [self.views.board(board)] if board else list(self.boards.values())
-        used = [(self.boards[i.board].engine, i.spec.config.get("image_tag"), i.inference)
-                for i in self.router.containers.values()
+        used = [(self.boards[i.board].engine, i.spec.config.image_tag, i.inference)
+                for i in self.dispatcher.containers.values()
                 if i.inference in self.reconciler.registrations and i.runtime.kind in ("docker", "nvidia")]
         engines: dict[int, Board] = {}
         for b in boards:  # boards that share an engine (emulated ones) are asked once
@@ -402,9 +410,9 @@ class Commands:
                 raise make_error(308, detail=f"the queue of pid {pid} belongs to another process; use force_delete=True")
             matches = [r for r in matches if r.pid == client.pid]
         doomed = set(map(id, matches))
-        for r in self.router.take_waiting(lambda r: id(r) in doomed):
-            self.router.end(r, 404, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
-        return self.views.queue_info(self.router.waiting())
+        for r in self.dispatcher.take_waiting(lambda r: id(r) in doomed):
+            self.dispatcher.end(r, 404, detail=f"deleted from the send-wait queue by delete_queue of pid {client.pid}")
+        return self.views.queue_info(self.dispatcher.waiting())
 
     # ---- CoprocessorHandler / ContainerHandler switches -----------------------------------------
 

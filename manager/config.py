@@ -2,6 +2,8 @@
 
 Unknown keys and bad values are refused at start-up with a message naming the key, so a
 typo never silently falls back to a default.
+
+Pure: read once at start-up, then frozen (any thread may read it).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import ipaddress
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
     """The configuration file is unusable; the message names the key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class BoardConfig:
     name: str
     transport: str = "local"  # "local" (this host) or "ssh"
@@ -50,7 +52,7 @@ class BoardConfig:
     # "auto" (the registry when the main board has docker-registry and skopeo)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ManagerConfig:
     host: str = "127.0.0.1"  # the application side: inference, management and results ports
     # The container side (requests to containers, results from them): "" = the boards'
@@ -62,7 +64,11 @@ class ManagerConfig:
     port: int = 5570
     state_dir: str = ""
     heartbeat_interval_ms: int = 500
-    send_queue_size: int = 256  # per inference; a request beyond it gets 305
+    send_queue_size: int = 256  # per inference (ContainerConfig.max_queue_size=None); a request beyond it gets 305
+    # A waiting request's priority grows by one for every priority_aging_ms it waits, so a
+    # request is never overtaken by one of priority p higher that came more than p times
+    # this later (0: strict priorities, bounded by send_timeout alone).
+    priority_aging_ms: int = 1_000
     default_send_timeout_ms: int = 10_000  # ContainerConfig.send_timeout=None
     default_wait_queue_timeout_ms: int = 30_000  # ContainerConfig.wait_queue_timeout=None; 0 = no limit
     default_max_send_num: int = 2  # ContainerConfig.max_send_num=None
@@ -89,7 +95,7 @@ class ManagerConfig:
     curve_container_keys: str = ""  # folder of allowed containers' public certificates, beside the
     # manager's own container key pair (state_dir/keys/containers.key_secret), which it hands to
     # the containers it starts
-    boards: list[BoardConfig] = field(default_factory=list)
+    boards: tuple[BoardConfig, ...] = ()
 
     @property
     def state_path(self) -> Path:
@@ -101,7 +107,7 @@ default_state_dir = security.default_state_dir
 
 def embedded_default() -> ManagerConfig:
     """One board named ``local`` on this host, bound to 127.0.0.1, state per user."""
-    return _finish(ManagerConfig(boards=[BoardConfig(name="local")]))
+    return _finish(ManagerConfig(boards=(BoardConfig(name="local"),)))
 
 
 def load_config(path: str | os.PathLike | None) -> ManagerConfig:
@@ -130,16 +136,16 @@ def parse_config(data: dict[str, Any]) -> ManagerConfig:
     manager = data.get("manager", {})
     if not isinstance(manager, dict):
         raise ConfigError("[manager] must be a table")
-    cfg = ManagerConfig(**_typed(manager, ManagerConfig, "manager", skip={"boards"}))
-    boards = data.get("coprocessor", [])
-    if not isinstance(boards, list) or not boards:
+    tables = data.get("coprocessor", [])
+    if not isinstance(tables, list) or not tables:
         raise ConfigError("at least one [[coprocessor]] table is required")
-    for i, board in enumerate(boards):
+    boards = []
+    for i, board in enumerate(tables):
         where = f"coprocessor[{i}]"
         if not isinstance(board, dict) or "name" not in board:
             raise ConfigError(f"{where}.name is required")
-        cfg.boards.append(BoardConfig(**_typed(board, BoardConfig, where)))
-    return _finish(cfg)
+        boards.append(BoardConfig(**_typed(board, BoardConfig, where)))
+    return _finish(ManagerConfig(**_typed(manager, ManagerConfig, "manager", skip={"boards"}), boards=tuple(boards)))
 
 
 def _typed(table: dict, cls: type, where: str, skip: set[str] = frozenset()) -> dict:  # type: ignore[assignment]
@@ -165,17 +171,14 @@ def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
 
 
 def _finish(cfg: ManagerConfig) -> ManagerConfig:
-    if not cfg.state_dir:
-        cfg.state_dir = default_state_dir()
-    cfg.state_dir = os.path.abspath(os.path.expanduser(cfg.state_dir))
+    """Check a configuration and fill in what depends on other settings: a new, complete one."""
+    state_dir = os.path.abspath(os.path.expanduser(cfg.state_dir or default_state_dir()))
+    cfg = replace(cfg, state_dir=state_dir, metrics_port=cfg.metrics_port or cfg.port + 5,
+                  registry_port=cfg.registry_port or cfg.port + 6)
     _check_address(cfg.host, "manager.host")
-    cfg.board_host = cfg.board_host or _default_board_host(cfg)
+    cfg = replace(cfg, board_host=cfg.board_host or _default_board_host(cfg))
     _check_address(cfg.board_host, "manager.board_host")
     _check_address(cfg.metrics_host, "manager.metrics_host")
-    if cfg.metrics_port == 0:
-        cfg.metrics_port = cfg.port + 5
-    if cfg.registry_port == 0:
-        cfg.registry_port = cfg.port + 6
     if not 1 <= cfg.registry_port <= 65535:
         raise ConfigError(f"manager.registry_port must be a port number or 0 (base port + 6), got {cfg.registry_port}")
     if not (cfg.metrics_port == -1 or 1 <= cfg.metrics_port <= 65535):
@@ -198,15 +201,17 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
-    if cfg.default_wait_queue_timeout_ms < 0:
-        raise ConfigError(f"manager.default_wait_queue_timeout_ms must be 0 (no limit) or positive, got {cfg.default_wait_queue_timeout_ms}")
+    for key in ("default_wait_queue_timeout_ms", "priority_aging_ms"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"manager.{key} must be 0 (no limit) or positive, got {getattr(cfg, key)}")
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"manager.log_format must be 'text' or 'json', got {cfg.log_format!r}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"manager.log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
     if cfg.curve:
-        _check_curve(cfg)
+        cfg = _check_curve(cfg)
     seen: set[str] = set()
+    boards = []
     for board in cfg.boards:
         where = f"coprocessor {board.name!r}"
         if not NAME_RE.match(board.name) or board.name == "all":
@@ -216,12 +221,14 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         seen.add(board.name)
         if board.transport not in ("local", "ssh"):
             raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
-        board.manager_address = board.manager_address or cfg.board_host
+        board = replace(board, manager_address=board.manager_address or cfg.board_host)
         _check_address(board.manager_address, f"{where}.manager_address")
         if board.image_transfer not in ("auto", "registry", "sftp"):
             raise ConfigError(f"{where}.image_transfer must be 'auto', 'registry' or 'sftp', got {board.image_transfer!r}")
         if board.transport == "ssh":
-            _check_ssh_board(board, where)
+            board = _check_ssh_board(board, where)
+        boards.append(board)
+    cfg = replace(cfg, boards=tuple(boards))
     _check_exposure(cfg)
     return cfg
 
@@ -263,19 +270,22 @@ def _check_exposure(cfg: ManagerConfig) -> None:
                 f"set [manager] board_host (or its manager_address) to this host's address on the boards' network")
 
 
-def _check_curve(cfg: ManagerConfig) -> None:
+def _check_curve(cfg: ManagerConfig) -> ManagerConfig:
     keys = cfg.state_path / "keys"
-    cfg.curve_secret_key = os.path.expanduser(cfg.curve_secret_key) if cfg.curve_secret_key else str(keys / "manager.key_secret")
+    folders = {}
     for key in ("curve_client_keys", "curve_container_keys"):
         value = getattr(cfg, key)
         if value:
             value = os.path.abspath(os.path.expanduser(value))
             if not os.path.isdir(value):
                 raise ConfigError(f"manager.{key} {value!r} is not a folder")
-            setattr(cfg, key, value)
+        folders[key] = value
+    secret = os.path.expanduser(cfg.curve_secret_key) if cfg.curve_secret_key else str(keys / "manager.key_secret")
+    return replace(cfg, curve_secret_key=secret, curve_client_keys=folders["curve_client_keys"],
+                   curve_container_keys=folders["curve_container_keys"])
 
 
-def _check_ssh_board(board: BoardConfig, where: str) -> None:
+def _check_ssh_board(board: BoardConfig, where: str) -> BoardConfig:
     if not board.ssh_user:
         raise ConfigError(f"{where}: ssh_user is required for transport 'ssh'")
     if board.docker_host:
@@ -285,9 +295,8 @@ def _check_ssh_board(board: BoardConfig, where: str) -> None:
     for key in ("ssh_connect_timeout_ms", "ssh_command_timeout_ms"):
         if getattr(board, key) <= 0:
             raise ConfigError(f"{where}.{key} must be positive, got {getattr(board, key)}")
-    board.known_hosts = os.path.expanduser(board.known_hosts or "~/.ssh/known_hosts")
-    if board.ssh_key:
-        board.ssh_key = os.path.expanduser(board.ssh_key)
+    return replace(board, known_hosts=os.path.expanduser(board.known_hosts or "~/.ssh/known_hosts"),
+                   ssh_key=os.path.expanduser(board.ssh_key) if board.ssh_key else "")
 
 
 def _check_address(value: str, key: str) -> None:

@@ -4,6 +4,8 @@ It stops cleanly on SIGINT or SIGTERM: the loop ends, the containers it started 
 and Docker alike; not ``other``) are stopped, and the sockets close. The registry keeps
 wanting them, so the next start brings them back. Killed with SIGKILL, it leaves its
 containers running; the next start adopts them.
+
+The main thread makes the parts and then runs the loop: it is the router thread; a signal stops it.
 """
 from __future__ import annotations
 
@@ -11,12 +13,17 @@ import argparse
 import concurrent.futures
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
+import uuid
 from datetime import datetime, timezone
 
 import zmq
+
+from infinibrain import allocator
 
 from . import __version__, init_command
 from .auth import Guard
@@ -24,43 +31,74 @@ from .boards import close_boards, make_boards
 from .changes import Changes
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, exposed_listeners, is_loopback, load_config
-from .metrics import Metrics
+from .dispatch import Dispatcher
+from .figures import Figures
+from .health import Health
+from .loop import Loop
+from .metrics import MetricsServer, NullMetrics, RequestMetrics
 from .operations import Operations
+from .payloads import Payloads
 from .reconciler import Reconciler
 from .registry import Registry
-from .router import Router
-from .state import RUNNING_STATES
+from .router import Clients, Router
+from .state import RUNNING_STATES, Nudge
 from .views import Views
+from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager")
 
 
 class Manager:
-    """The daemon's parts wired together: the router (data plane), the reconciler and its
-    workers (control plane), the command table, the registry, the boards."""
+    """The daemon's parts, each given what it works with, in the order they depend on
+    each other: the loop and the sockets; the request path (payloads, health, dispatcher);
+    the control plane (reconciler, its workers, the registry, the boards); the command
+    table; the router that feeds them all from the sockets; the metrics' listener."""
 
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None) -> None:
+        ctx = ctx or zmq.Context.instance()
+        instance = uuid.uuid4().hex[:12]  # this run's identity ("mid"): clients notice a restart by it
+        allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self.config = config
         self.boards = make_boards(config)
         self.registry = Registry(config.state_dir)
-        self.router = Router(config, guard=Guard(config, zmq.Context.instance()))
+        self.guard = Guard(config, ctx)
+        self.loop = Loop()
+        self.wire = Wire(config, self.guard, ctx, instance)
+        self.payloads = Payloads(config.port, f"{os.getpid()}:{instance}")
+        metrics = RequestMetrics() if config.metrics_port != -1 else NullMetrics()
+        nudge = Nudge()
+        clock = time.monotonic
+        health = Health(config.liveness_timeout_ms / 1000, nudge, clock)
+        self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock)
         self.operations = Operations()
-        self.reconciler = Reconciler(self.router, self.registry, self.boards, config, self.operations)
-        views = Views(self.router, self.reconciler, self.boards, config, self.operations)
-        changes = Changes(self.reconciler, self.registry, self.router)
-        self.router.commands = Commands(self.router, self.reconciler, changes, views, self.boards, self.operations)
-        if config.metrics_port != -1:
-            self.router.metrics = Metrics(self.router, config.metrics_host, config.metrics_port)
+        self.reconciler = Reconciler(config, self.loop, self.wire, self.dispatcher, health, self.registry, self.boards,
+                                     self.operations, self.guard, nudge, metrics, clock)
+        clients: Clients = {}
+        self.figures = Figures(config, self.loop, self.wire, self.dispatcher, self.payloads, self.guard, clients)
+        views = Views(self.dispatcher, self.reconciler, self.boards, config, self.operations)
+        changes = Changes(self.reconciler, self.registry, self.dispatcher)
+        commands = Commands(self.loop, self.wire, self.dispatcher, self.figures, self.reconciler, changes, views, self.boards,
+                            self.operations, metrics)
+        self.router = Router(config, self.loop, self.wire, self.dispatcher, health, self.payloads, clients, commands,
+                             self.reconciler.stranger, clock)
+        self.metrics_server = None
+        if isinstance(metrics, RequestMetrics):
+            self.metrics_server = MetricsServer(metrics, lambda: self.loop.call(self.figures.live, timeout=5),
+                                                config.metrics_host, config.metrics_port)
         self.reconciler.restore()
 
     def run(self) -> None:
         try:
-            self.router.run()
+            self.loop.run()
         finally:
             self.shutdown()
 
+    def stop(self) -> None:
+        """From any thread or a signal handler: the loop ends, then everything stops."""
+        self.loop.stop()
+
     def shutdown(self) -> None:
-        stoppers = [c for c in self.router.containers.values()
+        stoppers = [c for c in self.dispatcher.containers.values()
                     if c.running and c.state in RUNNING_STATES and c.runtime.kind != "other"]
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             for c, outcome in zip(stoppers, pool.map(_stop_quietly, stoppers)):
@@ -68,8 +106,12 @@ class Manager:
                     log.warning("could not stop %s: %s", c.id, outcome)
         self.operations.close()
         self.registry.close()
-        self.router.metrics.close()
-        self.router.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.wire.close()
+        self.guard.close()
+        self.payloads.close()
+        self.loop.close()
         close_boards(self.boards)
         log.info("manager stopped")
 
@@ -146,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
-        manager.router.stop()
+        manager.stop()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)

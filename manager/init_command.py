@@ -7,6 +7,8 @@ containers' ports on the boards' network, and makes the keys: the manager's pair
 pair its containers get, and a pair for applications of this user on this host (found by
 AICluster without any setting, docs/OPERATIONS.md). Other applications' public keys go in
 the ``clients`` folder it names.
+
+The command's main thread.
 """
 from __future__ import annotations
 

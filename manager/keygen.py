@@ -5,6 +5,8 @@
 writes ``DIR/NAME.key`` (the public key, to hand out) and ``DIR/NAME.key_secret`` (owner
 only, stays with its owner) for each NAME; an existing pair is kept. The public keys it
 prints are safe to share; the secret ones are never printed.
+
+The command's main thread.
 """
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 """Prometheus metrics: what the manager serves at ``http://<metrics_host>:<metrics_port>/metrics``.
 
-Counters and histograms are updated where things happen (the router thread, the deployer's
-workers); gauges (queue depth, in-flight, container up, dropped frames) are read from the
-router's own state when a scrape comes, through ``Router.call`` so the scrape never reads
-state the router thread is changing.
+Counters and histograms (``RequestMetrics``) are updated where things happen, on the
+router thread; gauges (queue depth, in-flight, container up, dropped frames) are read from
+the router's own state when a scrape comes (``serve``'s ``live``, which asks the router
+thread through ``Loop.call``), so a scrape never reads state the router thread is changing.
+The HTTP server runs on a thread of its own.
 
 | metric | type | labels |
 |---|---|---|
 | infinibrain_requests_total | counter | inference, code (0 = result) |
+| infinibrain_request_retries_total | counter | inference (requests sent again because their container went away) |
 | infinibrain_request_queue_wait_seconds | histogram | inference |
 | infinibrain_request_seconds | histogram | inference (acceptance to answer) |
 | infinibrain_queue_depth | gauge | inference |
@@ -27,14 +29,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .router import Router
     from .state import Request
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,20 @@ class NullMetrics:
     def ended(self, req: "Request", code: int) -> None:
         pass
 
+    def retried(self, req: "Request") -> None:
+        pass
+
     def deployed(self, inference: str, board: str, seconds: float, outcome: str) -> None:
         pass
 
     def sent_to_board(self, board: str, nbytes: int) -> None:
         pass
 
-    def close(self) -> None:
-        pass
 
+class RequestMetrics(NullMetrics):
+    """The counters and histograms, updated on the router thread."""
 
-class Metrics(NullMetrics):
-    def __init__(self, router: "Router", host: str, port: int) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("infinibrain_requests", "Inference requests by inference and result code (0 = a result)",
                                 ["inference", "code"], registry=self.registry)
@@ -81,10 +84,9 @@ class Metrics(NullMetrics):
                                 ["inference", "board", "outcome"], registry=self.registry)
         self.board_bytes = Counter("infinibrain_board_bytes_sent", "Image and file bytes sent to boards",
                                    ["board"], registry=self.registry)
+        self.retries = Counter("infinibrain_request_retries", "Requests sent again because their container went away",
+                               ["inference"], registry=self.registry)
         self._children: dict[tuple, Any] = {}  # (metric, *labels) -> its labelled child
-        self.registry.register(_Live(router))
-        self.server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
 
     # The request path calls these for every request: a labelled child is looked up once
     # per metric and labels and kept, not through ``labels()`` each time.
@@ -105,6 +107,9 @@ class Metrics(NullMetrics):
         self._child(self.requests, req.inference, str(code)).inc()
         self._child(self.total, req.inference).observe(time.monotonic() - req.accepted)
 
+    def retried(self, req: "Request") -> None:
+        self._child(self.retries, req.inference).inc()
+
     def deployed(self, inference: str, board: str, seconds: float, outcome: str) -> None:
         self.outcomes.labels(inference, board, outcome).inc()
         if outcome == "ready":
@@ -112,6 +117,15 @@ class Metrics(NullMetrics):
 
     def sent_to_board(self, board: str, nbytes: int) -> None:
         self.board_bytes.labels(board).inc(nbytes)
+
+
+class MetricsServer:
+    """The HTTP listener of ``metrics``, with the gauges ``live()`` gives at each scrape."""
+
+    def __init__(self, metrics: RequestMetrics, live: Callable[[], dict], host: str, port: int) -> None:
+        metrics.registry.register(_Live(live))
+        self.server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -121,12 +135,12 @@ class Metrics(NullMetrics):
 class _Live(Collector):
     """Gauges read from the router's state at scrape time."""
 
-    def __init__(self, router: "Router") -> None:
-        self.router = router
+    def __init__(self, live: Callable[[], dict]) -> None:
+        self.live = live
 
     def collect(self) -> Iterator[Any]:
         try:
-            snap = self.router.call(self.router.live_figures, timeout=5)
+            snap = self.live()
         except Exception as exc:  # the router is stopping: serve what we have
             log.debug("metrics snapshot failed: %s", exc)
             return

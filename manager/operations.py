@@ -27,7 +27,7 @@ from infinibrain.errors import InfinibrainException, make_error
 from . import progress
 from .boards import Board
 from .runtimes.base import ContainerSpec, RunInfo, Runtime
-from .validate import image_file
+from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,9 @@ def adopt(spec: ContainerSpec, runtime: Runtime, pid: int | None, pid_start: int
         return False
 
 
-def load_warmup(cfg: dict) -> tuple[list, Any, dict, str] | None:
+def load_warmup(cfg: InferenceSettings) -> tuple[list, Any, dict, str] | None:
     """The warm-up request of a config: (payload, array description or None, param, module)."""
-    warmup = cfg.get("warmup")
+    warmup = cfg.warmup
     if not warmup:
         return None
     path = warmup["file"]
@@ -175,19 +175,19 @@ def load_warmup(cfg: dict) -> tuple[list, Any, dict, str] | None:
     return payload, arr, dict(warmup.get("param") or {}), warmup.get("sub_inference_name") or ""
 
 
-def check_board(board: Board, cfg: dict) -> None:
+def check_board(board: Board, cfg: InferenceSettings) -> None:
     """What a change needs of one board, checked before anything is stopped: the board
     answers (its SSH connection, its Docker engine for docker/nvidia), and an image that
     the engine lacks can be loaded from a readable ``docker save`` tar."""
     if board.link is not None:
         board.link.client()  # 500 naming the board and the cause
-    if cfg["implementation_type"] not in ("docker", "nvidia"):
+    if cfg.implementation_type not in ("docker", "nvidia"):
         return
-    tag = cfg["image_tag"]
+    tag = cfg.image_tag or ""  # validated: docker and nvidia need one
     with board.engine.errors(f"board {board.name!r}: checking image {tag}"):
         if board.engine.image(tag) is not None:
             return
-    tar = image_file(cfg)
+    tar = cfg.image_file
     if tar is None:
         raise make_error(302, detail=f"board {board.name!r} has no image {tag!r}, and image_path/image_filename name no file to load it from")
     check_image_tar(tar)
@@ -206,9 +206,9 @@ def check_image_tar(path: str) -> None:
         raise make_error(302, detail=f"image file {path!r} could not be loaded: it is not a docker save tar ({exc})") from None
 
 
-def check_files(cfg: dict) -> None:
+def check_files(cfg: InferenceSettings) -> None:
     """The main board's files a change needs: script_path readable (every file), the warm-up."""
-    root = cfg.get("script_path")
+    root = cfg.script_path
     if root:
         for folder, _dirs, names in os.walk(root):
             for n in names:

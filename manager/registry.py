@@ -43,6 +43,7 @@ from infinibrain.errors import InfinibrainException, make_error
 
 from .runtimes.hosts import copy_atomic
 from .validate import normalize_config
+from .settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,13 @@ class Stable:
     """The settings that were last ready everywhere, kept while a change rolls out."""
 
     revision: int
-    config: dict
+    config: InferenceSettings
 
 
 @dataclass
 class Registration:
     name: str
-    config: dict
+    config: InferenceSettings
     boards: dict[str, Placement] = field(default_factory=dict)
     revision: int = 1
     next_revision: int = 2
@@ -102,7 +103,7 @@ class Registration:
         self.revision, self.next_revision = self.next_revision, self.next_revision + 1
         return self.revision
 
-    def config_of(self, revision: int) -> dict | None:
+    def config_of(self, revision: int) -> InferenceSettings | None:
         """The settings of ``revision`` if the registration still knows them."""
         if revision == self.revision:
             return self.config
@@ -116,8 +117,8 @@ class Registration:
             "name": self.name,
             "revision": self.revision,
             "next_revision": self.next_revision,
-            "config": self.config,
-            "stable": None if self.stable is None else {"revision": self.stable.revision, "config": self.stable.config},
+            "config": self.config.to_dict(),
+            "stable": None if self.stable is None else {"revision": self.stable.revision, "config": self.stable.config.to_dict()},
             "boards": {b: p.to_dict() for b, p in self.boards.items()},
         }
 
@@ -226,7 +227,7 @@ def parse(name: str, path: Path, data: object) -> Registration:
     if data.get("name") != name:
         raise mismatch(f"it names inference {data.get('name')!r}, expected {name!r}")
 
-    def settings(raw: object, where: str) -> dict:
+    def settings(raw: object, where: str) -> InferenceSettings:
         if not isinstance(raw, dict) or raw.get("name") != name:
             raise mismatch(f"its {where} does not name the same inference")
         try:

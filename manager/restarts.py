@@ -8,6 +8,8 @@ running, after 0.5 s, 1 s, 2 s, ... (at most 30 s, with jitter); a container tha
 runs for ``restart_stable_after_ms`` (10 s) starts from the first delay again. Each
 restart, and giving up, reaches every client's manage callback with cmd "restart". A
 container that is stopped or unloaded on purpose is never restarted.
+
+Pure: the router thread (the reconciler).
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ class Policy:
     max_retries: int | None  # None: no limit
 
 
-def policy_of(cfg: dict) -> Policy | None:
-    """The restart policy in ``cfg``'s run_option (None: no restarts); 302 for a bad one."""
-    value = option_value(cfg.get("run_option"), "--restart")
+def policy_of(run_option: str | None) -> Policy | None:
+    """The restart policy in an inference's ``run_option`` (None: no restarts); 302 for a bad one."""
+    value = option_value(run_option, "--restart")
     if value is None or value == "no":
         return None
     kind, _, count = value.partition(":")

@@ -4,6 +4,8 @@ The string is split like a shell would (``shlex``) but never given to one: each 
 maps to an argument of ``containers.create``. Only the options people use on inference
 boards are known; any other is refused with 302 naming it, so a typo or an option this
 table does not know can never be dropped silently or reach a shell.
+
+Pure: any thread.
 """
 from __future__ import annotations
 

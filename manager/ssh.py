@@ -6,6 +6,8 @@ recording new ones), and reconnects on the next use after the connection drops. 
 failure to reach the board is SSHConnectionException (500) naming the board and the cause,
 raised within the board's connect or command timeout. Commands run as ``sh -c`` scripts
 built with ``shlex.quote``, never from unquoted text; files go over SFTP.
+
+Worker threads share a board's one connection (a channel each); reconnecting takes a lock.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """What the manager keeps in memory about what runs: instances, requests, clients.
 
 All of it is owned by the router thread; worker threads reach it only through
-``Router.call`` / ``Router.call_soon``, so none of it needs a lock. Worker threads may read
-an instance's ``spec`` and ``runtime``, which never change after the instance is made
-(but for an ``other`` container's, which no worker runs).
+``Loop.call`` / ``Loop.call_soon`` (manager/loop.py), so none of it needs a lock. Worker
+threads may read an instance's ``spec`` and ``runtime``, which never change after the
+instance is made (but for an ``other`` container's, which no worker runs).
 
 An *instance* is one container of one inference on one board at one revision of its
 settings. A placement (inference, board; the reference's ContainerHandler, named by its
@@ -13,10 +13,15 @@ revision draining while the new one starts.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .runtimes.base import ContainerSpec, Runtime
+
+log = logging.getLogger("infinibrain.manager.state")
+
+Clock = Callable[[], float]  # seconds, monotonic: time.monotonic, or a test's fake clock
 
 
 class State(str, enum.Enum):
@@ -25,7 +30,7 @@ class State(str, enum.Enum):
     PENDING = "pending"  # wanted; a worker has not started it yet
     STARTING = "starting"  # being made or started, or waiting for its Connector (and warm-up)
     READY = "ready"  # connected (and warmed up): it serves
-    UNHEALTHY = "unhealthy"  # its process lives but it held a request past its deadline or fell silent
+    UNHEALTHY = "unhealthy"  # it held a request past its deadline, fell silent, or lost its connection (health.py)
     STOPPING = "stopping"  # draining its requests, or being stopped
     STOPPED = "stopped"  # not running, on purpose
     FAILED = "failed"  # it exited by itself, or could not start or become ready
@@ -52,8 +57,9 @@ class Request:
     arr: Any  # array description, or None for bytes
     payload: list
     time_stamp: list
-    send_deadline: float
+    send_deadline: float  # sent to a container by then, or it ends (306)
     answer_timeout: float
+    deadline: float = 0.0  # the latest it may end: send_timeout + answer_timeout from acceptance (inf: no limit)
     answer_deadline: float = 0.0
     container: str | None = None
     batch: int = 0  # the mkey of the first request of the message it was sent in (dynamic batching)
@@ -62,6 +68,9 @@ class Request:
     reply: bytes = b""  # the topic its answer goes to (protocol.reply_topic)
     lean: bool = False  # its client wants a result without the InferenceResponse's fields
     shm: Any = None  # [segment, bytes]: its data is in its client's shared memory, not in payload
+    priority: int = 0  # higher is sent first (waitqueue.py)
+    tries: int = 0  # times it was sent again because its container went away (retries)
+    lost: str = ""  # why it is waiting again: its container went away (ends with 402, not 306)
 
     @property
     def queued_wall(self) -> float:
@@ -92,6 +101,8 @@ class Instance:
     last_heard: float = 0.0  # monotonic time of its last message
     last_ping: float = 0.0
     in_flight: dict[int, Request] = field(default_factory=dict)
+    late: set[int] = field(default_factory=set)  # mkeys it held past their deadline and has not answered (health.py)
+    unfit: str = ""  # UNHEALTHY: "late", "silent" or "gone" (health.py)
     batch: dict[str, int] = field(default_factory=dict)  # module -> requests per message its Connector takes
     shm: bool = False  # its Connector read the manager's probe: it reads requests' shared memory itself
     tx_bytes: int = 0
@@ -104,6 +115,7 @@ class Instance:
     why: str = ""  # what put it in its state (unhealthy, failed)
     warmup: tuple | None = None  # (payload, array description, param, module) sent once it connects
     warmup_key: int | None = None  # the mkey of its warm-up request, while it runs
+    warmed: tuple[int, str] | None = None  # how its warm-up ended: (0, "") or (code, why)
     lost_at: float = 0.0  # when its connection was last lost
     probed_at: float = 0.0  # when the board was last asked whether its process still runs
     deploy_started: float = 0.0  # when its start step began, until it is ready (0: adopted, or ready)
@@ -116,6 +128,17 @@ class Instance:
     @property
     def connected(self) -> bool:
         return self.hello and bool(self.subs)
+
+    def enter(self, state: State, why: str, now: float) -> bool:
+        """Move to ``state`` at ``now`` (the reconciler and health.py do); whether it changed."""
+        if self.state is state:
+            return False
+        log.log(logging.WARNING if state in (State.FAILED, State.UNHEALTHY) else logging.DEBUG,
+                "container %s: %s -> %s%s", self.id, self.state, state, f" ({why})" if why else "")
+        self.state, self.since, self.why = state, now, why
+        if state is not State.UNHEALTHY:
+            self.unfit = ""
+        return True
 
     def metadata_sys(self) -> dict:
         """Where it ran, as InferenceResponse.metadata_sys tells it."""
@@ -137,3 +160,21 @@ class Client:
     pid: int
     last_seen: float
     shm: bool | None = None  # whether the manager read its probe (None: not tried): it may name its segments (infinibrain/shm.py)
+
+
+class Nudge:
+    """The one door from the request path to the reconciler: "something changed, look now"
+    (a container connected, a warm-up ended, one became unhealthy). The reconciler takes
+    it at its next pass; nothing else crosses. Router thread."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = True
+
+    def set(self) -> None:
+        self._set = True
+
+    def take(self) -> bool:
+        was, self._set = self._set, False
+        return was

@@ -1,10 +1,11 @@
 """Checks of a ContainerConfig as the manager receives it (codes 200, 201, 302).
 
-``normalize_config`` returns the plain dict that the registry stores; every refusal names
-the attribute and what is wrong with it.
+``normalize_config`` returns the ``InferenceSettings`` the registry stores; every refusal
+names the attribute and what is wrong with it. Pure: any thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -15,34 +16,15 @@ from infinibrain.errors import make_error
 from .config import NAME_RE
 from .restarts import policy_of
 from .run_options import parse_run_option
+from .settings import InferenceSettings
 
 IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
 MAX_SEND_NUM_LIMIT = 1024
 
-CONFIG_KEYS = (
-    "name",
-    "implementation_type",
-    "input",
-    "output",
-    "send_timeout",
-    "wait_queue_timeout",
-    "force_update",
-    "max_send_num",
-    "script_path",
-    "inference_modules",
-    "image_path",
-    "image_filename",
-    "image_tag",
-    "run_command",
-    "run_option",
-    "copy",
-    # Beyond the reference (types.ContainerConfig): readiness, dynamic batching.
-    "warmup",
-    "ready_timeout",
-    "max_batch_size",
-    "max_queue_delay",
-)
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(InferenceSettings))
 MAX_BATCH_SIZE_LIMIT = 4096
+MAX_QUEUE_SIZE_LIMIT = 1_000_000
+MAX_RETRIES = 10
 MAX_QUEUE_DELAY_LIMIT = 60_000  # ms
 
 
@@ -56,8 +38,10 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def normalize_config(raw: Any) -> dict:
-    """Validate one container configuration and return its stored form."""
+def normalize_config(raw: Any) -> InferenceSettings:
+    """Validate one container configuration (a dict, JSON text, or settings already made)."""
+    if isinstance(raw, InferenceSettings):
+        raw = raw.to_dict()
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
@@ -86,6 +70,8 @@ def normalize_config(raw: Any) -> dict:
     cfg["ready_timeout"] = _optional_int(cfg["ready_timeout"], "ready_timeout", 1, 24 * 3600 * 1000)
     cfg["max_batch_size"] = _optional_int(cfg["max_batch_size"], "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
     cfg["max_queue_delay"] = _optional_int(cfg["max_queue_delay"], "max_queue_delay", 0, MAX_QUEUE_DELAY_LIMIT)
+    cfg["max_queue_size"] = _optional_int(cfg["max_queue_size"], "max_queue_size", 1, MAX_QUEUE_SIZE_LIMIT)
+    cfg["retries"] = _optional_int(cfg["retries"], "retries", 0, MAX_RETRIES) or 0
     if cfg["max_queue_delay"] and (cfg["max_batch_size"] or 1) == 1:
         raise param_error("max_queue_delay holds requests back to form batches: set max_batch_size (2 or more) too, or leave it out")
     if not isinstance(cfg["force_update"], (bool, type(None))):
@@ -107,13 +93,13 @@ def normalize_config(raw: Any) -> dict:
             raise param_error(f"run_command cannot be parsed: {exc}") from None
     if cfg["implementation_type"] in ("docker", "nvidia"):
         _check_docker(cfg)
-    policy_of(cfg)  # --restart is read for every implementation type
+    policy_of(cfg["run_option"])  # --restart is read for every implementation type
     if cfg["script_path"] is not None:
         if not os.path.isabs(cfg["script_path"]):
             raise param_error(f"script_path must be an absolute path, got {cfg['script_path']!r}")
         if not os.path.isdir(cfg["script_path"]):
             raise param_error(f"script_path {cfg['script_path']!r} is not a directory on the main board")
-    return cfg
+    return InferenceSettings.from_dict(cfg)
 
 
 def _check_docker(cfg: dict) -> None:
@@ -149,17 +135,11 @@ def _warmup(value: Any, cfg: dict) -> dict | None:
             raise param_error(f"warmup.param is not JSON: {exc}") from None
     if not isinstance(param, dict):
         raise param_error("warmup.param must be a dict")
-    modules = [m["sub_inference_name"] for m in module_list(cfg)] or [cfg["name"]]
+    mods = cfg["inference_modules"]
+    modules = [m["sub_inference_name"] for m in (mods if isinstance(mods, list) else [mods] if mods else [])] or [cfg["name"]]
     if sub is not None and sub not in modules:
         raise param_error(f"warmup.sub_inference_name {sub!r} is not a module of the inference (it has {', '.join(modules)})")
     return {"file": path, "param": param, "sub_inference_name": sub}
-
-
-def image_file(cfg: dict) -> str | None:
-    """The ``docker save`` tar a config names (image_path joined with image_filename), if any."""
-    if not cfg.get("image_filename") and not cfg.get("image_path"):
-        return None
-    return os.path.join(cfg.get("image_path") or "", cfg.get("image_filename") or "")
 
 
 def _main_or_none(value: Any, key: str) -> str | None:
@@ -211,19 +191,6 @@ def _modules(value: Any) -> Any:
     return out[0] if not isinstance(value, list) else out
 
 
-def module_list(cfg: dict) -> list[dict]:
-    mods = cfg.get("inference_modules")
-    if mods is None:
-        return []
-    return mods if isinstance(mods, list) else [mods]
-
-
-def default_sub_name(cfg: dict) -> str:
-    """The module a request goes to when its param names none: the first one."""
-    mods = module_list(cfg)
-    return mods[0]["sub_inference_name"] if mods else cfg["name"]
-
-
 def _copy_entries(value: Any) -> Any:
     if value is None:
         return None
@@ -242,10 +209,3 @@ def _copy_entries(value: Any) -> Any:
         if not os.path.exists(item["From"]):
             raise param_error(f"copy.From {item['From']!r} does not exist on the main board")
     return value
-
-
-def copy_list(cfg: dict) -> list[dict]:
-    value = cfg.get("copy")
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]

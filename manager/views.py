@@ -1,13 +1,14 @@
 """Read-only answers: handlers, status, images, logs and queues, as the reference shapes them.
 
 Router thread, except the board figures (``stats``, ``logs``, image lists), which are
-asked of the boards on worker threads: a view takes its snapshot of the router's state
+asked of the boards on worker threads: a view takes its snapshot of the routing state
 here, and hands the runtime calls to ``Operations``.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 from datetime import datetime, timezone
 
 from infinibrain import protocol as P
@@ -16,20 +17,21 @@ from infinibrain.types import CONTAINER_HANDLER_FIELDS
 
 from .boards import Board
 from .config import ManagerConfig
+from .dispatch import Dispatcher
 from .operations import Operations, gather
 from .reconciler import Reconciler
 from .registry import Registration
-from .router import Router
 from .runtimes.process import human_bytes
+from .settings import resolve
 from .state import Instance, Request, State
 
 log = logging.getLogger(__name__)
 
 
 class Views:
-    def __init__(self, router: Router, reconciler: Reconciler, boards: dict[str, Board], config: ManagerConfig,
+    def __init__(self, dispatcher: Dispatcher, reconciler: Reconciler, boards: dict[str, Board], config: ManagerConfig,
                  operations: Operations) -> None:
-        self.router = router
+        self.dispatcher = dispatcher
         self.reconciler = reconciler
         self.boards = boards
         self.config = config
@@ -68,17 +70,18 @@ class Views:
 
     def handler(self, reg: Registration, board: str) -> dict:
         """A placement as ContainerHandler attributes (+ what its last deployment took)."""
-        cfg = reg.config
-        out = {key: cfg.get(key) for key in CONTAINER_HANDLER_FIELDS if key in cfg}
+        cfg = reg.config.to_dict()
+        out = {key: cfg[key] for key in CONTAINER_HANDLER_FIELDS if key in cfg}
         inst = self.reconciler.current(reg.name, board)
+        policy = resolve(reg.config, self.config)  # the values in force
         out.update(
             suffix_name=f"{reg.name}-{board}",
-            image_file=cfg.get("image_filename"),
+            image_file=reg.config.image_filename,
             allocated_coprocessor=board,
             host_location=list(reg.boards),
-            max_send_num=cfg["max_send_num"] or self.config.default_max_send_num,
-            send_timeout=cfg["send_timeout"] or self.config.default_send_timeout_ms,
-            wait_queue_timeout=cfg["wait_queue_timeout"] or self.config.default_wait_queue_timeout_ms or None,  # None: no limit
+            max_send_num=policy.max_send_num,
+            send_timeout=round(policy.send_timeout * 1000),
+            wait_queue_timeout=round(policy.answer_timeout * 1000) if policy.answer_timeout != math.inf else None,  # None: no limit
             deployment=dict(inst.deployment) if inst is not None else {},
         )
         return out
@@ -101,7 +104,7 @@ class Views:
             row.update(
                 connect_status="connected" if connected else "disconnected",
                 operate=("Busy" if inst.in_flight else "Free") if inst is not None and connected else "Unknown",
-                queue_num=len(self.router.services[reg.name].queue) if reg.name in self.router.services else 0,
+                queue_num=len(self.dispatcher.services[reg.name].queue) if reg.name in self.dispatcher.services else 0,
                 send_data_num=len(inst.in_flight) if inst is not None else 0,
                 net_io=f"{human_bytes(inst.tx_bytes if inst else 0)} / {human_bytes(inst.rx_bytes if inst else 0)}",
                 ports=f"{self.config.port + P.CONTAINER_OUT}/tcp, {self.config.port + P.CONTAINER_IN}/tcp",
@@ -141,7 +144,7 @@ class Views:
     def queue_matches(self, name: str, rno: int, pid: int) -> list[Request]:
         if name:
             self.registered(name)
-        return [r for r in self.router.waiting(name) if (not rno or r.rid == str(rno)) and (not pid or r.pid == pid)]
+        return [r for r in self.dispatcher.waiting(name) if (not rno or r.rid == str(rno)) and (not pid or r.pid == pid)]
 
     @staticmethod
     def queue_info(requests: list[Request]) -> list[dict]:
@@ -151,6 +154,7 @@ class Views:
                 "inference_name": r.inference,
                 "pid": r.pid,
                 "mng_queue_in": datetime.fromtimestamp(r.queued_wall, timezone.utc).isoformat(timespec="milliseconds"),
+                "priority": r.priority,  # beyond §7.7: the order is the queue's (waitqueue.py)
             }
             for r in requests
         ]
@@ -190,9 +194,9 @@ def _images_of(board: Board, instances: list[Instance]) -> dict:
         cfg = inst.spec.config
         images.append(
             {
-                "tag": cfg.get("image_tag") or f"{inst.inference}:{cfg['implementation_type'].lower()}",
+                "tag": cfg.image_tag or f"{inst.inference}:{cfg.implementation_type.lower()}",
                 "inference_name": inst.inference,
-                "implementation_type": cfg["implementation_type"],
+                "implementation_type": cfg.implementation_type,
                 "size": inst.runtime.files_size(inst.spec),
                 "path": str(inst.spec.work_dir),
             }

@@ -65,11 +65,19 @@ SIGNATURES = {
 }
 
 
+# Beyond the reference, and only as keyword-only arguments after its own (so no call written
+# to the reference changes meaning): the priority of an inference request.
+KEYWORD_ONLY = {(AICluster, m): [("priority", 0)] for m in ("infer", "infer_async", "infer_image", "infer_image_async")}
+
+
 @pytest.mark.parametrize("cls,method", list(SIGNATURES), ids=[f"{c.__name__}.{m}" for c, m in SIGNATURES])
 def test_signature_is_the_references(cls, method):
     params = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]  # without self
-    got = [(p.name, ... if p.default is inspect.Parameter.empty else p.default) for p in params]
+    got = [(p.name, ... if p.default is inspect.Parameter.empty else p.default) for p in params
+           if p.kind is not inspect.Parameter.KEYWORD_ONLY]
     assert got == SIGNATURES[(cls, method)]
+    extra = [(p.name, p.default) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert extra == KEYWORD_ONLY.get((cls, method), [])
 
 
 def test_log_functions():
@@ -87,7 +95,7 @@ DATA_CLASSES = {
                         "max_send_num", "script_path", "inference_modules", "image_path", "image_filename", "image_tag",
                         "run_command", "run_option", "copy",
                         # ours, after the reference's (docs/DECISIONS.md, "Control plane")
-                        "warmup", "ready_timeout", "max_batch_size", "max_queue_delay"],
+                        "warmup", "ready_timeout", "max_batch_size", "max_queue_delay", "max_queue_size", "retries"],
     "InferenceModulesConfig": ["sub_inference_name", "script_tag", "model_tag", "script", "model"],
     "InferenceResponse": ["pid", "tid", "request_no", "inference_name", "metadata", "metadata_sys", "sub_inference_name",
                           "time_stamp", "elapsed_time"],
@@ -97,7 +105,7 @@ DATA_CLASSES = {
                         "host_location", "implementation_type", "input", "output", "send_timeout", "wait_queue_timeout",
                         "max_send_num", "script_path", "inference_modules", "image_path", "image_file", "image_tag",
                         "run_command", "run_option", "copy"],
-    "QueueInfo": ["request_no", "inference_name", "pid", "mng_queue_in"],
+    "QueueInfo": ["request_no", "inference_name", "pid", "mng_queue_in", "priority"],
     "ContainerDistributionStatus": ["name", "suffix_name", "distribution"],
 }
 

@@ -1,6 +1,7 @@
 """The manager's parts on their own: configuration, registry files, validation, paths."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -83,7 +84,7 @@ def test_registry_reads_format_1_as_revision_1(tmp_path):
     """A file written before instances had revisions: its container is adopted by its old name."""
     reg = Registry(tmp_path / "state")
     config = normalize_config({"name": "cam", "implementation_type": "process", "run_command": "python x.py"})
-    old = {"format": 1, "name": "cam", "config": config,
+    old = {"format": 1, "name": "cam", "config": config.to_dict(),
            "boards": {"b1": {"distribution": "on", "running": True, "pid": 7, "pid_start": 70, "created": "t"}}}
     reg.path("cam").write_text(json.dumps(old))
     back = reg.read("cam")
@@ -94,7 +95,9 @@ def test_registry_reads_format_1_as_revision_1(tmp_path):
 
 def test_validation_normalizes():
     cfg = normalize_config({"name": "a", "implementation_type": "LOOP", "input": "main", "output": "None"})
-    assert (cfg["implementation_type"], cfg["input"], cfg["output"]) == ("Loop", "Main", None)
+    assert (cfg.implementation_type, cfg.input, cfg.output) == ("Loop", "Main", None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.input = None  # type: ignore[misc]  # settings change only as a new revision
     with pytest.raises(InfinibrainException) as err:
         normalize_config({"name": "a", "colour": 1})
     assert err.value.code == 302 and "colour" in str(err.value)
@@ -166,7 +169,7 @@ def test_docker_config_needs_an_image_tag_and_valid_options():
     with pytest.raises(InfinibrainException) as info:
         normalize_config({"name": "d", "implementation_type": "nvidia", "image_tag": "x:1", "run_option": "--rm"})
     assert info.value.code == 302 and "--rm" in str(info.value)
-    assert normalize_config({"name": "d", "image_tag": "x:1"})["implementation_type"] == "docker"
+    assert normalize_config({"name": "d", "image_tag": "x:1"}).implementation_type == "docker"
 
 
 def test_snapshot_says_which_boards_an_edit_touched_and_undoes_it():
@@ -216,7 +219,7 @@ def test_warmup_settings_are_checked(tmp_path):
     sample = tmp_path / "s.npy"
     sample.write_bytes(b"x")
     cfg = normalize_config({"name": "a", "implementation_type": "Loop", "warmup": str(sample), "ready_timeout": 5000})
-    assert cfg["warmup"] == {"file": str(sample), "param": {}, "sub_inference_name": None} and cfg["ready_timeout"] == 5000
+    assert cfg.warmup == {"file": str(sample), "param": {}, "sub_inference_name": None} and cfg.ready_timeout == 5000
     for bad, needle in (("relative.npy", "absolute"), (str(tmp_path / "none.npy"), "cannot be read"),
                         ({"file": str(sample), "colour": 1}, "colour"),
                         ({"file": str(sample), "sub_inference_name": "nope"}, "nope")):
@@ -269,13 +272,11 @@ def test_an_answer_with_odd_time_stamps_still_gives_a_response():
     """The client builds InferenceResponse.elapsed_time from the manager's stamps; stamps
     that are not [stage, seconds] leave it empty instead of failing the answer (a call
     whose answer failed to be read would wait for its deadline)."""
-    from infinibrain._client import ClusterClient, Pending
+    from infinibrain._pending import Pending, response_of
 
-    client = object.__new__(ClusterClient)  # no sockets: only the pure part is used
-    client.pid = 7
     p = Pending("5", "infer", 0.0, inference="x", tid=3, param={"a": 1})
-    good = client._response(p, {"time_stamp": [["client_send", 1.0], ["manager_receive", 1.5]], "sub_inference_name": "m"})
+    good = response_of(p, 7, {"time_stamp": [["client_send", 1.0], ["manager_receive", 1.5]], "sub_inference_name": "m"})
     assert [e[0] for e in good.elapsed_time] == ["client_send->manager_receive", "manager_receive->client_receive", "total"]
     assert good.elapsed_time[0][1] == 0.5 and good.request_no == "5" and good.sub_inference_name == "m"
-    odd = client._response(p, {"time_stamp": [["client_send", "soon"], {"x": 1}]})
+    odd = response_of(p, 7, {"time_stamp": [["client_send", "soon"], {"x": 1}]})
     assert odd.elapsed_time == [] and odd.time_stamp[-1][0] == "client_receive"

@@ -1,4 +1,7 @@
-"""The in-container library: Connector and the container_log_util functions."""
+"""The in-container library: Connector and the container_log_util functions.
+
+The container program's threads: one Connector per thread (one per module).
+"""
 from . import container_log_util
 from .connector import Connector
 from .container_log_util import critical, debug, error, exception, info, log_setting, warning

@@ -12,9 +12,10 @@ a copy of it when the client sent it through shared memory (infinibrain/shm.py);
 ``.copy()`` before changing it in place.
 
 Liveness: while a Connector waits in ``receive_request(_image)`` it tells the manager it
-is idle and alive every ``INFINIBRAIN_HEARTBEAT_MS`` (default 1000) if it has sent
-nothing else meanwhile. A module stuck in its own code sends nothing; the manager then
-stops sending it requests (docs/OPERATIONS.md, "Container lifecycle").
+is idle and alive every ``INFINIBRAIN_HEARTBEAT_MS`` (default 2500, the manager's own
+``container_heartbeat_ms`` default) if it has sent nothing else meanwhile. A module stuck
+in its own code sends nothing; the manager then stops sending it requests
+(docs/OPERATIONS.md, "Container lifecycle").
 """
 from __future__ import annotations
 
@@ -329,7 +330,7 @@ class Connector:
 
 def _heartbeat_seconds(value: str | None) -> float:
     try:
-        ms = int(value) if value else 1000
+        ms = int(value) if value else 2500
     except ValueError:
         raise argument_error("INFINIBRAIN_HEARTBEAT_MS", f"must be a number of milliseconds, got {value!r}") from None
     return max(ms, 10) / 1000
@@ -337,7 +338,7 @@ def _heartbeat_seconds(value: str | None) -> float:
 
 def _batch_default(value: str | None) -> int:
     try:
-        return max(int(value), 1) if value else 8
+        return max(int(value), 1) if value else P.DEFAULT_MAX_BATCH_SIZE
     except ValueError:
         raise argument_error("INFINIBRAIN_MAX_BATCH_SIZE", f"must be a number of requests, got {value!r}") from None
 

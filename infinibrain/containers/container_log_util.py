@@ -5,6 +5,8 @@ Every record logged through these functions carries the ``code`` given by the ca
 given, and formats any other record on that logger (or its children) as well. Without
 ``log_setting`` a default logger writing to stderr is used (in a deployed container,
 stderr goes to the container's log).
+
+Any thread of the container program (Python's logging is thread-safe).
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Run by the manager for ``implementation_type="Loop"``; it checks a board and the whole
 request path, and measures what the cluster itself costs (it does no work of its own).
+
+The Loop container process's main thread.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import BoardConfig
+from ..settings import InferenceSettings
 
 
 @dataclass
@@ -22,7 +23,7 @@ class ContainerSpec:
     container_id: str  # the instance's id (state.instance_id): names its files, process, Docker container
     inference: str
     board: BoardConfig
-    config: dict  # the normalized ContainerConfig
+    config: InferenceSettings
     work_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)

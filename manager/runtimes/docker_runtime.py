@@ -8,6 +8,8 @@
 arguments) and carry labels naming the manager, board, inference and suffix, so several
 boards and managers can share one engine. ``nvidia`` is the same with the NVIDIA runtime,
 and fails with a clear 302 on an engine without it: never a silent fallback to runc.
+
+Worker threads (operations.py), but ``exited``, which the router thread reads from the engine's poll (a thread of engine.py's).
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import docker.errors
 
 from infinibrain.errors import make_error
 
-from ..validate import copy_list, image_file
 from .base import ContainerSpec, RunInfo
 from .engine import LABEL_MANAGER, Engine
 from .process import human_bytes
@@ -71,7 +72,7 @@ class DockerRuntime:
     def create_args(self, spec: ContainerSpec) -> dict:
         """The ``containers.create`` arguments of ``spec`` (302 for a bad setting)."""
         cfg = spec.config  # validated: image_tag is set (validate._check_docker)
-        args = parse_run_option(cfg.get("run_option"))
+        args = parse_run_option(cfg.run_option)
         if self.kind == "nvidia":
             if args.get("runtime", "nvidia") != "nvidia":
                 raise make_error(302, detail=f"run_option --runtime {args['runtime']} contradicts implementation_type 'nvidia'")
@@ -91,8 +92,8 @@ class DockerRuntime:
         # PID 1 ignores it, and every stop would wait for the SIGKILL) and reaps zombies.
         args.setdefault("init", True)
         args.update(
-            image=cfg["image_tag"],
-            command=shlex.split(cfg["run_command"]) if cfg.get("run_command") else None,
+            image=cfg.image_tag,
+            command=shlex.split(cfg.run_command) if cfg.run_command else None,
             name=self.name(spec),
             labels=self.labels(spec),
             detach=True,
@@ -102,18 +103,18 @@ class DockerRuntime:
     def prepare(self, spec: ContainerSpec) -> dict:
         with self.engine.errors(self._doing(spec, "creating")):
             args = self.create_args(spec)
-            tar = image_file(spec.config)
+            tar = spec.config.image_file
             image, figures = self.engine.ensure_image(args["image"], tar)
-            if spec.config.get("script_path") and "working_dir" not in args and not image["Config"].get("WorkingDir"):
+            if spec.config.script_path and "working_dir" not in args and not image["Config"].get("WorkingDir"):
                 args["working_dir"] = DEFAULT_WORKDIR
             self.remove(spec)
             container = self.engine.client.containers.create(**args)
         try:
             with self.engine.errors(self._doing(spec, "copying files into")):
                 workdir = container.attrs["Config"].get("WorkingDir") or "/"
-                if spec.config.get("script_path"):
-                    self._put(container, workdir, _tree_entries(Path(spec.config["script_path"])))
-                for entry in copy_list(spec.config):
+                if spec.config.script_path:
+                    self._put(container, workdir, _tree_entries(Path(spec.config.script_path)))
+                for entry in spec.config.copies:
                     self._copy_in(container, workdir, Path(entry["From"]), entry["To"])
                 self._put_overlay(container, workdir, spec.files)
         except BaseException:
@@ -225,7 +226,7 @@ class DockerRuntime:
             attrs = self.engine.refresh(self.name(spec)) or {}
         self._ours.add(self.name(spec))
         self._cpu_samples.pop(spec.container_id, None)
-        log.info("started %s (%s) on board %s", self.name(spec), spec.config["image_tag"], spec.board.name)
+        log.info("started %s (%s) on board %s", self.name(spec), spec.config.image_tag, spec.board.name)
         return RunInfo(attrs.get("State", {}).get("Pid") or None, None, _iso(attrs.get("Created", "")))
 
     def adopt(self, spec: ContainerSpec, pid: int | None, pid_start: int | None) -> bool:
@@ -273,7 +274,7 @@ class DockerRuntime:
 
     def remove_image(self, spec: ContainerSpec) -> bool:
         with self.engine.errors(self._doing(spec, "removing the image of")):
-            return self.engine.remove_image(spec.config["image_tag"])
+            return self.engine.remove_image(spec.config.image_tag or "")
 
     def logs(self, spec: ContainerSpec, lines: int) -> str:
         with self.engine.errors(self._doing(spec, "reading the log of")):
@@ -332,7 +333,7 @@ class DockerRuntime:
 
 def spec_hash(spec: ContainerSpec) -> str:
     """What the container was made from: a changed setting means a new container."""
-    made_of = {"config": spec.config, "env": {k: v for k, v in spec.env.items() if k.startswith("INFINIBRAIN_")}}
+    made_of = {"config": spec.config.to_dict(), "env": {k: v for k, v in spec.env.items() if k.startswith("INFINIBRAIN_")}}
     return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

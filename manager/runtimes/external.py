@@ -5,6 +5,8 @@ the connection environment (written to ``<work_dir>/connection.env``; the essent
 variable is ``INFINIBRAIN_CONTAINER=<suffix_name>``) and its Connector is routed to like
 any other. Use it for a program that must run outside the manager's control: on bare
 metal next to a sensor, under a debugger, under another supervisor.
+
+Worker threads (operations.py), but ``exited`` (the router thread; it never touches the board).
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ process group. ``LocalHost`` does them with the standard library; ``SSHHost`` do
 a remote board through its ``SSHLink`` (SFTP for files, short ``sh`` scripts for processes),
 and keeps a half-second poll of its processes so that the router's exit checks never wait
 on the network.
+
+Worker threads (operations.py); ``exited`` on the router thread reads the poll, which an ``SSHHost`` keeps on a thread of its own.
 """
 from __future__ import annotations
 

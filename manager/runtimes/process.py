@@ -7,6 +7,8 @@ file that survives the process. Paths inside the container are relative to the w
 directory: ``/etc/cop/`` means ``<work_dir>/etc/cop/``, and nothing may point outside it.
 The same code serves this machine and remote boards: what differs is the ``host``
 (runtimes/hosts.py) it does its file and process work through.
+
+Worker threads (operations.py), but ``exited``, which the router thread calls (it reads the host's poll, never the network).
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from pathlib import Path
 from infinibrain import security
 from infinibrain.errors import make_error
 
-from ..validate import copy_list, module_list
 from .base import ContainerSpec, RunInfo
 from .hosts import LocalHost, SSHHost
 
@@ -54,9 +55,9 @@ class ProcessRuntime:
         host, work = self.host, str(spec.work_dir)
         fresh = host.make_fresh(os.path.dirname(work), f".{spec.container_id}.")
         try:
-            if spec.config.get("script_path"):
-                host.put(Path(spec.config["script_path"]), fresh)
-            for entry in copy_list(spec.config):
+            if spec.config.script_path:
+                host.put(Path(spec.config.script_path), fresh)
+            for entry in spec.config.copies:
                 self._copy_in(Path(entry["From"]), fresh, entry["To"])
             # What put_file gave the inference; inside a process container every path,
             # absolute or not, is under its working folder.
@@ -87,7 +88,7 @@ class ProcessRuntime:
         self.host.put(source, target)
 
     def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
-        for module in module_list(spec.config):
+        for module in spec.config.modules:
             scripts = module.get("script") or []
             for name in [scripts] if isinstance(scripts, str) else scripts:
                 if not self.host.is_file(str(safe_join(Path(root), name))):
@@ -123,11 +124,11 @@ class ProcessRuntime:
     # ---- processes ---------------------------------------------------------------
 
     def command(self, spec: ContainerSpec) -> list[str]:
-        run = spec.config.get("run_command")
+        run = spec.config.run_command
         if run:
             argv = shlex.split(run)
         else:
-            scripts = [s for m in module_list(spec.config) for s in _as_list(m.get("script"))]
+            scripts = [s for m in spec.config.modules for s in _as_list(m.get("script"))]
             if not scripts:
                 raise make_error(302, detail="run_command is required when inference_modules names no script")
             argv = ["python", scripts[0]]

@@ -8,6 +8,8 @@ tar is sent once over SFTP (with progress, into ``<name>.part`` renamed when com
 ``docker load -i`` runs on the board, so a transfer cut off halfway never loads anything and
 the next try starts clean. The board needs the docker CLI (for dial-stdio and load), and
 the SSH user must be allowed to use the engine (the ``docker`` group).
+
+Worker threads (operations.py); the engine's poll runs on a thread of its own.
 """
 from __future__ import annotations
 

@@ -1,0 +1,71 @@
+"""The manager's own figures: what the metrics' gauges show and the ``stats`` command answers.
+
+Router thread (a scrape reaches it through ``Loop.call``).
+"""
+from __future__ import annotations
+
+import os
+
+from .auth import Guard
+from .config import ManagerConfig
+from .dispatch import Dispatcher
+from .loop import Loop
+from .payloads import Payloads
+from .state import Client
+from .wire import Wire
+
+
+class Figures:
+    def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, dispatcher: Dispatcher, payloads: Payloads,
+                 guard: Guard, clients: dict[str, Client]) -> None:
+        self.config = config
+        self.loop = loop
+        self.wire = wire
+        self.dispatcher = dispatcher
+        self.payloads = payloads
+        self.guard = guard
+        self.clients = clients
+
+    def live(self) -> dict:
+        """What the metrics' gauges show (manager/metrics.py)."""
+        return {
+            "queues": {n: len(svc.queue) for n, svc in self.dispatcher.services.items()},
+            "containers": [
+                {"id": c.id, "suffix": c.suffix, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),
+                 "connected": c.connected, "state": c.state.value, "revision": c.revision, "tx_bytes": c.tx_bytes,
+                 "rx_bytes": c.rx_bytes}
+                for c in self.dispatcher.containers.values()
+            ],
+            "dropped_by_port": dict(self.wire.dropped_by_port),
+            "refused_keys": self.guard.denied(),
+            "clients": len(self.clients),
+            "loop_errors": dict(self.loop.errors),
+        }
+
+    def stats(self) -> dict:
+        """What the manager has dropped and holds (the ``stats`` command): the metrics'
+        figures, the non-zero ones only, plus its memory."""
+        live = self.live()
+        return {
+            "instance": self.wire.instance,
+            "dropped_frames": self.wire.dropped_frames,
+            "dropped_by_port": live["dropped_by_port"],
+            "refused_keys": live["refused_keys"],
+            "clients": live["clients"],
+            "queued": {n: depth for n, depth in live["queues"].items() if depth},
+            "in_flight": {c["id"]: c["in_flight"] for c in live["containers"] if c["in_flight"]},
+            "retried": self.dispatcher.retried,
+            "loop_errors": live["loop_errors"],
+            "max_message_size": self.config.max_message_size,
+            "shared_memory": {"passed": self.payloads.passed, "read": self.payloads.read},
+            "rss_bytes": _rss_bytes(),
+        }
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux), 0 where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
