@@ -235,6 +235,58 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def in_manager(cluster: AICluster, name: str) -> int:
+    """How many of inference ``name``'s requests the manager holds: sent to its containers
+    and not yet answered, or waiting in its queue."""
+    rows = cluster.get_container_status(name)
+    return sum(s.send_data_num for s in rows) + (rows[0].queue_num if rows else 0)  # one queue per inference
+
+
+# ---- raw ZeroMQ peers ---------------------------------------------------------------------
+# What a raw socket sends before its connection is up is lost without a trace: a PUB drops
+# messages for a peer whose subscription has not reached it yet, an XSUB those sent before
+# its connection was attached. Tests wait for the connection instead of sleeping.
+
+
+def connect_raw(sock, endpoint: str, timeout: float = 10.0) -> None:
+    """Connect ``sock`` to ``endpoint`` and wait until the ZMTP handshake has succeeded (a
+    socket monitor event) and the socket has taken the connection in: what an XSUB sends
+    next goes out. A PUB also needs the manager's subscription, which nothing on the PUB
+    shows: repeat a probe with ``send_until`` until the manager shows it got one."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not monitor.poll(left * 1000):
+                raise AssertionError(f"no handshake with {endpoint} within {timeout} s")
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                break
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.get(zmq.EVENTS)  # makes the socket process its pending commands: the new connection is attached
+
+
+def send_until(send, seen, timeout: float = 10.0, interval: float = 0.05) -> int:
+    """Call ``send()`` until ``seen()`` is true (checked after each send); returns how many
+    times it sent."""
+    sent = 0
+
+    def attempt():
+        nonlocal sent
+        send()
+        sent += 1
+        return seen()
+
+    wait_for(attempt, timeout, interval)
+    return sent
+
+
 # ---- Docker -------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import echo_config
+from conftest import echo_config, wait_for
 from infinibrain import ContainerDisconnectException, InferenceModulesConfig, InvalidArgumentException, UnknownException
 
 
@@ -26,7 +26,8 @@ def occupy_then_send(cluster, name: str, count: int, param: dict | None = None) 
     """Keep the container busy with one slow request, queue ``count`` more behind it, and
     return all the futures (the slow one first)."""
     slow = cluster.infer_image_future(name, image(0), {"n": "slow", "sleep": 0.5})
-    time.sleep(0.2)  # it has reached the container: the others wait in the manager
+    # It has gone to the container (alone in its batch): the others wait in the manager.
+    wait_for(lambda: cluster.get_container_status(name)[0].send_data_num == 1)
     return [slow] + [cluster.infer_image_future(name, image(i), {"n": i, **(param or {}).get(i, {})}) for i in range(1, count + 1)]
 
 

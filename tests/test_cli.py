@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -96,16 +95,20 @@ def test_bad_deployment_files_name_what_is_wrong(cm, tmp_path):
 def test_start_stop_logs_and_follow(cm, name, tmp_path):
     ok(cm, "deploy", str(deployment(tmp_path, name, boards=["local"])), "--quiet")
     assert "echo ready" in ok(cm, "logs", name)
-    follower = subprocess.Popen([sys.executable, "-m", "infinibrain.cli", "--port", str(cm.port), "logs", name, "--follow-seconds", "12"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    followed_path, err_path = tmp_path / "follow.out", tmp_path / "follow.err"
+    with open(followed_path, "w") as out_file, open(err_path, "w") as err_file:
+        follower = subprocess.Popen([sys.executable, "-m", "infinibrain.cli", "--port", str(cm.port), "logs", name, "--follow-seconds", "12"],
+                                    stdout=out_file, stderr=err_file, text=True)
     try:
-        time.sleep(2)
+        # It follows: it has printed the log so far (and keeps reading it once a second).
+        wait_for(lambda: "echo ready" in followed_path.read_text(), timeout=30)
         out = ok(cm, "stop", name)
         assert f"{name}-local: stopped" in out
         assert status_json(cm)["containers"][0]["status"] == "stopped"
         out = ok(cm, "start", name)
         assert f"{name}-local: running, connected" in out
-        followed, err = follower.communicate(timeout=30)
+        follower.wait(timeout=30)
+        followed, err = followed_path.read_text(), err_path.read_text()
     finally:
         follower.kill()
     assert follower.returncode == 0, err
@@ -199,7 +202,8 @@ def test_deploy_shows_image_load_progress(docker_kit, cm, name, tmp_path):
         c.load_inference_async(ContainerConfig(name=name, implementation_type="docker", input="Main", output="Main", image_tag=tag,
                                                image_path=str(tmp_path), image_filename="runtime.tar"), "local", func=callback)
         assert done.wait(120)
-        time.sleep(0.2)
+        # The progress events come on their own path: the last one may follow the outcome.
+        wait_for(lambda: any(p["stage"] == "ready" for p in progress))
         assert len(events) == 1 and events[0][:2] == (0, "load_inference")
         assert {p["cmd"] for p in progress} == {"load_inference"} and all(p["board"] == "local" for p in progress)
         loading = [p for p in progress if p["stage"] == "loading runtime.tar"]

@@ -127,7 +127,9 @@ def test_a_failed_update_keeps_the_old_version_serving(fresh_manager, name):
             with pytest.raises(InfinibrainException) as err:
                 c.load_inference(versioned(name, run_command="python silent.py", force_update=True), "local")
             assert "did not become ready" in str(err.value) and "keeps serving" in str(err.value)
-            time.sleep(0.5)
+            # The old version goes on serving the load after both failed updates.
+            served = load.codes()[0]
+            wait_for(lambda: load.codes()[0] > served + 20)
         load.check_all_ended(allowed=set())
         assert {(a["board"], a["pid"]) for a in answers(c, name, 10)} == pids  # the same processes
         assert c.get_container_handler(name)[0].run_command is None  # the old settings are back
@@ -173,7 +175,9 @@ def test_restart_after_put_file_rolls_without_failing_a_request(fresh_manager, n
             wait_for(lambda: load.codes()[0] > 20)
             restarted = c.restart_inference(name)
             assert sorted(h.allocated_coprocessor for h in restarted) == ["b2", "local"]
-            time.sleep(0.3)
+            # The load goes on after the restart, answered on both boards.
+            restarted_at = time.monotonic()
+            wait_for(lambda: {board for board, _ in load.served_since(restarted_at)} == {"b2", "local"})
         load.check_all_ended(allowed=set())
         assert {a["file"] for a in answers(c, name)} == {"model-2"}
         # The CLI's restart, one board in place.
@@ -257,46 +261,54 @@ def test_four_boards_deploy_in_about_the_time_of_one(fresh_manager, name):
 
 
 def test_the_router_survives_faults_in_timers_hooks_and_calls(tmp_path):
-    """A real Router on real sockets, with a hook, a timer and a call that raise."""
+    """A real manager in this process, on real sockets, with a timer, a timed call, a
+    cross-thread call and a container-side hook that raise."""
     import threading
 
     from conftest import free_base_port
     from infinibrain import AICluster
-    from infinibrain.manager.commands import Commands
     from infinibrain.manager.config import BoardConfig, ManagerConfig
-    from infinibrain.manager.router import Router
+    from infinibrain.manager.daemon import Manager
 
-    config = ManagerConfig(port=free_base_port(), state_dir=str(tmp_path), boards=[BoardConfig("local")])
-    router = Router(config)
+    config = ManagerConfig(port=free_base_port(), state_dir=str(tmp_path), metrics_port=-1, registry_port=1,
+                           boards=(BoardConfig("local"),))
+    manager = Manager(config)
 
-    class Broken:  # a reconciler whose every hook fails
-        def tick(self, now):
-            raise RuntimeError("tick fault")
+    def broken_timer(now: float) -> None:
+        raise RuntimeError("timer fault")
 
-        def connected(self, inst):
-            raise RuntimeError("connected fault")
+    def broken_stranger(wire_id: str, sub: str) -> None:
+        raise RuntimeError("hook fault")
 
-        heard = overdue = warmed = connected
-
-    router.lifecycle = Broken()  # type: ignore[assignment]
-    router.commands = Commands.__new__(Commands)  # no command is sent here
-    loop = threading.Thread(target=router.run, daemon=True)
+    manager.loop.every(broken_timer)
+    manager.router.strangers = broken_stranger
+    loop = threading.Thread(target=manager.run, daemon=True)
     loop.start()
     try:
-        router.call_soon(lambda: 1 / 0)
-        router.call_soon(router.call_later, 0.01, lambda: {}["missing"])
-        # The loop goes on: a client connects (both paths answered by the router thread).
-        with AICluster(port=config.port, timeout=5):
-            pass
-        errors = wait_for(lambda: (e := router.call(router.stats)["loop_errors"]).get("timed") and e)
-        assert errors["timer"] >= 1 and errors["call"] == 1 and errors["timed"] == 1
-        stats = router.call(router.stats)
-        time.sleep(0.3)
-        assert router.call(router.stats)["loop_errors"]["timer"] > stats["loop_errors"]["timer"]  # still ticking
+        manager.loop.call_soon(lambda: 1 / 0)
+        manager.loop.call_soon(manager.loop.call_later, 0.01, lambda: {}["missing"])
+        # A Connector started by hand (no container identity) subscribes: the hook it reaches fails.
+        import zmq
+
+        ctx = zmq.Context()
+        stray = ctx.socket(zmq.SUB)
+        stray.linger = 0
+        stray.subscribe(b"q/~stranger/echo")
+        stray.connect(f"tcp://127.0.0.1:{config.port + 3}")
+        # The loop goes on: a client connects and asks for the figures (both paths answered by the router thread).
+        with AICluster(port=config.port, timeout=5) as c:
+            errors = wait_for(lambda: (e := c.stats()["loop_errors"]).get("timed") and e)
+            assert errors["timer"] >= 1 and errors["call"] == 1 and errors["timed"] == 1
+            dropped = wait_for(lambda: c.stats()["dropped_by_port"].get("container-out"))
+            assert dropped >= 1  # the subscription whose hook raised: counted, the loop goes on
+            before = c.stats()["loop_errors"]["timer"]
+            time.sleep(0.3)
+            assert c.stats()["loop_errors"]["timer"] > before  # still ticking
+        stray.close()
+        ctx.term()
     finally:
-        router.stop()
+        manager.stop()
         loop.join(10)
-        router.close()
     assert not loop.is_alive()
 
 

@@ -10,13 +10,12 @@ import logging
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 import zmq
 
-from conftest import ManagerProcess, connected, echo_config, manager_stats, wait_for
+from conftest import ManagerProcess, connect_raw, connected, echo_config, manager_stats, send_until, wait_for
 from infinibrain import AICluster, SocketConnectionException, security
 from infinibrain import protocol as P
 
@@ -60,13 +59,17 @@ def test_the_board_ports_take_no_commands_and_no_requests(split_manager, name):
         with connected(m) as c:
             c.load_inference(echo_config(name), "local")
             instance = c.infer(name, b"x")[0]["env"]["INFINIBRAIN_INSTANCE"]
-            before = manager_stats(c)["dropped_by_port"]
             # What a program on a board (here: posing as the container itself) might try.
             results_port = ctx.socket(zmq.PUB)
-            results_port.connect(f"tcp://{BOARDS_NET}:{m.port + P.CONTAINER_IN}")
+            connect_raw(results_port, f"tcp://{BOARDS_NET}:{m.port + P.CONTAINER_IN}")
             requests_port = ctx.socket(zmq.XSUB)
-            requests_port.connect(f"tcp://{BOARDS_NET}:{m.port + P.CONTAINER_OUT}")
-            time.sleep(0.5)  # connected
+            connect_raw(requests_port, f"tcp://{BOARDS_NET}:{m.port + P.CONTAINER_OUT}")
+            # Connected: a probe (not a message) through each has reached the manager, which dropped it.
+            for sock, port_name in ((results_port, "container-results"), (requests_port, "container-out")):
+                probed = manager_stats(c)["dropped_by_port"].get(port_name, 0)
+                send_until(lambda s=sock: s.send(b"probe"),
+                           lambda p=port_name, n=probed: manager_stats(c)["dropped_by_port"].get(p, 0) > n)
+            before = manager_stats(c)["dropped_by_port"]
             command = {"cid": "intruder", "pid": 1, "rid": "r1", "cmd": "unload_inference",
                        "args": {"inference_name": name, "coprocessor_name": ""}}
             request = {"cid": "intruder", "pid": 1, "tid": 1, "rid": "r2", "inf": name, "param": {}, "arr": None}

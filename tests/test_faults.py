@@ -63,7 +63,7 @@ def test_container_sigkill_under_load_402_114_and_restart(fresh_manager, name):
     c.load_inference(echo(name, run_option="--restart on-failure:3"), "all")
     with Load(c, name) as load:
         victim = pid_on(load, "local")
-        time.sleep(0.5)
+        wait_for(lambda: load.codes()[0] > 20)  # the load is flowing
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         # The other replica serves while the victim is down.
@@ -234,7 +234,7 @@ def test_ssh_board_lost_under_load(ssh_boards, tmp_path, name):
         c.load_inference(echo(name), "all")
         with Load(c, name, param={"sleep": 0.05}) as load:
             victim = pid_on(load, "b1")
-            time.sleep(0.3)
+            wait_for(lambda: load.codes()[0] > 20)  # the load is flowing
             # Power loss: the board's sshd and its containers go at once.
             ssh_boards.stop("b1")
             os.killpg(os.getpgid(victim), signal.SIGKILL)

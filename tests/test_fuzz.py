@@ -13,7 +13,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import echo_config, manager_stats
+from conftest import connect_raw, echo_config, manager_stats, send_until
 from infinibrain import protocol as P
 from loadgen import Load
 
@@ -96,16 +96,19 @@ def bad_message(rng: random.Random) -> list[bytes]:
     return [real[0], msgpack.packb({"v": rng.choice([0, 2, 99]), "k": "req", "cid": "fuzz"})]  # other version
 
 
-def blast(ctx: zmq.Context, kind: int, port: int, send_one) -> None:
-    """FRAMES messages through a new socket of ``kind`` connected to ``port``."""
+def blast(ctx: zmq.Context, kind: int, port: int, send_one, heard=None) -> int:
+    """FRAMES messages through a new socket of ``kind`` connected to ``port``; returns how
+    many it sent. ``heard()``: whether the manager has counted a message of this port as
+    dropped (for a PUB, probes are sent until it has: the connection is up then)."""
     s = ctx.socket(kind)
     s.sndhwm = 0
     s.linger = 5000
-    s.connect(f"tcp://127.0.0.1:{port}")
-    time.sleep(0.3)
+    connect_raw(s, f"tcp://127.0.0.1:{port}")
+    probes = send_until(lambda: s.send(b"probe"), heard) if heard is not None else 0  # dropped, as the frames
     for _ in range(FRAMES):
         send_one(s)
     s.close()
+    return probes + FRAMES
 
 
 def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, name):
@@ -120,8 +123,9 @@ def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, nam
         with Load(c, name, threads=2, param={}, max_seconds=600) as load:
             # SUB ports: whole messages through a PUB (no drops: the high-water mark is off).
             for offset, port_name in ((P.INFER_IN, "requests"), (P.MGMT_IN, "management"), (P.CONTAINER_IN, "container-results")):
-                blast(ctx, zmq.PUB, m.port + offset, lambda s: s.send_multipart(bad_message(rng)))
-                sent[port_name] = FRAMES
+                probed = manager_stats(c)["dropped_by_port"].get(port_name, 0)
+                sent[port_name] = blast(ctx, zmq.PUB, m.port + offset, lambda s: s.send_multipart(bad_message(rng)),
+                                        heard=lambda p=port_name, n=probed: manager_stats(c)["dropped_by_port"].get(p, 0) > n)
             # PUB and XPUB ports: a peer can only send subscriptions; random ones.
             for offset in (P.CLIENT_OUT, P.CONTAINER_OUT):
                 blast(ctx, zmq.XSUB, m.port + offset, lambda s: s.send(bytes([rng.choice([0, 1, 2])]) + rng.randbytes(rng.randint(0, 24))))
@@ -140,7 +144,7 @@ def test_blast_of_bad_frames_at_every_port_while_traffic_runs(fresh_manager, nam
                 if stats["dropped_by_port"] == last:
                     break
                 last = stats["dropped_by_port"]
-                time.sleep(1.0)
+                time.sleep(1.0)  # time: the counts must stay still for a while (no one message says "the last was read")
     finally:
         ctx.destroy(linger=0)
     # Normal traffic went on: every request of the load got its answer.

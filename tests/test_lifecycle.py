@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import echo_config, wait_for
+from conftest import echo_config, in_manager, wait_for
 from infinibrain import ContainerDisconnectException, ContainerHandler, InvalidArgumentException
 from infinibrain.errors import ConnectionFailedException, SocketConnectionException
 
@@ -96,7 +96,7 @@ def test_requests_in_flight_when_the_manager_dies_end_with_an_error(fresh_manage
     got = []
     for _ in range(3):
         c.infer_async(name, b"x", {"sleep": 3}, func=lambda code, *rest: got.append(code))
-    time.sleep(0.3)
+    wait_for(lambda: in_manager(c, name) == 3)  # all three reached the manager (sent on to the container or queued)
     m.kill()
     wait_for(lambda: len(got) == 3, timeout=10)
     assert got == [402, 402, 402]

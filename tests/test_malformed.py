@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import echo_config
+from conftest import connect_raw, echo_config, send_until
 from infinibrain import protocol as P
 from infinibrain.containers import Connector, container_log_util
 from infinibrain.errors import ContainerReceiveTimeoutException, InvalidArgumentException
@@ -42,16 +42,19 @@ def test_manager_survives_garbage_on_every_port(cluster, manager, name):
     rng = random.Random(7)
     socks = []
     try:
-        for offset in (P.INFER_IN, P.MGMT_IN, P.CONTAINER_IN):
+        for offset, port_name in ((P.INFER_IN, "requests"), (P.MGMT_IN, "management"), (P.CONTAINER_IN, "container-results")):
             s = ctx.socket(zmq.PUB)
-            s.connect(f"tcp://127.0.0.1:{manager.port + offset}")
+            connect_raw(s, f"tcp://127.0.0.1:{manager.port + offset}")
+            # Connected once the manager has dropped a probe sent through it.
+            probed = cluster.stats()["dropped_by_port"].get(port_name, 0)
+            send_until(lambda s=s: s.send(b"probe"),
+                       lambda p=port_name, n=probed: cluster.stats()["dropped_by_port"].get(p, 0) > n)
             socks.append(s)
         # SUB and XPUB ports: a peer that sends raw (non-protocol) subscriptions and data.
         for offset in (P.CLIENT_OUT, P.CONTAINER_OUT):
             s = ctx.socket(zmq.XSUB)
-            s.connect(f"tcp://127.0.0.1:{manager.port + offset}")
+            connect_raw(s, f"tcp://127.0.0.1:{manager.port + offset}")
             socks.append(s)
-        time.sleep(0.3)
         for i in range(3000):
             s = socks[i % len(socks)]
             frames = garbage(rng)

@@ -138,7 +138,7 @@ def test_put_file_replaces_files_and_checks_keys(cluster, name, tmp_path):
     # Refused while the inference is in use.
     done = threading.Event()
     cluster.infer_async(name, b"x", {"sleep": 1.0}, func=lambda *a: done.set())
-    time.sleep(0.2)
+    wait_for(lambda: cluster.get_container_status(name)[0].send_data_num == 1)  # it runs in the container
     with pytest.raises(InvalidOperationException) as err:
         cluster.put_file(name, {"model": str(model)})
     assert err.value.code == 303
@@ -150,7 +150,7 @@ def test_unload_in_use_is_303_and_unknown_names(cluster, name):
     cluster.load_inference(echo_config(name), "local")
     done = threading.Event()
     cluster.infer_async(name, b"x", {"sleep": 1.0}, func=lambda *a: done.set())
-    time.sleep(0.2)
+    wait_for(lambda: cluster.get_container_status(name)[0].send_data_num == 1)  # it runs in the container
     with pytest.raises(InvalidOperationException) as err:
         cluster.unload_inference(name)
     assert err.value.code == 303

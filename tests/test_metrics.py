@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import echo_config, wait_for
+from conftest import connect_raw, echo_config, send_until, wait_for
+from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException
 
 
@@ -53,7 +53,8 @@ def test_metrics_add_up_after_real_traffic(fresh_manager, name, tmp_path):
     for h in c.get_container_handler(name):
         h.start_distribution()
     c.put_file(name, {"file": str(source)})
-    time.sleep(0.2)
+    # No wait: the router counted every figure below before it answered put_file (and the
+    # gauges are read from its state when the scrape comes).
 
     s = scrape(m)
     assert value(s, "infinibrain_requests_total", inference=name, code="0") == 30
@@ -88,11 +89,22 @@ def test_metrics_add_up_after_real_traffic(fresh_manager, name, tmp_path):
     ctx = zmq.Context()
     try:
         pub = ctx.socket(zmq.PUB)
-        pub.connect(f"tcp://127.0.0.1:{m.port}")
-        time.sleep(0.3)
+        connect_raw(pub, f"tcp://127.0.0.1:{m.port}")
+        # A request for no inference is refused and counted (400), not dropped: sent until
+        # the manager has counted one, it shows the connection is up; sent after the seven,
+        # that they were read (the messages of one connection are read in order).
+        probe = P.encode(P.TOPIC_MANAGER, P.REQUEST, {"cid": "probe", "pid": 1, "rid": "probe", "inf": "no-such-inference"})
+
+        def refused() -> float:
+            return value(scrape(m), "infinibrain_requests_total", inference="", code="400")
+
+        before = refused()
+        send_until(lambda: P.send(pub, probe), lambda: refused() > before)
         for _ in range(7):
             pub.send_multipart([b"m", b"not msgpack \xc1"])
-        time.sleep(0.5)
+        before = refused()
+        P.send(pub, probe)
+        wait_for(lambda: refused() > before)
     finally:
         ctx.destroy(linger=0)
     wait_for(lambda: value(scrape(m), "infinibrain_container_up", inference=name, container=f"{name}-b2", board="b2") == 0)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import echo_config, wait_for
+from conftest import echo_config, in_manager, wait_for
 from infinibrain import (
     ContainerReceiveTimeoutException,
     PermissionException,
@@ -32,7 +32,7 @@ def test_credits_hold_requests_in_the_manager(cluster, name):
     cluster.load_inference(echo_config(name, max_send_num=1), "local")
     got, cb = collector()
     rids = [cluster.infer_async(name, b"x", {"sleep": 1.0}, func=cb) for _ in range(4)]
-    time.sleep(0.2)
+    wait_for(lambda: in_manager(cluster, name) == 4)  # all four reached the manager
     status = cluster.get_container_status(name)[0]
     assert status.send_data_num == 1 and status.queue_num == 3 and status.operate == "Busy"
     queued = cluster.get_queue_info(name)
@@ -54,7 +54,7 @@ def test_queue_full_is_305_at_once(fresh_manager, name):
     got, cb = collector()
     for _ in range(4):  # one in the container, three waiting: the queue is full
         c.infer_async(name, b"x", {"sleep": 0.5}, func=cb)
-    time.sleep(0.1)
+    wait_for(lambda: in_manager(c, name) == 4)
     started = time.monotonic()
     with pytest.raises(SendQueueFullException) as err:
         c.infer(name, b"x")
@@ -100,7 +100,7 @@ c = AICluster(port=int(sys.argv[1]))
 for _ in range(3):
     c.infer_async(sys.argv[2], b"x", {"sleep": 0.1}, func=lambda *a: None)
 print("queued", flush=True)
-time.sleep(8)
+time.sleep(8)  # time: the client stays alive (its requests stay queued) while the test works on them
 """
 
 
@@ -166,7 +166,7 @@ def test_a_deleted_request_is_never_sent_again_by_a_retry_policy(manager, name):
         c.delete_queue(name)
         t.join(10)
         assert outcome and outcome[0].code == 404 and "delete_queue" in str(outcome[0])
-        time.sleep(0.5)
+        time.sleep(0.5)  # time, not a wait: a request sent again (a first retry comes within 0.3 s) would be queued by then
         assert c.get_queue_info(name) == []  # not sent again
         handler.start_distribution()
         c.unload_inference(name)

@@ -2,6 +2,7 @@
 socket gets, where secrets may (not) appear, and paths that may not escape a container."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import connected, echo_config, manager_stats
+from conftest import connected, echo_config, manager_stats, send_until
 from infinibrain import AICluster, InvalidArgumentException, SocketConnectionException, security
 from infinibrain.errors import InfinibrainException
 
@@ -123,7 +124,7 @@ def test_plain_sockets_get_nothing_from_a_curve_manager(curve, fresh_manager, na
             c.load_inference(echo_config(name), "local")
             for _ in range(20):
                 c.infer(name, b"secret data")  # heartbeats and traffic flow meanwhile
-            time.sleep(1.5)
+            time.sleep(1.5)  # time, not a wait: heartbeats (every 0.5 s) would have reached a plain socket by then
             for s in spies:
                 assert s.poll(200) == 0, "a plain socket received something from a CURVE manager"
             c.unload_inference(name)
@@ -209,17 +210,17 @@ def test_symlink_inside_the_container_cannot_lead_out(cluster, name, tmp_path):
 
 def test_run_command_never_reaches_a_shell(cluster, name, tmp_path):
     marker = tmp_path / "pwned"
-    cfg = echo_config(name, run_command=f"python echo.py; touch {marker}")
-    try:
-        cluster.load_inference(cfg, "local")  # "echo.py;" is an argument, not a command separator
-    except InfinibrainException:
-        pass
-    time.sleep(0.5)
+    # Positive control: the command runs, and what a shell would take for a separator and a
+    # second command reaches the program as arguments.
+    cluster.load_inference(echo_config(name, run_command=f"python argv.py ; touch {marker}"), "local")
+    work = Path(cluster.infer(name, b"x")[0]["cwd"])
+    assert json.loads((work / "argv.json").read_text()) == [";", "touch", str(marker)]
     assert not marker.exists()
-    try:
-        cluster.unload_inference(name)
-    except InfinibrainException:
-        pass
+    cluster.unload_inference(name)
+    # Without the spaces the program's name is "echo.py;", which does not exist: the load fails, nothing else runs.
+    with pytest.raises(InfinibrainException) as err:
+        cluster.load_inference(echo_config(name, run_command=f"python echo.py; touch {marker}"), "local")
+    assert err.value.code == 302 and not marker.exists()
 
 
 def test_oversized_request_is_100_before_it_is_sent(fresh_manager, name):
@@ -236,9 +237,11 @@ def test_oversized_request_is_100_before_it_is_sent(fresh_manager, name):
         try:
             raw = ctx.socket(zmq.PUB)
             raw.linger = 0
+            cut_off = raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             raw.connect(f"tcp://127.0.0.1:{m.port}")
-            time.sleep(0.3)
-            raw.send_multipart([b"m", b"\x00" * 2_000_000])
+            # Sent until it has reached the manager, which cuts the peer off (what a PUB sends
+            # before it is connected and has the manager's subscription is dropped).
+            send_until(lambda: raw.send_multipart([b"m", b"\x00" * 2_000_000]), lambda: cut_off.poll(100))
         finally:
             ctx.destroy(linger=0)
         assert c.infer_image(name, np.zeros((100, 100, 3), np.uint8))["shape"] == [100, 100, 3]

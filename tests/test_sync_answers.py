@@ -15,8 +15,8 @@ import time
 import pytest
 import zmq
 
-from conftest import connected, echo_config, wait_for
-from infinibrain import _client
+from conftest import connected, echo_config, in_manager, wait_for
+from infinibrain import _direct
 from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException
 
@@ -95,12 +95,12 @@ def test_threads_get_their_own_answers_only(manager, name):
             w.join(60)
         assert not any(w.is_alive() for w in workers)
         assert wrong == []
-        assert len(c._client._directs) == 6
+        assert len(c._client._directs.sockets) == 6
         c.unload_inference(name)
 
 
 def test_socket_limit_and_ended_threads(manager, name, monkeypatch):
-    monkeypatch.setattr(_client, "DIRECT_SOCKETS", 2)
+    monkeypatch.setattr(_direct, "DIRECT_SOCKETS", 2)
     with connected(manager) as c:
         c.load_inference(echo_config(name, max_send_num=4), "all")
         answers: list[dict] = []
@@ -116,12 +116,12 @@ def test_socket_limit_and_ended_threads(manager, name, monkeypatch):
             w.join(60)
         # Two threads had sockets; the other two were answered through the I/O thread.
         assert sorted((a["t"], a["i"]) for a in answers) == [(t, i) for t in range(4) for i in range(10)]
-        assert len(c._client._directs) == 2
+        assert len(c._client._directs.sockets) == 2
         # A new thread's socket replaces those of threads that ended.
         late = threading.Thread(target=work, args=(9,))
         late.start()
         late.join(60)
-        directs = c._client._directs
+        directs = c._client._directs.sockets
         assert len(directs) == 1 and directs[0].thread is late
         c.unload_inference(name)
 
@@ -136,7 +136,7 @@ def test_a_late_answer_never_matches_the_next_call(manager, name):
         # The next call on this thread's socket gets its own answer, not the slow one's.
         result, _ = c.infer(name, b"y", {"n": "next"})
         assert result["param"] == {"n": "next"}
-        assert len(c._client._directs) == 1
+        assert len(c._client._directs.sockets) == 1
         c.unload_inference(name)
 
 
@@ -155,12 +155,12 @@ def test_release_ends_a_waiting_synchronous_call(manager, name):
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.3)
+    wait_for(lambda: in_manager(c, name) == 1)  # the call waits: its request has reached the manager
     c.release()
     t.join(5)
     assert not t.is_alive() and outcome == [111]
     with connected(manager) as other:
-        time.sleep(1.5)  # the released call's request still runs in its container until then
+        wait_for(lambda: in_manager(other, name) == 0)  # the released call's request has ended in its container
         other.unload_inference(name)
 
 
