@@ -62,7 +62,7 @@ class Dispatcher:
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
-        for timer in (self._ack_slow, self._expire_waiting, self._expire_in_flight):
+        for timer in (self._ack_slow, self._expire_waiting, self._expire_in_flight, self._sample_drains):
             loop.every(timer)
         self._loop = loop
 
@@ -185,6 +185,10 @@ class Dispatcher:
             shm=ref,
             priority=priority,
         )
+        if not svc.queue:  # the usual case: nothing waits, so it goes first if a container may take it
+            c = svc.pick(req.sub)
+            if c is not None and svc.batch_size(c, req.sub) == 1:
+                return self._dispatch(c, req, svc)
         svc.queue.push(req)
         self.pump(name)
 
@@ -237,7 +241,7 @@ class Dispatcher:
             return None
 
     def _dispatch(self, c: Instance, req: Request, svc: Service | None) -> None:
-        payload = self._frames(c, req)
+        payload = req.payload if req.shm is None else self._frames(c, req)
         if payload is not None:
             self._send_one(c, req, payload, svc)
 
@@ -268,7 +272,7 @@ class Dispatcher:
         if req.client:
             self.metrics.dispatched(req)
         if svc is not None:
-            svc.drain.note(1, now)
+            svc.sent += 1
 
     def send_warmup(self, c: Instance, payload: list, arr: Any, param: dict, sub: str, timeout: float) -> int:
         """Send the manager's own request to instance ``c`` (not yet READY), bypassing the
@@ -414,6 +418,10 @@ class Dispatcher:
             req.acked = True
             left = req.deadline - req.accepted
             self.wire.to_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})
+
+    def _sample_drains(self, now: float) -> None:
+        for svc in self.services.values():
+            svc.drain.sample(svc.sent, now)
 
     def _expire_waiting(self, now: float) -> None:
         for name, svc in self.services.items():

@@ -22,7 +22,6 @@ caller should wait. Pure: the router thread owns each service; nothing here send
 from __future__ import annotations
 
 import itertools
-import math
 from collections import deque
 
 from .registry import Registration
@@ -34,28 +33,24 @@ RATE_SPAN = 5  # seconds over which the drain rate is measured
 
 
 class DrainRate:
-    """Requests sent to containers per second, over the last RATE_SPAN seconds."""
+    """Requests sent to containers per second, over the last RATE_SPAN seconds, from the
+    service's count of requests sent (``Service.sent``) sampled about once a second (a
+    timer's work, not the request path's)."""
 
-    __slots__ = ("_slots", "_since")
+    __slots__ = ("_samples",)
 
     def __init__(self) -> None:
-        self._slots: deque[list[int]] = deque(maxlen=RATE_SPAN + 1)  # [second, count]
-        self._since = -math.inf
+        self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_SPAN + 1)  # (when, requests sent by then)
 
-    def note(self, count: int, now: float) -> None:
-        second = int(now)
-        if self._slots and self._slots[-1][0] == second:
-            self._slots[-1][1] += count
-        else:
-            self._slots.append([second, count])
-            if self._since == -math.inf:
-                self._since = now
+    def sample(self, sent: int, now: float) -> None:
+        if not self._samples or now - self._samples[-1][0] >= 1.0:
+            self._samples.append((now, sent))
 
-    def rate(self, now: float) -> float:
-        start = now - RATE_SPAN
-        sent = sum(n for second, n in self._slots if second >= start)
-        span = now - max(start, self._since)
-        return sent / span if span > 0.05 else 0.0
+    def rate(self, sent: int, now: float) -> float:
+        start = next(((t, n) for t, n in self._samples if now - t <= RATE_SPAN + 1), None)
+        if start is None or now - start[0] < 0.05:
+            return 0.0
+        return (sent - start[1]) / (now - start[0])
 
 
 class Service:
@@ -64,6 +59,7 @@ class Service:
     def __init__(self, reg: Registration, policy: InferencePolicy, aging: float) -> None:
         self.queue = WaitQueue(aging)
         self.instances: dict[str, Instance] = {}
+        self.sent = 0  # requests sent to containers so far
         self.drain = DrainRate()
         self.batch_timer = 0.0  # when a pump is due for a batch held back (0: none)
         self._turns = itertools.count()
@@ -141,7 +137,7 @@ class Service:
         """Seconds a caller refused with 305 should wait: the time the queue takes to drain
         at the rate it drained over the last few seconds; ``send_timeout`` when nothing
         drained (by then every request waiting now has been sent or has ended)."""
-        rate = self.drain.rate(now)
+        rate = self.drain.rate(self.sent, now)
         if rate <= 0:
             return round(self.policy.send_timeout, 3)
         return round(min(max(len(self.queue) / rate, 0.001), self.policy.send_timeout), 3)

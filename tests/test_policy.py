@@ -78,11 +78,11 @@ def test_a_batch_is_the_head_and_the_next_in_order_for_one_module():
 
 def test_drain_rate_is_measured_over_the_last_seconds():
     rate = DrainRate()
-    assert rate.rate(100.0) == 0.0
-    for i in range(50):
-        rate.note(1, 100.0 + i * 0.02)  # 50 in one second
-    assert rate.rate(101.0) == pytest.approx(50, rel=0.05)
-    assert rate.rate(110.0) == 0.0  # nothing for longer than the span
+    assert rate.rate(0, 100.0) == 0.0
+    for second in range(4):  # sampled each second: 50 requests a second
+        rate.sample(50 * second, 100.0 + second)
+    assert rate.rate(175, 103.5) == pytest.approx(50, rel=0.05)
+    assert rate.rate(175, 120.0) == 0.0  # nothing sampled within the span: no measure
 
 
 # ---- priorities and bounded queues through the router ----------------------------------------------------
