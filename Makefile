@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo prereqs test faults soak bench bench-perf bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo prereqs test faults soak bench bench-perf bench-routing bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench: setup
 bench-perf: setup
 	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_perf.py'; \
 	else $(PY) benchmarks/bench_perf.py; fi
+
+# Priorities under load and retries when a replica dies (issue 24), against the same
+# system without them.
+bench-routing: setup
+	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_routing.py'; \
+	else $(PY) benchmarks/bench_routing.py; fi
 
 bench-docker: setup images
 	$(PY) benchmarks/bench_infer.py --docker
