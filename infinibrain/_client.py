@@ -34,7 +34,7 @@ from ._callbacks import CallbackThread
 from ._direct import DirectReplies, DirectReply, arrived
 from ._outbox import COPY_THRESHOLD, Outbox
 from ._pending import ACK_TIMEOUT, Pending, Waiting, next_request_no, response_of
-from .errors import format_message, make_error
+from .errors import argument_error, format_message, make_error
 from .retry import NO_RETRY, RetryPolicy
 from .types import InferenceResponse
 
@@ -59,6 +59,8 @@ class ClusterClient:
         self.manager_id: str | None = None
         self.hb_interval = 0.5
         self.max_message_size = P.DEFAULT_MAX_MESSAGE_SIZE  # the manager says its own in hello_ack
+        self.max_header_size = P.DEFAULT_MAX_HEADER_SIZE  # likewise
+        self.role = ""  # what the manager lets this client's key do ("manage" or "infer"), from hello_ack
         self.no_input: frozenset[str] = frozenset()  # inferences with input=None, as the manager tells
         self._refused = ""  # why the manager refused our connection (CURVE), from the socket monitor
         self._acked_paths: set[str] = set()
@@ -136,6 +138,10 @@ class ClusterClient:
         header.setdefault("cid", self.id)
         header.setdefault("pid", self.pid)
         frames = P.encode(P.TOPIC_MANAGER, kind, header, payload)
+        if len(frames[1]) > self.max_header_size:  # the manager would drop it unread
+            what = "param" if kind == P.REQUEST else f"the arguments of {header.get('cmd') or kind}"
+            raise argument_error(what, f"they take {len(frames[1])} bytes, more than the manager's max_header_size of "
+                                       f"{self.max_header_size}: send large data as a request's data, not in {what}")
         with self._send_lock:
             if self._closed:
                 raise make_error(111, detail="this AICluster was released")
@@ -301,6 +307,10 @@ class ClusterClient:
         self.hb_interval = float(h.get("hb") or 0.5)
         if isinstance(h.get("max"), int) and h["max"] > 0:
             self.max_message_size = h["max"]
+        if isinstance(h.get("maxh"), int) and h["maxh"] > 0:
+            self.max_header_size = h["maxh"]
+        if isinstance(h.get("role"), str):
+            self.role = h["role"]
         self._takes_no_input(h)
         if h.get("path") == "infer":
             self._outbox.agreed(h.get("shm") is True)

@@ -12,7 +12,11 @@ quarter more CPU per request.
 mapped) and keeps up to 128 MiB of freed memory before trimming, once per process. It
 changes when memory goes back to the kernel, not how much a program uses. Set
 ``INFINIBRAIN_MALLOC_TUNING=0`` to leave the allocator as it is; elsewhere than on glibc
-it does nothing.
+it does nothing. ``trim()`` hands what is free back to the kernel at once (glibc's
+``malloc_trim``): the manager calls it when a burst has passed, so a flood of large
+messages does not leave its resident size up for good.
+
+Any thread (``tune`` once at start, ``trim`` from the manager's timer).
 """
 from __future__ import annotations
 
@@ -30,6 +34,17 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bi
 TRIM_THRESHOLD = 128 * 1024 * 1024
 
 _done = False
+_libc = None
+
+
+def _c_library():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _libc = False
+    return _libc or None
 
 
 def tune() -> bool:
@@ -40,9 +55,8 @@ def tune() -> bool:
     if os.environ.get("INFINIBRAIN_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        mallopt = _c_library().mallopt  # type: ignore[union-attr]
+    except AttributeError:  # no C library found, or not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
@@ -50,4 +64,14 @@ def tune() -> bool:
     return _done
 
 
-__all__ = ["tune"]
+def trim() -> bool:
+    """Give the kernel back the memory malloc holds free (glibc); whether it could."""
+    try:
+        malloc_trim = _c_library().malloc_trim  # type: ignore[union-attr]
+    except AttributeError:
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(malloc_trim(0))
+
+
+__all__ = ["trim", "tune"]

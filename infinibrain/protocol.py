@@ -41,6 +41,11 @@ PORT_COUNT = 5
 # nothing else is said: the manager's default, and what a client or container assumes
 # until it is told.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+# Bytes of a message's header (the manager's max_header_size): a request's ``param``, a
+# command's arguments. Checked before the header is decoded, and by the SDK before it sends.
+DEFAULT_MAX_HEADER_SIZE = 1024 * 1024
+# Frames of one message: a topic, a header and the payload (one frame per request of a batch).
+MAX_FRAMES = 4 + 4096
 # Requests per message to a container, when neither its inference (max_batch_size) nor its
 # program (Connector's max_size) says more: no batching.
 DEFAULT_MAX_BATCH_SIZE = 1
@@ -84,6 +89,21 @@ def reply_topic(client_id: str, tag: Any) -> bytes:
     if type(tag) is str and 0 < len(tag) <= 32 and tag.isalnum():
         return b"t/" + client_id.encode() + b"/" + tag.encode() + b"/"
     return client_topic(client_id)
+
+
+def topic_client(topic: bytes) -> str | None:
+    """The client id a client topic belongs to (``c/<cid>``, or a thread's
+    ``t/<cid>/<tag>/``); None for any other topic (a prefix of several, say)."""
+    try:
+        text = topic.decode()
+    except UnicodeDecodeError:
+        return None
+    parts = text.split("/")
+    if len(parts) == 2 and parts[0] == "c" and parts[1]:
+        return parts[1]
+    if len(parts) == 4 and parts[0] == "t" and parts[1] and parts[2].isalnum() and len(parts[2]) <= 32 and parts[3] == "":
+        return parts[1]
+    return None
 
 
 def container_topic(container_id: str, sub_name: str) -> bytes:
@@ -133,12 +153,13 @@ def encode(topic: bytes, kind: str, header: dict | None = None, payload: Sequenc
     return [topic, msgpack.packb(head, use_bin_type=True), *payload]
 
 
-def send(sock: Any, frames: Sequence[Any]) -> None:
+def send(sock: Any, frames: Sequence[Any], flags: int = 0) -> None:
     """Send one message's frames (as ``send_multipart(copy=False)``, with plain int flags:
-    pyzmq's flag enums cost more than the send itself on this path)."""
+    pyzmq's flag enums cost more than the send itself on this path). ``flags``: NOBLOCK,
+    for a socket that refuses a peer's message at its high-water mark (zmq.Again)."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, _SNDMORE if i < last else 0, copy=False)
+        sock.send(frame, (_SNDMORE if i < last else 0) | flags, copy=False)
 
 
 def recv(sock: Any, flags: int = 0) -> list:
@@ -168,10 +189,18 @@ def received(sock: Any, limit: int, polled: bool = False) -> Iterator[list]:
         yield frames
 
 
-def decode(frames: Sequence[Any]) -> Message:
-    """Parse frames received with ``recv_multipart(copy=False)`` or as bytes."""
+def decode(frames: Sequence[Any], max_header: int = 0) -> Message:
+    """Parse frames received with ``recv_multipart(copy=False)`` or as bytes. With
+    ``max_header``, a header larger than that, or more than MAX_FRAMES frames, is refused
+    before anything is decoded (a large header would hold the reader for a long time)."""
     if len(frames) < 2:
         raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
+    if max_header:
+        if len(frames) > MAX_FRAMES:
+            raise ProtocolError(f"{len(frames)} frames, more than {MAX_FRAMES}")
+        size = len(frames[1])
+        if size > max_header:
+            raise ProtocolError(f"a header of {size} bytes, more than max_header_size ({max_header})")
     try:
         header = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)  # a frame is a buffer: no copy
     except Exception as exc:  # msgpack raises several unrelated classes

@@ -1,23 +1,36 @@
-"""CurveZMQ on the manager's sockets: its key pair, and who may connect.
+"""CurveZMQ on the manager's sockets: its key pair, who may connect, and who each peer is.
 
 With ``curve = true`` every manager socket is a CURVE server. ZeroMQ's ZAP handler (a
 ``zmq.auth`` ThreadAuthenticator) accepts a peer only if its public key is allowed:
-clients' keys (``curve_client_keys`` and the manager's own key pair for local
-applications, ``state_dir/keys/client.key_secret``) on the three client ports,
-containers' keys (``curve_container_keys`` and the manager's own container key pair) on
-the two container ports. A key of one side never passes on the other. A key dropped
-into one of those folders is accepted without a restart. The local application pair is
-announced to applications of the same user through an access file
-(``write_access_file``; AICluster reads it with ``security.client_keys``). Without CURVE, nothing here runs, the sockets are plain,
-and an access file left for this port is removed.
 
-The router thread arms its sockets here; ZAP runs on pyzmq's authenticator thread, which reads the key folders.
+- on the three client ports, applications' keys, each with a **role**: ``manage`` (every
+  API: the keys in ``curve_client_keys`` itself, and the manager's own key pair for local
+  applications, ``state_dir/keys/client.key_secret``) or ``infer`` (inference and
+  read-only calls only: the keys in ``curve_client_keys/infer/``);
+- on the two container ports, containers' keys: **one key pair per container instance**,
+  made when the instance is (``grant``), kept owner-only in ``state_dir/keys/instances/``
+  so a restarted manager and a restarted container use it again, and revoked when the
+  instance goes (``revoke``); plus the keys in ``curve_container_keys`` for programs run by
+  hand as ``other`` containers.
+
+A key of one side never passes on the other. ZAP gives each message of a peer its key
+(the ``User-Id`` property, the key's Z85 text); ``role_of`` and ``owner_of`` turn it into
+what the key may do, so the router believes a message for what its connection proved, not
+for what it says. A key dropped into a folder is accepted without a restart. The local
+application pair is announced to applications of the same user through an access file
+(``write_access_file``; AICluster reads it with ``security.client_keys``). Without CURVE,
+nothing here runs, the sockets are plain, every peer counts as its claims (a loopback
+manager trusts its host's users), and an access file left for this port is removed.
+
+The router thread arms its sockets, grants and revokes here; ZAP runs on pyzmq's
+authenticator thread, which reads the key folders and the granted keys (under a lock).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import zmq
@@ -33,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CLIENTS = "clients"  # ZAP domains
 CONTAINERS = "containers"
+MANAGE, INFER = "manage", "infer"  # what an application key may do
+BY_HAND = "*"  # the owner of a curve_container_keys key: any ``other`` container
 
 
 def write_access_file(port: int, host: str, server_public: bytes, client_key: str | os.PathLike) -> Path:
@@ -57,38 +72,57 @@ def remove_access_file(port: int) -> None:
 
 
 class AllowedKeys:
-    """The public keys of one ZAP domain: fixed ones plus a folder, read again when an
-    unknown key knocks and the folder has changed (so keys added while the manager runs
-    are taken)."""
+    """The public keys of one ZAP domain, each with what it is (a role, or an owner):
+    fixed ones, granted ones, and a folder (with, for clients, an ``infer/`` folder
+    inside), read again when an unknown key knocks and a folder has changed (so keys
+    added while the manager runs are taken). ZAP's thread reads, the router thread grants."""
 
-    def __init__(self, domain: str, folder: str, fixed: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, domain: str, folder: str, fixed: dict[bytes, str], folder_role: str,
+                 roles: dict[str, str] | None = None) -> None:
         self.domain = domain
-        self.folder = folder
-        self.fixed = set(fixed)
-        self.keys: set[bytes] = set()
-        self._read_version: int | None = None
+        self.folders = {folder: folder_role} if folder else {}
+        for sub, role in (roles or {}).items():
+            if folder:
+                self.folders[os.path.join(folder, sub)] = role
+        self.fixed = dict(fixed)
+        self.keys: dict[bytes, str] = {}
+        self._lock = threading.Lock()
+        self._read_versions: dict[str, int | None] = {}
         self._denied_logged: set[bytes] = set()
         self.denied = 0
         self._read()
 
-    def _version(self) -> int | None:
-        try:
-            return os.stat(self.folder).st_mtime_ns if self.folder else None
-        except OSError:
-            return None
-
     def _read(self) -> None:
-        """Read the folder again if a file was added or removed since the last time."""
-        version = self._version()
-        if version is not None and version != self._read_version:
-            self._read_version = version
-            self.keys = set(zmq.auth.load_certificates(self.folder))
+        """Read a folder again if a file was added or removed since the last time."""
+        for folder, role in self.folders.items():
+            try:
+                version: int | None = os.stat(folder).st_mtime_ns
+            except OSError:
+                version = None
+            if version is not None and version != self._read_versions.get(folder):
+                self._read_versions[folder] = version
+                found = {k: role for k in zmq.auth.load_certificates(folder)}
+                with self._lock:
+                    self.keys = {k: r for k, r in self.keys.items() if r != role or k in found} | found
+
+    def grant(self, key: bytes, what: str) -> None:
+        with self._lock:
+            self.fixed[key] = what
+
+    def revoke(self, key: bytes) -> None:
+        with self._lock:
+            self.fixed.pop(key, None)
+
+    def what(self, key: bytes) -> str | None:
+        """The role (or owner) of ``key``; None when it is not allowed (or no longer)."""
+        with self._lock:
+            return self.fixed.get(key) or self.keys.get(key)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.fixed or key in self.keys:
+        if self.what(key) is not None:
             return True
         self._read()
-        if key in self.keys:
+        if self.what(key) is not None:
             return True
         self.denied += 1
         if key not in self._denied_logged and len(self._denied_logged) < 1000:
@@ -117,14 +151,14 @@ class Guard:
             log.warning("%s can be read by other users: chmod 600 it", secret_file)
         try:
             self.public, self.secret = security.load_pair(secret_file)
-            self.container_public, self.container_secret = security.load_pair(security.generate(keys, "containers")[1])
             local_key = security.generate(keys, "client")[1]
             local_public = security.load_pair(local_key)[0]
         except security.KeyFileError as exc:
             raise ConfigError(f"manager.curve_secret_key: {exc}") from None
+        self.instance_keys = keys / "instances"  # one pair per container instance (grant, revoke)
         self.allowed = {
-            CLIENTS: AllowedKeys(CLIENTS, config.curve_client_keys, {local_public}),
-            CONTAINERS: AllowedKeys(CONTAINERS, config.curve_container_keys, {self.container_public}),
+            CLIENTS: AllowedKeys(CLIENTS, config.curve_client_keys, {local_public: MANAGE}, MANAGE, {"infer": INFER}),
+            CONTAINERS: AllowedKeys(CONTAINERS, config.curve_container_keys, {}, BY_HAND),
         }
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("infinibrain.manager.zap"))
         self.auth.start()
@@ -141,15 +175,47 @@ class Guard:
         if self.enabled:
             security.arm_server(sock, self.secret, domain)
 
-    def container_env(self) -> dict[str, str]:
-        """What a container needs in its environment to pass the container ports."""
+    # ---- one key per container ---------------------------------------------------------------
+
+    def grant(self, instance: str) -> dict[str, str]:
+        """The key pair of container instance ``instance`` (made the first time, kept for a
+        restarted manager or container), now allowed on the container ports as that
+        instance alone: what its environment needs to pass them ({} without CURVE)."""
         if not self.enabled:
             return {}
-        return {
-            security.ENV_SERVER_KEY: self.public.decode(),
-            security.ENV_PUBLIC_KEY: self.container_public.decode(),
-            security.ENV_SECRET_KEY: self.container_secret.decode(),
-        }
+        try:
+            public, secret = security.load_pair(security.generate(self.instance_keys, instance)[1])
+        except (OSError, security.KeyFileError) as exc:
+            raise ConfigError(f"cannot make the key pair of container {instance}: {exc}") from None
+        self.allowed[CONTAINERS].grant(public, instance)
+        return {security.ENV_SERVER_KEY: self.public.decode(), security.ENV_PUBLIC_KEY: public.decode(),
+                security.ENV_SECRET_KEY: secret.decode()}
+
+    def revoke(self, instance: str) -> None:
+        """Container instance ``instance`` is gone: its key is refused from now on, and deleted."""
+        if not self.enabled:
+            return
+        public_file = self.instance_keys / f"{instance}.key"
+        try:
+            self.allowed[CONTAINERS].revoke(security.load_public(str(public_file)))
+        except security.KeyFileError:
+            pass
+        for path in (public_file, self.instance_keys / f"{instance}.key_secret"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ---- who a peer is -----------------------------------------------------------------------
+
+    def owner_of(self, user_id: str) -> str | None:
+        """The container instance a container key belongs to (``BY_HAND`` for a key of
+        ``curve_container_keys``); None for a key that is not (or no longer) allowed."""
+        return self.allowed[CONTAINERS].what(user_id.encode())
+
+    def role_of(self, user_id: str) -> str | None:
+        """``MANAGE`` or ``INFER`` for an application key; None for one not allowed."""
+        return self.allowed[CLIENTS].what(user_id.encode())
 
     def denied(self) -> dict[str, int]:
         return {domain: keyset.denied for domain, keyset in self.allowed.items()} if self.enabled else {}

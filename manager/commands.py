@@ -10,6 +10,10 @@ router thread.
 Locks: a command that changes an inference holds it, or only its placements on the
 boards it names (``Locks``); another command that needs any of them meanwhile gets 309
 at once. Every command ends in exactly one reply.
+
+Roles: a command that changes the cluster (``Spec.manage``) is refused with 110, naming
+the role, for a client whose key may run inference only (auth.py; with CURVE off every
+client manages). Queries are open to every allowed key.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from infinibrain.errors import InfinibrainException, make_error
 from infinibrain.types import FILE_INFO_KEYS
 
 from . import operations as ops
+from .auth import MANAGE
 from .boards import Board
 from .changes import Changes
 from .dispatch import Dispatcher
@@ -58,6 +63,7 @@ class Context:
 class Spec:
     fn: Callable[[Context, dict], Answer | Step]
     locks: Callable[[dict], list[tuple[str, str]]] | None = None  # (inference, board or WHOLE)
+    manage: bool = False  # it changes the cluster: a "manage" key only
 
 
 class Locks:
@@ -96,25 +102,25 @@ class Commands:
         self.ops = operations
         self.locks = Locks()
         self.table: dict[str, Spec] = {
-            "load_inference": Spec(self.load_inference, self._config_names),
-            "unload_inference": Spec(self.unload_inference, self._names_or_all),
-            "reload_inference": Spec(self.reload_inference, self._one_name),
-            "restart_inference": Spec(self.restart_inference, self._name_on_board),
-            "put_file": Spec(self.put_file, self._one_name),
-            "add_inference": Spec(self.add_inference, self._name_on_board),
-            "container_start": Spec(self.container_start, self._container),
-            "container_stop": Spec(self.container_stop, self._container),
+            "load_inference": Spec(self.load_inference, self._config_names, manage=True),
+            "unload_inference": Spec(self.unload_inference, self._names_or_all, manage=True),
+            "reload_inference": Spec(self.reload_inference, self._one_name, manage=True),
+            "restart_inference": Spec(self.restart_inference, self._name_on_board, manage=True),
+            "put_file": Spec(self.put_file, self._one_name, manage=True),
+            "add_inference": Spec(self.add_inference, self._name_on_board, manage=True),
+            "container_start": Spec(self.container_start, self._container, manage=True),
+            "container_stop": Spec(self.container_stop, self._container, manage=True),
             "get_container_status": Spec(self.get_container_status),
             "get_coprocessor_images": Spec(self.get_coprocessor_images),
             "get_images": Spec(self.get_images),
-            "remove_images": Spec(self.remove_images),
+            "remove_images": Spec(self.remove_images, manage=True),
             "logs": Spec(self.logs),
             "get_coprocessor_handler": Spec(lambda ctx, a: self.views.coprocessors(_str(a, "inference_name"))),
             "get_container_handler": Spec(self.get_container_handler),
             "get_queue_info": Spec(self.get_queue_info),
-            "delete_queue": Spec(self.delete_queue),
-            "board_distribution": Spec(self.board_distribution),
-            "container_distribution": Spec(self.container_distribution),
+            "delete_queue": Spec(self.delete_queue, manage=True),
+            "board_distribution": Spec(self.board_distribution, manage=True),
+            "container_distribution": Spec(self.container_distribution, manage=True),
             "ping": Spec(lambda ctx, a: {"instance": self.wire.instance}),
             "stats": Spec(lambda ctx, a: self.figures.stats()),
         }
@@ -131,6 +137,10 @@ class Commands:
             self.loop.call_soon(self.wire.to_client, client.id, P.PROGRESS, {"rid": rid, "info": info})
 
         try:
+            if spec.manage and client.role != MANAGE:
+                raise make_error(110, detail=f"{cmd} changes the cluster, and this client's key has the role {client.role!r}: "
+                                             f"it may run inference and read only (a key in curve_client_keys/infer/); "
+                                             f"managing needs a key in curve_client_keys itself (docs/DEPLOYMENT.md)")
             if not isinstance(args, dict):
                 raise make_error(100, "args", detail="command arguments must be a map")
             wanted = spec.locks(args) if spec.locks else []

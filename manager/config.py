@@ -82,6 +82,9 @@ class ManagerConfig:
     engine_timeout_ms: int = 120_000  # one Docker engine call (an image load can be long)
     client_timeout_ms: int = 10_000  # a silent client's queued requests are dropped after this
     max_message_size: int = P.DEFAULT_MAX_MESSAGE_SIZE  # bytes of one frame a peer may send (ZMQ_MAXMSGSIZE)
+    max_header_size: int = P.DEFAULT_MAX_HEADER_SIZE  # bytes of a message's header (a request's param, a command)
+    max_client_requests: int = 1_024  # requests one client may have waiting or in flight; beyond it 305
+    max_client_bytes: int = 512 * 1024 * 1024  # bytes of request data one client may have waiting or in flight
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
     registry_port: int = 0  # the image registry boards pull from, on 127.0.0.1; 0 = base port + 6
@@ -198,12 +201,17 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         "engine_timeout_ms",
         "client_timeout_ms",
         "max_message_size",
+        "max_header_size",
+        "max_client_requests",
+        "max_client_bytes",
     ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"manager.{key} must be positive, got {getattr(cfg, key)}")
     for key in ("default_wait_queue_timeout_ms", "priority_aging_ms"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"manager.{key} must be 0 (no limit) or positive, got {getattr(cfg, key)}")
+    # A header is one frame: it cannot be larger than any frame may be.
+    cfg = replace(cfg, max_header_size=min(cfg.max_header_size, cfg.max_message_size))
     if cfg.log_format not in ("text", "json"):
         raise ConfigError(f"manager.log_format must be 'text' or 'json', got {cfg.log_format!r}")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

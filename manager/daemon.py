@@ -31,8 +31,9 @@ from .boards import close_boards, make_boards
 from .changes import Changes
 from .commands import Commands
 from .config import ConfigError, ManagerConfig, exposed_listeners, is_loopback, load_config
+from .deadlines import Deadlines
 from .dispatch import Dispatcher
-from .figures import Figures
+from .figures import Figures, rss_bytes
 from .health import Health
 from .loop import Loop
 from .metrics import MetricsServer, NullMetrics, RequestMetrics
@@ -46,6 +47,9 @@ from .views import Views
 from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager")
+
+TRIM_EVERY = 5.0  # seconds
+TRIM_GROWTH = 32 * 1024 * 1024  # bytes of resident size gained since the last trim
 
 
 class Manager:
@@ -69,23 +73,40 @@ class Manager:
         nudge = Nudge()
         clock = time.monotonic
         health = Health(config.liveness_timeout_ms / 1000, nudge, clock)
-        self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock)
+        clients: Clients = {}
+        self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock, clients)
+        Deadlines(self.loop, self.wire, health, self.dispatcher)
         self.operations = Operations()
         self.reconciler = Reconciler(config, self.loop, self.wire, self.dispatcher, health, self.registry, self.boards,
                                      self.operations, self.guard, nudge, metrics, clock)
-        clients: Clients = {}
         self.figures = Figures(config, self.loop, self.wire, self.dispatcher, self.payloads, self.guard, clients)
         views = Views(self.dispatcher, self.reconciler, self.boards, config, self.operations)
         changes = Changes(self.reconciler, self.registry, self.dispatcher)
         commands = Commands(self.loop, self.wire, self.dispatcher, self.figures, self.reconciler, changes, views, self.boards,
                             self.operations, metrics)
-        self.router = Router(config, self.loop, self.wire, self.dispatcher, health, self.payloads, clients, commands,
-                             self.reconciler.stranger, clock)
+        self.router = Router(config, self.loop, self.wire, self.guard, self.dispatcher, health, self.payloads, clients,
+                             commands, self.reconciler.stranger, clock)
         self.metrics_server = None
         if isinstance(metrics, RequestMetrics):
             self.metrics_server = MetricsServer(metrics, lambda: self.loop.call(self.figures.live, timeout=5),
                                                 config.metrics_host, config.metrics_port)
+        self._next_trim, self._trimmed_rss = 0.0, 0
+        self.loop.every(self._trim)
         self.reconciler.restore()
+
+    def _trim(self, now: float) -> None:
+        """After a burst of large messages (or a flood), give the kernel back what malloc
+        keeps free (allocator.py keeps up to 128 MiB for speed), once the size has grown by
+        TRIM_GROWTH since the last time, looked at every TRIM_EVERY seconds."""
+        if now < self._next_trim:
+            return
+        self._next_trim = now + TRIM_EVERY
+        rss = rss_bytes()
+        if rss > self._trimmed_rss + TRIM_GROWTH:
+            allocator.trim()
+            self._trimmed_rss = rss_bytes()
+        elif rss < self._trimmed_rss:
+            self._trimmed_rss = rss
 
     def run(self) -> None:
         try:

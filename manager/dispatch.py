@@ -1,12 +1,13 @@
 """The request path: accept a request, queue it, send it to a container, end it.
 
 Every request ends in a result or a numbered error: 305 at once when its inference's queue
-is full (with ``retry_after``), 306 when it waited too long to be sent, 401 when its answer
+is full (with ``retry_after``) or its client already has ``max_client_requests`` requests
+(or ``max_client_bytes`` of data) waiting or in flight, 306 when it waited too long to be sent, 401 when its answer
 is late, 402 when its container went away (after being sent again to another container,
 up to the inference's ``retries``, when one serves), 404 when ``delete_queue`` took it out.
 
 The policy (which container, in which order, how many at once) is each inference's
-``Service`` (service.py); whether a container may serve is ``Health``'s (health.py); how
+``Service`` (service.py); acknowledgements and deadlines are deadlines.py's timers; whether a container may serve is ``Health``'s (health.py); how
 the data travels is ``Payloads``' (payloads.py); the sockets are the ``Wire``'s. This
 module moves requests between them. The reconciler reaches it to open and close services,
 add and remove instances, warm them up and take them out of service.
@@ -38,17 +39,15 @@ from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager.router")
 
-# A request answered sooner needs no acknowledgement: its result says it was accepted. One
-# that takes longer is acknowledged (with its deadline) by the next timer pass after this.
-ACK_DELAY = 0.1
 PRIORITY_LIMIT = 2**31  # priorities are 32-bit signed integers
 
 
 class Dispatcher:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, payloads: Payloads, health: Health, nudge: Nudge,
-                 metrics: NullMetrics, clock: Clock) -> None:
+                 metrics: NullMetrics, clock: Clock, clients: dict[str, Client]) -> None:
         self.config = config
         self.clock = clock
+        self.clients = clients  # every client the manager hears from (the router's): their outstanding requests
         self.wire = wire
         self.payloads = payloads
         self.health = health
@@ -62,8 +61,6 @@ class Dispatcher:
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
         self._mkeys = itertools.count(random.getrandbits(40) << 12)
-        for timer in (self._ack_slow, self._expire_waiting, self._expire_in_flight, self._sample_drains):
-            loop.every(timer)
         self._loop = loop
 
     @property
@@ -161,6 +158,13 @@ class Dispatcher:
                 ref = self.payloads.accept(client, ref)
             except shm.ShmError as exc:
                 return self._refuse(reply, rid, name, 999, detail=f"its data cannot be read from shared memory: {exc}")
+        nbytes = sum(len(f) for f in msg.payload) + (ref[1] if ref is not None else 0)
+        if client.outstanding >= self.config.max_client_requests or \
+                client.outstanding_bytes + nbytes > self.config.max_client_bytes:
+            return self._refuse(reply, rid, name, 305, retry_after=svc.retry_after(now),
+                                detail=f"this client has {client.outstanding} requests ({client.outstanding_bytes} bytes) waiting "
+                                       f"or in flight: at most max_client_requests {self.config.max_client_requests} "
+                                       f"and max_client_bytes {self.config.max_client_bytes}")
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         policy = svc.policy
@@ -185,6 +189,8 @@ class Dispatcher:
             shm=ref,
             priority=priority,
         )
+        client.outstanding += 1
+        client.outstanding_bytes += nbytes
         if not svc.queue:  # the usual case: nothing waits, so it goes first if a container may take it
             c = svc.pick(req.sub)
             if c is not None and svc.batch_size(c, req.sub) == 1:
@@ -315,7 +321,15 @@ class Dispatcher:
         result = [P.pack_value(None)] if taken else [frame] if frame is not None else []
         self.wire.to(req.reply, P.RESULT, header, result)
         self.metrics.ended(req, code)
+        self._release(req)
         return True
+
+    def _release(self, req: Request) -> None:
+        """``req`` ended: no longer its client's to count."""
+        client = self.clients.get(req.client)
+        if client is not None:
+            client.outstanding -= 1
+            client.outstanding_bytes -= req.nbytes
 
     def _warmed(self, c: Instance, req: Request, code: int, why: str) -> None:
         if req.mkey == c.warmup_key:
@@ -342,6 +356,7 @@ class Dispatcher:
             return
         self.wire.fail(req.reply, req.rid, code, detail=detail)
         self.metrics.ended(req, code)
+        self._release(req)
 
     def container_lost(self, c: Instance, why: str, announce: bool = True) -> None:
         """Instance ``c`` is gone from the wire: each request it held is sent to another
@@ -393,56 +408,6 @@ class Dispatcher:
         """Remove and return the waiting requests (of inference ``name``, "" = all) that
         ``keep_out`` selects. The caller answers them: nothing may be left unanswered."""
         return [r for n, svc in self.services.items() if not name or n == name for r in svc.queue.remove(keep_out)]
-
-    # ---- timers ------------------------------------------------------------------------------------------
-
-    def _ack_slow(self, now: float) -> None:
-        """Acknowledge, once and with its deadline, each accepted request not answered within
-        ACK_DELAY. Looks at the requests still waiting or in flight only (usually a few,
-        however many are answered each second; at most the queues' bound): most never
-        need it."""
-        cutoff = now - ACK_DELAY
-        for svc in self.services.values():
-            if svc.queue:
-                for req in svc.queue.unordered():
-                    if req.accepted <= cutoff:
-                        self._ack(req)
-        for c in self.containers.values():
-            if c.in_flight:  # most of many containers have nothing in flight
-                for req in c.in_flight.values():
-                    if req.accepted <= cutoff:
-                        self._ack(req)
-
-    def _ack(self, req: Request) -> None:
-        if not req.acked and req.client:
-            req.acked = True
-            left = req.deadline - req.accepted
-            self.wire.to_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})
-
-    def _sample_drains(self, now: float) -> None:
-        for svc in self.services.values():
-            svc.drain.sample(svc.sent, now)
-
-    def _expire_waiting(self, now: float) -> None:
-        for name, svc in self.services.items():
-            for req in svc.queue.expired(now):
-                if req.lost:
-                    self.end(req, 402, detail=f"{req.lost}; no other container took it in time")
-                else:
-                    self.end(req, 306, detail=f"no container of {name!r} took it in time")
-
-    def _expire_in_flight(self, now: float) -> None:
-        for c in list(self.containers.values()):
-            if not c.in_flight:
-                continue
-            late = [r for r in c.in_flight.values() if r.answer_deadline <= now]
-            for req in late:
-                del c.in_flight[req.mkey]
-                self.end(req, 401, detail=f"container {c.suffix} did not answer in {req.answer_timeout:g} s")
-                if req.client:
-                    self.health.overdue(c, req)
-            if late:
-                self.pump(c.inference)
 
 
 def _request_header(c: Instance, req: Request, replies: bool) -> dict:

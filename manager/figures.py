@@ -58,11 +58,12 @@ class Figures:
             "loop_errors": live["loop_errors"],
             "max_message_size": self.config.max_message_size,
             "shared_memory": {"passed": self.payloads.passed, "read": self.payloads.read},
-            "rss_bytes": _rss_bytes(),
+            "dropped_sends": dict(self.wire.dropped_sends),
+            "rss_bytes": rss_bytes(),
         }
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """This process's resident memory (Linux), 0 where /proc is not there."""
     try:
         with open("/proc/self/statm") as fh:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from infinibrain import security
 
+from . import keygen
 from .config import ConfigError, parse_config_text
 from .registry import atomic_write
 
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ssh-key", default="", help="private key for the SSH boards (default: the SSH agent)")
     p.add_argument("--known-hosts", default="", help="the SSH boards' host keys (default: ~/.ssh/known_hosts)")
     p.add_argument("--no-local", action="store_true", help="no board named 'local' on this host")
+    p.add_argument("--client", action="append", default=[], metavar="NAME[:infer]",
+                   help="also make a key pair for another application, allowed to manage (or, with :infer, to run "
+                        "inference only); its files go in state_dir/keys (repeat for each)")
     p.add_argument("--force", action="store_true", help="overwrite an existing configuration file")
     return p
 
@@ -68,8 +72,12 @@ def main(argv: list[str]) -> int:
         return 2
     keys = state / "keys"
     manager_public, _ = security.generate(keys, "manager")
-    security.generate(keys, "containers")
     _, client_secret = security.generate(keys, "client")
+    for spec in args.client:
+        who, _, role = spec.partition(":")
+        public_file, secret_file = security.generate(keys, who)
+        where = keygen.allow(public_file, str(state / "clients"), "infer" if role == "infer" else "manage")
+        print(f"application {who}: {secret_file} ({'inference only' if role == 'infer' else 'manages'}; allowed in {where.parent})")
     args.config.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.config, text)
     print(f"wrote {args.config}: CURVE on; applications' ports on 127.0.0.1:{args.port}-{args.port + 2}, "

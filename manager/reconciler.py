@@ -75,7 +75,7 @@ class Reconciler:
         self.guard = guard
         self.nudge = nudge
         self.slots = Slots()
-        self.steps = Steps(config, loop, wire, dispatcher, registry, self.slots, operations, nudge, metrics, clock)
+        self.steps = Steps(config, loop, wire, dispatcher, registry, self.slots, operations, guard, nudge, metrics, clock)
         self.rollouts = Rollouts(registry, self.slots, dispatcher, nudge, clock)
         self._next_pass = 0.0
         self._next_exit_check = 0.0
@@ -244,7 +244,7 @@ class Reconciler:
         policy = resolve(cfg, self.config)
         if policy.batching:  # the Connector's batch size unless its program says
             env["INFINIBRAIN_MAX_BATCH_SIZE"] = str(policy.max_batch_size)
-        env.update(self.guard.container_env())
+        env.update(self.guard.grant(iid))  # its own key: it speaks as itself alone
         spec = ContainerSpec(iid, reg.name, board.config, cfg, work_dir, log_path, env, suffix=suffix,
                              files=self.registry.files.of(reg.name))
         inst = Instance(iid, suffix, reg.name, board_name, revision, spec, board.runtime(cfg.implementation_type),

@@ -125,20 +125,28 @@ def parse_run_option(text: str | None) -> dict[str, Any]:
 def option_value(text: str | None, option: str) -> str | None:
     """The value ``text`` gives the value-taking ``option`` (the last one if repeated;
     None if absent), read by the same rules as ``parse_run_option``; 302 if it has none."""
-    if option not in (text or ""):
-        return None
+    values = option_values(text, option)
+    return values[-1] if values else None
+
+
+def option_values(text: str | None, option: str) -> list[str]:
+    """Every value ``text`` gives the value-taking ``option`` (or one of its short names),
+    in order, read by the same rules as ``parse_run_option``; 302 if one has none."""
+    names = {option, *(alias for alias, full in ALIASES.items() if full == option)}
+    if not any(n in (text or "") for n in names):
+        return []
     words = _words(text)
-    value = None
+    values = []
     for i, word in enumerate(words):
         name, inline = _split(word)
-        if name != option:
+        if ALIASES.get(name, name) != option:
             continue
         if inline is None:
             if i + 1 >= len(words):
                 raise make_error(302, detail=f"run_option: {option} needs a value")
             inline = words[i + 1]
-        value = inline
-    return value
+        values.append(inline)
+    return values
 
 
 def _words(text: str | None) -> list[str]:

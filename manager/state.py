@@ -64,7 +64,7 @@ class Request:
     container: str | None = None
     batch: int = 0  # the mkey of the first request of the message it was sent in (dynamic batching)
     accepted: float = 0.0  # time.monotonic() when the manager accepted it
-    acked: bool = False  # acknowledged to its client (it took longer than router.ACK_DELAY)
+    acked: bool = False  # acknowledged to its client (it took longer than deadlines.ACK_DELAY)
     reply: bytes = b""  # the topic its answer goes to (protocol.reply_topic)
     lean: bool = False  # its client wants a result without the InferenceResponse's fields
     shm: Any = None  # [segment, bytes]: its data is in its client's shared memory, not in payload
@@ -156,10 +156,16 @@ def instance_id(suffix: str, revision: int) -> str:
 
 @dataclass
 class Client:
+    """An application the manager hears from, bound to the key that first spoke for it."""
+
     id: str
     pid: int
     last_seen: float
+    user: str = ""  # the key its connections proved (ZAP's User-Id); "" without CURVE
+    role: str = "manage"  # what its key may do: "manage" or "infer" (auth.py)
     shm: bool | None = None  # whether the manager read its probe (None: not tried): it may name its segments (infinibrain/shm.py)
+    outstanding: int = 0  # its requests waiting or in flight (max_client_requests)
+    outstanding_bytes: int = 0  # their data (max_client_bytes)
 
 
 class Nudge:

@@ -17,6 +17,7 @@ from typing import Callable
 from infinibrain.errors import InfinibrainException, make_error
 
 from . import operations as ops
+from .auth import Guard
 from .config import ManagerConfig
 from .dispatch import Dispatcher
 from .loop import Loop
@@ -32,8 +33,10 @@ log = logging.getLogger("infinibrain.manager.reconciler")
 
 class Steps:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, dispatcher: Dispatcher, registry: Registry,
-                 slots: Slots, operations: ops.Operations, nudge: Nudge, metrics: NullMetrics, clock: Clock) -> None:
+                 slots: Slots, operations: ops.Operations, guard: Guard, nudge: Nudge, metrics: NullMetrics,
+                 clock: Clock) -> None:
         self.config = config
+        self.guard = guard
         self.clock = clock
         self.loop = loop
         self.wire = wire
@@ -66,8 +69,10 @@ class Steps:
         self.registry.persist(inst.inference)
 
     def forget(self, s: Slot, inst: Instance) -> None:
+        """``inst`` is gone for good: out of the registry, and its key revoked."""
         s.instances.pop(inst.id, None)
         self.dispatcher.remove_instance(inst)
+        self.guard.revoke(inst.id)
         self.record(inst)
 
     def progress(self, s: Slot, stage: str, done: int = 0, total: int = 0) -> None:

@@ -2,11 +2,15 @@
 # Everything the tests need that is not Python, on this machine, before pytest starts (make test):
 #   Debian's packages: docker.io (the engine), debootstrap (base images), openssh-server
 #   (emulated SSH boards), docker-registry and skopeo (the image registry boards pull from),
-#   qemu-user-static and binfmt-support (arm64 images under emulation);
+#   qemu-user-static and binfmt-support (arm64 images under emulation), python3-zmq,
+#   python3-msgpack and python3-numpy (the system's Python runs a test's container as
+#   another user, who cannot run the venv's interpreter when it lives in root's home);
 #   binfmt_misc mounted and qemu's arm64 entry enabled;
 #   a Docker engine (scripts/engine.sh) and the images (containers/build.py: the runtime for
 #   this machine and arm64, the bullseye runtime, the example; the face detector of
-#   examples/face_detection, with its photograph).
+#   examples/face_detection, with its photograph);
+#   a second Unix user, infinibrain-test, with no home and no login shell (tests run a
+#   process container as another user than the manager's).
 # Installing never starts a system service: a policy-rc.d refuses while apt runs (the
 # emulated boards run their own sshd on 127.0.0.N, the manager its own registry).
 #   scripts/prereqs.sh [PYTHON]     (PYTHON: the venv's interpreter, for the image build)
@@ -14,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 
-PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support)
+PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support python3-zmq python3-msgpack python3-numpy)
 have() {
   case "$1" in
     docker.io) command -v dockerd >/dev/null && command -v docker >/dev/null ;;
@@ -22,6 +26,9 @@ have() {
     docker-registry) command -v docker-registry >/dev/null ;;
     qemu-user-static) command -v qemu-aarch64-static >/dev/null ;;
     binfmt-support) command -v update-binfmts >/dev/null ;;
+    python3-zmq) /usr/bin/python3 -c "import zmq" 2>/dev/null ;;
+    python3-msgpack) /usr/bin/python3 -c "import msgpack" 2>/dev/null ;;
+    python3-numpy) /usr/bin/python3 -c "import numpy" 2>/dev/null ;;
     *) command -v "$1" >/dev/null ;;
   esac
 }
@@ -57,6 +64,9 @@ root=0; [ "$(id -u)" = 0 ] && root=1
 fatal() { echo "prereqs: $*" >&2; [ $root = 1 ] && exit 1; echo "prereqs: not root: going on; the tests that need it skip" >&2; exit 0; }
 install_missing || fatal "apt-get failed"
 enable_arm64
+if [ $root = 1 ] && ! id infinibrain-test >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin infinibrain-test || fatal "cannot make the test user"
+fi
 scripts/engine.sh start || fatal "no Docker engine answers"
 arch=()
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && [ "$(uname -m)" != aarch64 ] && arch=(--arch arm64)

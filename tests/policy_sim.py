@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from infinibrain import protocol as P
 from infinibrain.manager.config import BoardConfig, ManagerConfig
+from infinibrain.manager.deadlines import Deadlines
 from infinibrain.manager.dispatch import Dispatcher
 from infinibrain.manager.health import Health
 from infinibrain.manager.metrics import NullMetrics
@@ -83,7 +84,8 @@ class FakeWire:
     instance = "sim"
 
     def __init__(self) -> None:
-        self.infer_in, self.mgmt_in, self.container_in, self.container_out = "infer", "mgmt", "results", "requests"
+        self.infer_in, self.mgmt_in, self.container_in = "infer", "mgmt", "results"
+        self.container_out, self.client_out = _Subscriptions(), _Subscriptions()
         self.to_containers: list[tuple[str, str, dict]] = []  # (instance id, kind, header)
         self.results: dict[str, dict] = {}  # rid -> the result header the client got
         self.events: list[dict] = []
@@ -116,6 +118,25 @@ class FakeWire:
 
     def dropped(self, sock: Any, why: Exception) -> None:
         raise AssertionError(f"the router dropped a message of the simulation: {why}")
+
+    def user_of(self, frame: Any) -> str:
+        return ""  # no CURVE here
+
+    def flush(self, now: float) -> None:
+        pass
+
+
+class _Subscriptions:
+    """An XPUB socket in manual mode, as far as the router uses it: what it applied."""
+
+    def __init__(self) -> None:
+        self.topics: set[bytes] = set()
+
+    def subscribe(self, topic: bytes) -> None:
+        self.topics.add(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.topics.discard(topic)
 
 
 class FakePayloads:
@@ -223,8 +244,13 @@ class FakeBoard:
 
 
 class FakeGuard:
-    def container_env(self) -> dict[str, str]:
+    """CURVE off: every peer is its claims."""
+
+    def grant(self, instance: str) -> dict[str, str]:
         return {}
+
+    def revoke(self, instance: str) -> None:
+        pass
 
 
 class Sim:
@@ -238,14 +264,15 @@ class Sim:
         self.runtime = FakeRuntime()
         nudge = Nudge()
         self.health = Health(self.config.liveness_timeout_ms / 1000, nudge, self.clock)
+        self.clients: dict = {}
         self.dispatcher = Dispatcher(self.config, self.loop, self.wire, FakePayloads(), self.health, nudge,  # type: ignore[arg-type]
-                                     NullMetrics(), self.clock)
+                                     NullMetrics(), self.clock, self.clients)
+        Deadlines(self.loop, self.wire, self.health, self.dispatcher)  # type: ignore[arg-type]
         self.registry = Registry(folder)
         self.boards = {b.name: FakeBoard(b, self.runtime, folder) for b in self.config.boards}
         self.reconciler = Reconciler(self.config, self.loop, self.wire, self.dispatcher, self.health, self.registry,  # type: ignore[arg-type]
                                      self.boards, FakeOps(), FakeGuard(), nudge, NullMetrics(), self.clock)  # type: ignore[arg-type]
-        self.clients: dict = {}
-        self.router = Router(self.config, self.loop, self.wire, self.dispatcher, self.health, FakePayloads(),  # type: ignore[arg-type]
+        self.router = Router(self.config, self.loop, self.wire, FakeGuard(), self.dispatcher, self.health, FakePayloads(),  # type: ignore[arg-type]
                              self.clients, None, self.reconciler.stranger, self.clock)  # type: ignore[arg-type]
         self._rids = itertools.count(1)
 

@@ -485,3 +485,21 @@ def test_stop_start_and_unload(sim):
     gone = changes.unload("m", "")
     sim.step()
     assert gone.result(5) is None and "m" not in sim.registry.registrations and c.id not in sim.dispatcher.containers
+
+
+# ---- per-client bounds ---------------------------------------------------------------------------------
+
+
+def test_a_client_may_hold_only_so_many_requests_and_bytes(tmp_path):
+    sim = Sim(tmp_path, max_client_requests=3, max_client_bytes=10)
+    sim.deploy("m", max_send_num=1)
+    c = sim.serve("m")
+    held = [sim.request("m") for _ in range(3)]  # 4 bytes each ("data")
+    assert [sim.code(r) for r in held] == [None, None, 305]  # 12 bytes would pass max_client_bytes
+    assert "max_client_bytes 10" in sim.wire.results[held[2]]["detail"]
+    other = sim.request("m", client="c2")  # another client is not held back by this one
+    assert sim.code(other) is None
+    sim.answer(c, sim.held(c)[0])  # one ended: c1 may send one more
+    again = sim.request("m")
+    assert sim.code(again) is None and sim.clients["c1"].outstanding == 2
+    sim.close()

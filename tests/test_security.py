@@ -21,10 +21,10 @@ from infinibrain.errors import InfinibrainException
 class CurveSetup:
     """Keys for a CURVE manager: its own pair, an allowed client, and a stranger."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra: tuple[str, ...] = ()) -> None:
         self.dir = folder
-        out = subprocess.run([sys.executable, "-m", "infinibrain.manager.keygen", str(folder / "keys"), "manager", "client1", "stranger"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-m", "infinibrain.manager.keygen", str(folder / "keys"), "manager", "client1", "stranger",
+                              *extra], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "secret" in out.stdout and security.load_pair(folder / "keys" / "client1.key_secret")[1].decode() not in out.stdout
         self.allowed = folder / "allowed"
@@ -77,11 +77,18 @@ def test_curve_end_to_end_and_secrets_stay_out_of_logs_files_and_status(curve, f
         for secret in secrets:
             assert secret not in repr(status) and secret not in env_file and secret not in manager_log
         assert "INFINIBRAIN_CURVE_SERVER_KEY" in env_file  # the file is there, without the secret
+        # One key per container: each speaks as itself alone; kept owner-only while it exists.
+        by_board = {r["board"]: r for r in (c.infer(name, b"x")[0] for _ in range(8))}
+        assert len({r["env"][security.ENV_PUBLIC_KEY] for r in by_board.values()}) == len(by_board) == 2
+        instance_keys = m.state_dir / "keys" / "instances"
+        owned = sorted(instance_keys.glob("*.key_secret"))
+        assert len(owned) == 2 and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in owned)
         c.unload_inference(name)
     keys = m.state_dir / "keys"
     assert stat.S_IMODE(os.stat(m.state_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(keys / "containers.key_secret").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(instance_keys).st_mode) == 0o700
+    assert not list(instance_keys.glob("*")), "a container's key is revoked (deleted) with it"
     assert stat.S_IMODE(os.stat(curve.dir / "keys" / "client1.key_secret").st_mode) == 0o600
 
 

@@ -149,17 +149,43 @@ class LocalHost:
 
     # ---- processes ------------------------------------------------------------------------
 
-    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str) -> tuple[int, int]:
+    def give(self, folder: str, user: str, final: str) -> None:
+        """Make ``folder`` (a container's files, to be moved to ``final``) ``user``'s, for a
+        container run as that user; 302 when ``final``'s parents keep that user out."""
+        uid, gid = _ids_of(user)
+        parent = os.path.dirname(os.path.abspath(final))
+        while parent:
+            st = os.stat(parent)
+            if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100) or (st.st_gid == gid and st.st_mode & 0o010)):
+                raise make_error(302, detail=f"run_option --user {user!r}: {user} cannot enter {parent} (mode "
+                                             f"{oct(st.st_mode & 0o777)}), where this board keeps its containers: set work_dir "
+                                             f"in its [[coprocessor]] table to a folder outside the manager's owner-only "
+                                             f"state_dir (docs/DEPLOYMENT.md, \"Containers as another user\")")
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+        for root, dirs, files in os.walk(folder):
+            for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+                os.lchown(name, uid, gid)
+
+    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
+              user: str | None = None) -> tuple[int, int]:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        uid = gid = None
+        if user is not None:  # its working folder is entered before the user changes: its parents stay the manager's
+            uid, gid = _ids_of(user)
         with open(log_path, "ab") as logfile:
             logfile.write(start_line(argv).encode())
             logfile.flush()
             try:
                 # Its own session: stopping the group stops anything the module started.
                 child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logfile,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as exc:
-                raise make_error(302, detail=f"run_command {argv[0]!r} cannot be started: {exc.strerror}") from None
+                                         stderr=subprocess.STDOUT, start_new_session=True, user=uid, group=gid,
+                                         extra_groups=[] if uid is not None else None)
+            except (OSError, subprocess.SubprocessError) as exc:
+                why = getattr(exc, "strerror", None) or str(exc)
+                raise make_error(302, detail=f"run_command {argv[0]!r} cannot be started"
+                                             f"{f' as user {user!r}' if user else ''}: {why}") from None
         self._children[child.pid] = child
         return child.pid, self.start_time(child.pid) or 0
 
@@ -330,7 +356,12 @@ class SSHHost:
 
     # ---- processes ------------------------------------------------------------------------
 
-    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str) -> tuple[int, int]:
+    def give(self, folder: str, user: str, final: str) -> None:
+        raise make_error(302, detail=f"run_option --user {user!r}: on an ssh board a process container runs as the "
+                                     f"board's ssh_user; give the board a user of its own instead")
+
+    def spawn(self, argv: list[str], cwd: str, env: dict[str, str], log_path: str,
+              user: str | None = None) -> tuple[int, int]:
         """Start ``argv`` in ``cwd`` as the leader of a new session, detached from the SSH
         session (so a dropped connection does not end it); a wrapper ``sh`` records its exit
         status in ``cwd/.ib-exit``. Only the connection environment is passed: the rest is
@@ -440,3 +471,17 @@ class SSHHost:
 
     def close(self) -> None:
         self._closed.set()
+
+
+def _ids_of(user: str) -> tuple[int, int]:
+    """(uid, gid) of ``user`` on this host; 302 when there is none, or the manager may not switch to it."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise make_error(302, detail=f"run_option --user {user!r}: no such user on this host") from None
+    if os.geteuid() != 0 and os.geteuid() != entry.pw_uid:
+        raise make_error(302, detail=f"run_option --user {user!r}: the manager must run as root to start a container "
+                                     f"as another user")
+    return entry.pw_uid, entry.pw_gid

@@ -8,6 +8,13 @@ directory: ``/etc/cop/`` means ``<work_dir>/etc/cop/``, and nothing may point ou
 The same code serves this machine and remote boards: what differs is the ``host``
 (runtimes/hosts.py) it does its file and process work through.
 
+Of ``run_option`` a process container takes ``-e/--env NAME=VALUE`` (added to its
+environment) and ``-u/--user NAME``: it runs as that user (on this host, with a manager
+that runs as root); its working folder becomes that user's, and it cannot read the
+manager's state (keys, registry, other containers' folders), which stays owner-only. On
+an ssh board a process container runs as the board's ``ssh_user``: give each board a user
+of its own. (``--restart`` is read for every type: manager/restarts.py.)
+
 Worker threads (operations.py), but ``exited``, which the router thread calls (it reads the host's poll, never the network).
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 from infinibrain import security
 from infinibrain.errors import make_error
 
+from ..run_options import option_value, option_values
 from .base import ContainerSpec, RunInfo
 from .hosts import LocalHost, SSHHost
 
@@ -66,6 +74,9 @@ class ProcessRuntime:
                     host.put(spec.files / part, fresh)
             self._check_scripts(spec, fresh)
             self._write_env_file(spec, fresh)
+            user = run_as(spec)
+            if user is not None:
+                host.give(fresh, user, work)
         except BaseException:
             host.rmtree(fresh)
             raise
@@ -139,7 +150,11 @@ class ProcessRuntime:
 
     def start(self, spec: ContainerSpec) -> RunInfo:
         argv = self.command(spec)
-        pid, start = self.host.spawn(argv, str(spec.work_dir), spec.env, str(spec.log_path))
+        env = dict(spec.env)
+        for entry in option_values(spec.config.run_option, "--env"):
+            key, _, value = entry.partition("=")
+            env[key] = value
+        pid, start = self.host.spawn(argv, str(spec.work_dir), env, str(spec.log_path), run_as(spec))
         self._pids[spec.container_id] = (pid, start)
         self._cpu_samples.pop(spec.container_id, None)
         log.info("started %s (pid %d) on %s: %s", spec.container_id, pid, self.host.name, shlex.join(argv))
@@ -230,6 +245,11 @@ class LoopRuntime(ProcessRuntime):
 
     def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
         return None
+
+
+def run_as(spec: ContainerSpec) -> str | None:
+    """The user a process container runs as (``--user`` in its run_option), if not the manager's."""
+    return option_value(spec.config.run_option, "--user")
 
 
 def _as_list(value: object) -> list:
