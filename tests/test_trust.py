@@ -299,10 +299,10 @@ def _flood(port: int, keys: security.CurveKeys, what: str, count: int, name: str
     inbox.connect(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
     time.sleep(0.5)  # the flooder does not care whether its first messages arrive: time, not synchronisation
     if what == "huge header":
-        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "pad": b"x" * 60_000_000})]
+        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": list(range(12_000_000))}})]
         out.send_multipart(frames)
     elif what == "large headers":
-        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "pad": b"x" * 5_000_000})]
+        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": list(range(1_000_000))}})]
         for _ in range(count):
             out.send_multipart(frames)
     else:  # never reads: requests whose 300 kB results pile up for it
