@@ -15,6 +15,7 @@ Pure: any thread (each socket it sends on or reads from is used by one thread).
 from __future__ import annotations
 
 import math
+import struct
 import time
 from typing import Any, Iterator, Sequence
 
@@ -264,25 +265,58 @@ def _dtype(name: Any) -> np.dtype:
     return dtype
 
 
+# A numpy array in a result travels as an array (msgpack extension type ARRAY_EXT): its
+# description (dtype, shape) then its bytes, inside the result's frame. The caller gets a
+# read-only ndarray of the same dtype and shape over the received bytes; before, arrays
+# were made nested lists (tolist), slow for a detection or segmentation map.
+ARRAY_EXT = 1
+_ARRAY_HEAD = struct.Struct("<I")
+
+
+def _pack_array(array: np.ndarray) -> msgpack.ExtType:
+    if array.dtype.hasobject:
+        raise TypeError("a numpy array of Python objects cannot be sent: give it a numeric dtype")
+    head = msgpack.packb([array.dtype.str, list(array.shape)])
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # its bytes in C order, no copy yet
+    return msgpack.ExtType(ARRAY_EXT, b"".join((_ARRAY_HEAD.pack(len(head)), head, data)))  # one copy, packb the other
+
+
+def _array_hook(code: int, data: bytes) -> Any:
+    if code != ARRAY_EXT:
+        return msgpack.ExtType(code, data)
+    try:
+        (size,) = _ARRAY_HEAD.unpack_from(data)
+        dtype_name, shape = msgpack.unpackb(data[4:4 + size])
+        dtype = _dtype(dtype_name)
+        shape = tuple(int(n) for n in shape)
+    except Exception as exc:
+        raise ProtocolError(f"bad array in a result: {exc}") from None
+    return array_from({"dtype": dtype.str, "shape": list(shape)}, memoryview(data)[4 + size:])
+
+
 def _result_default(value: Any) -> Any:
-    # Inference code returns numpy values all the time; send them as plain numbers/lists.
+    # Inference code returns numpy values all the time: a numpy scalar is sent as a plain
+    # number, an array as an array (ARRAY_EXT).
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _pack_array(value)
     if isinstance(value, (set, frozenset)):
         return list(value)
     raise TypeError(f"a result of type {type(value).__name__} cannot be encoded")
 
 
 def pack_value(value: Any) -> bytes:
-    """Encode a result or a management answer (JSON-like values, numpy made plain)."""
+    """Encode a result or a management answer (JSON-like values; numpy scalars made plain,
+    numpy arrays kept as arrays)."""
     return msgpack.packb(value, use_bin_type=True, default=_result_default)
 
 
 def unpack_value(frame: Any) -> Any:
     try:
-        return msgpack.unpackb(frame_buffer(frame), raw=False, strict_map_key=False)
+        return msgpack.unpackb(frame_buffer(frame), raw=False, strict_map_key=False, ext_hook=_array_hook)
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise ProtocolError(f"value frame is not msgpack: {exc}") from None
 

@@ -113,6 +113,25 @@ def test_unencodable_result_is_a_numbered_error(cluster, name):
     cluster.unload_inference(name)
 
 
+def test_arrays_in_a_result_arrive_as_arrays(cluster, name):
+    """A numpy array in a result reaches the caller as an array of its dtype and shape
+    (not nested lists); numpy scalars and plain values stay plain (docs/PROTOCOL.md)."""
+    cluster.load_inference(echo_config(name), "local")
+    image = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3)
+    result = cluster.infer_image(name, image, {"arrays": True})
+    rows = image.reshape(6, -1).astype(np.float32)
+    assert isinstance(result["rows"], np.ndarray) and result["rows"].dtype == np.float32 and result["rows"].shape == (6, 15)
+    assert np.array_equal(result["rows"], rows)
+    assert np.array_equal(result["strided"], rows[:, ::2])  # a view of another layout arrives in order
+    assert type(result["mean"]) is float and result["mean"] == pytest.approx(float(rows.mean()))
+    assert result["plain"] == [1, "a"]
+    results = []
+    cluster.infer_image_async(name, image, {"arrays": True}, func=lambda *args: results.append(args))
+    wait_for(lambda: results, timeout=10)
+    assert np.array_equal(results[0][2]["rows"], rows)  # a callback gets arrays too
+    cluster.unload_inference(name)
+
+
 def test_sub_inference_name_chooses_the_module(cluster, name):
     modules = [InferenceModulesConfig(sub_inference_name="double"), InferenceModulesConfig(sub_inference_name="triple")]
     cfg = ContainerConfig(name=name, implementation_type="process", input="Main", output="Main", script_path=str(SCRIPTS),

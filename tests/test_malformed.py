@@ -98,7 +98,9 @@ def test_array_round_trip_and_size_check():
         P.array_from({"dtype": "<f4", "shape": [2, 3, 5]}, a.tobytes())
     with pytest.raises(P.ProtocolError):
         P.array_from({"dtype": "O", "shape": [1]}, b"12345678")
-    assert P.unpack_value(P.pack_value({"x": np.float32(1.5), "y": np.arange(3)})) == {"x": 1.5, "y": [0, 1, 2]}
+    back = P.unpack_value(P.pack_value({"x": np.float32(1.5), "y": np.arange(3)}))
+    assert back["x"] == 1.5 and type(back["x"]) is float  # a numpy scalar is made plain
+    assert isinstance(back["y"], np.ndarray) and back["y"].tolist() == [0, 1, 2]  # an array stays one
 
 
 def test_connector_arguments_and_receive_timeout(monkeypatch):

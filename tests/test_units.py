@@ -6,6 +6,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from infinibrain.errors import InfinibrainException
@@ -280,3 +281,23 @@ def test_an_answer_with_odd_time_stamps_still_gives_a_response():
     assert good.elapsed_time[0][1] == 0.5 and good.request_no == "5" and good.sub_inference_name == "m"
     odd = response_of(p, 7, {"time_stamp": [["client_send", "soon"], {"x": 1}]})
     assert odd.elapsed_time == [] and odd.time_stamp[-1][0] == "client_receive"
+
+
+def test_result_arrays_round_trip_and_bad_ones_are_refused():
+    from infinibrain import protocol as P
+
+    value = {"a": np.arange(24, dtype=">i4").reshape(2, 3, 4), "e": np.zeros((0, 3), np.float16), "f": np.float32(0.5)}
+    back = P.unpack_value(P.pack_value(value))
+    for key in ("a", "e"):
+        assert back[key].dtype == value[key].dtype and back[key].shape == value[key].shape
+        assert np.array_equal(back[key], value[key])
+    assert type(back["f"]) is float
+    with pytest.raises(TypeError, match="objects"):
+        P.pack_value(np.array([object()]))
+    import msgpack
+    import struct
+
+    head = msgpack.packb(["<i8", [5]])
+    lying = msgpack.ExtType(P.ARRAY_EXT, struct.pack("<I", len(head)) + head + np.arange(4).astype("<i8").tobytes())
+    with pytest.raises(P.ProtocolError, match="needs"):
+        P.unpack_value(msgpack.packb(lying))  # a shape its bytes do not fill

@@ -275,8 +275,9 @@ class Connector:
     # ---- sending ---------------------------------------------------------------------
 
     def send_response(self, result: Any, response: InferenceResponse) -> None:
-        """Send ``result`` (list, tuple, dict, str, int, float, bool; numpy values are made
-        plain) back for the request ``response`` came with.
+        """Send ``result`` (list, tuple, dict, str, int, float, bool; numpy scalars are made
+        plain, numpy arrays reach the caller as arrays of their dtype and shape) back for
+        the request ``response`` came with.
 
         A program whose inference has ``input=None`` and ``output='Main'`` produces results
         on its own: it passes a new ``InferenceResponse()``, and the result goes to every

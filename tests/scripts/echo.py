@@ -2,7 +2,8 @@
 
 param: {"sleep": seconds} waits first; {"crash": true} exits at once (mid-request);
 {"bad_result": true} returns something that cannot be encoded; {"read": path} adds the
-text of that file (as the container sees it) to the answer; {"big": n} adds n bytes of text.
+text of that file (as the container sees it) to the answer; {"big": n} adds n bytes of text; {"arrays": true} answers with numpy arrays (the image's
+rows as float32, its mean as a numpy scalar).
 Every answer says which process and module served it, and how many requests it was
 serving at the same time (to check max_send_num).
 """
@@ -24,6 +25,10 @@ while True:
         os._exit(3)
     if param.get("sleep"):
         time.sleep(float(param["sleep"]))
+    if param.get("arrays"):
+        rows = image.reshape(image.shape[0], -1).astype(np.float32)
+        conn.send_response({"rows": rows, "mean": rows.mean(), "strided": rows[:, ::2], "plain": [1, "a"]}, response)
+        continue
     if param.get("bad_result"):
         conn.send_response(object(), response)
         continue
