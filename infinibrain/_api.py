@@ -18,7 +18,8 @@ from .errors import InfinibrainException, argument_error, make_error
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from ._client import ClusterClient, Pending
+    from ._client import ClusterClient
+    from ._pending import Pending
 
 
 def same(value: Any) -> Any:
@@ -129,7 +130,7 @@ def manage_callback_for(client: "ClusterClient", func: Callable | None) -> Calla
 
 def report_async(client: "ClusterClient", name: str, error: InfinibrainException, func: Callable | None) -> str:
     """Hand an error found by the SDK itself to the callback, as the reference wants for 101."""
-    from ._client import next_request_no
+    from ._pending import next_request_no
 
     callback = manage_callback_for(client, func)
     client.deliver(callback, error.code, error.message, name, None)

@@ -60,7 +60,6 @@ class ClusterClient:
         self.hb_interval = 0.5
         self.max_message_size = P.DEFAULT_MAX_MESSAGE_SIZE  # the manager says its own in hello_ack
         self.max_header_size = P.DEFAULT_MAX_HEADER_SIZE  # likewise
-        self.role = ""  # what the manager lets this client's key do ("manage" or "infer"), from hello_ack
         self.no_input: frozenset[str] = frozenset()  # inferences with input=None, as the manager tells
         self._refused = ""  # why the manager refused our connection (CURVE), from the socket monitor
         self._acked_paths: set[str] = set()
@@ -309,8 +308,6 @@ class ClusterClient:
             self.max_message_size = h["max"]
         if isinstance(h.get("maxh"), int) and h["maxh"] > 0:
             self.max_header_size = h["maxh"]
-        if isinstance(h.get("role"), str):
-            self.role = h["role"]
         self._takes_no_input(h)
         if h.get("path") == "infer":
             self._outbox.agreed(h.get("shm") is True)
@@ -349,10 +346,9 @@ class ClusterClient:
                 code, h["msg"], h["detail"] = 999, format_message(999), f"result could not be decoded: {exc}"
         # The InferenceResponse is built only for a form that hands it out.
         response = None if (code == 0 and p.result_only) else response_of(p, self.pid, h.get("resp"))
-        retry_after = h.get("retry_after") if code == 305 and isinstance(h.get("retry_after"), (int, float)) else None
-        if retry_after is not None and response is not None:
-            response.metadata_sys["retry_after"] = retry_after
-        self._waiting.finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "", retry_after)
+        if code == 305 and isinstance(h.get("retry_after"), (int, float)) and response is not None:
+            response.metadata_sys["retry_after"] = h["retry_after"]
+        self._waiting.finish(p, code, h.get("msg") or "", result, response, h.get("detail") or "")
 
     def _on_reply(self, msg: P.Message) -> None:
         h = msg.header
@@ -431,4 +427,4 @@ class ClusterClient:
         self._next_hello = 0.0
 
 
-__all__ = ["ClusterClient", "DirectReply", "Pending", "next_request_no"]
+__all__ = ["ClusterClient"]

@@ -18,16 +18,15 @@ import numpy as np
 
 from . import _api
 from . import protocol as P
-from ._client import ClusterClient, DirectReply, Pending
+from ._client import ClusterClient
+from ._direct import DirectReply
+from ._pending import Pending
 from .errors import InfinibrainException, argument_error, make_error
 from .types import InferenceResponse
 
-PRIORITY_LIMIT = 2**31  # a priority is a 32-bit signed integer
-
-
 def check_priority(priority: Any) -> int:
-    if type(priority) is not int or not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:
-        raise argument_error("priority", f"must be an integer from {-PRIORITY_LIMIT} to {PRIORITY_LIMIT - 1}, got {priority!r}")
+    if not P.valid_priority(priority):
+        raise argument_error("priority", f"must be an integer from {-P.PRIORITY_LIMIT} to {P.PRIORITY_LIMIT - 1}, got {priority!r}")
     return priority
 
 

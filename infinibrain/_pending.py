@@ -130,18 +130,17 @@ class Waiting:
             else:
                 p.deadline = time.monotonic() + (float(timeout) + ANSWER_GRACE if timeout else COMMAND_TIMEOUT)
 
-    def finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "",
-               retry_after: float | None = None) -> None:
+    def finish(self, p: Pending, code: int, message: str, result: Any = None, response: Any = None, detail: str = "") -> None:
         """End ``p``: its future, or its callback (which gets the reference's message only;
-        a 305's ``retry_after`` is in its response's ``metadata_sys``)."""
+        a 305's ``retry_after`` is in its response's ``metadata_sys``, and on the exception)."""
         self.outbox.release(p)
         future = p.future
         if future is not None:
             if code:
                 exc = error_from_code(code, message, detail)
                 exc.response = response  # type: ignore[attr-defined]
-                if retry_after is not None:
-                    exc.retry_after = retry_after  # type: ignore[attr-defined]
+                if response is not None and "retry_after" in response.metadata_sys:
+                    exc.retry_after = response.metadata_sys["retry_after"]  # type: ignore[attr-defined]
                 future.set_exception(exc)
             elif p.kind == "cmd" or p.result_only:
                 future.set_result(result)

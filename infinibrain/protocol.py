@@ -51,6 +51,14 @@ MAX_FRAMES = 4 + 4096
 # program (Connector's max_size) says more: no batching.
 DEFAULT_MAX_BATCH_SIZE = 1
 
+# A request's priority (header "pri") is a 32-bit signed integer; absent = 0.
+PRIORITY_LIMIT = 2**31
+
+
+def valid_priority(priority: Any) -> bool:
+    return type(priority) is int and -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT
+
+
 # Message kinds (header "k").
 HELLO = "hello"  # client or container -> manager: prove the path works
 HELLO_ACK = "hello_ack"  # manager -> client
@@ -287,11 +295,9 @@ def _array_hook(code: int, data: bytes) -> Any:
     try:
         (size,) = _ARRAY_HEAD.unpack_from(data)
         dtype_name, shape = msgpack.unpackb(data[4:4 + size])
-        dtype = _dtype(dtype_name)
-        shape = tuple(int(n) for n in shape)
     except Exception as exc:
         raise ProtocolError(f"bad array in a result: {exc}") from None
-    return array_from({"dtype": dtype.str, "shape": list(shape)}, memoryview(data)[4 + size:])
+    return array_from({"dtype": dtype_name, "shape": shape}, memoryview(data)[4 + size:])  # checks the description
 
 
 def _result_default(value: Any) -> Any:

@@ -39,9 +39,6 @@ from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager.router")
 
-PRIORITY_LIMIT = 2**31  # priorities are 32-bit signed integers
-
-
 class Dispatcher:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, payloads: Payloads, health: Health, nudge: Nudge,
                  metrics: NullMetrics, clock: Clock, clients: dict[str, Client]) -> None:
@@ -144,7 +141,7 @@ class Dispatcher:
         if sub and sub not in svc.modules:
             return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(svc.modules)})")
         priority = h.get("pri", 0)
-        if type(priority) is not int or not -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT:
+        if not P.valid_priority(priority):
             return self._refuse(reply, rid, name, 100, "priority", detail=f"priority must be a 32-bit integer, got {priority!r}")
         now = self.clock()
         if svc.full():

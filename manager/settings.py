@@ -73,10 +73,7 @@ class InferenceSettings:
 
     @property
     def modules(self) -> list[dict]:
-        mods = self.inference_modules
-        if mods is None:
-            return []
-        return mods if isinstance(mods, list) else [mods]
+        return one_or_many(self.inference_modules)
 
     @property
     def module_names(self) -> list[str]:
@@ -98,10 +95,7 @@ class InferenceSettings:
 
     @property
     def copies(self) -> list[dict]:
-        value = self.copy
-        if value is None:
-            return []
-        return value if isinstance(value, list) else [value]
+        return one_or_many(self.copy)
 
     @property
     def image_file(self) -> str | None:
@@ -127,6 +121,13 @@ class InferencePolicy:
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1
+
+
+def one_or_many(value: Any) -> list:
+    """An attribute the reference lets be one item or a list of them, as a list (None: [])."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
 
 
 def resolve(settings: InferenceSettings, manager: ManagerConfig) -> InferencePolicy:

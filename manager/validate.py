@@ -16,7 +16,7 @@ from infinibrain.errors import make_error
 from .config import NAME_RE
 from .restarts import policy_of
 from .run_options import parse_run_option
-from .settings import InferenceSettings
+from .settings import InferenceSettings, one_or_many
 
 IMPLEMENTATION_TYPES = {"docker": "docker", "nvidia": "nvidia", "process": "process", "loop": "Loop", "other": "other"}
 MAX_SEND_NUM_LIMIT = 1024
@@ -135,8 +135,7 @@ def _warmup(value: Any, cfg: dict) -> dict | None:
             raise param_error(f"warmup.param is not JSON: {exc}") from None
     if not isinstance(param, dict):
         raise param_error("warmup.param must be a dict")
-    mods = cfg["inference_modules"]
-    modules = [m["sub_inference_name"] for m in (mods if isinstance(mods, list) else [mods] if mods else [])] or [cfg["name"]]
+    modules = [m["sub_inference_name"] for m in one_or_many(cfg["inference_modules"])] or [cfg["name"]]
     if sub is not None and sub not in modules:
         raise param_error(f"warmup.sub_inference_name {sub!r} is not a module of the inference (it has {', '.join(modules)})")
     return {"file": path, "param": param, "sub_inference_name": sub}
@@ -159,9 +158,7 @@ def _optional_int(value: Any, key: str, low: int, high: int) -> int | None:
 
 
 def _modules(value: Any) -> Any:
-    if value is None:
-        return None
-    items = value if isinstance(value, list) else [value]
+    items = one_or_many(value)
     if not items:
         return None
     out, seen = [], set()
@@ -194,8 +191,7 @@ def _modules(value: Any) -> Any:
 def _copy_entries(value: Any) -> Any:
     if value is None:
         return None
-    items = value if isinstance(value, list) else [value]
-    for item in items:
+    for item in one_or_many(value):
         if not isinstance(item, dict):
             raise param_error("copy must be a dict {'From': ..., 'To': ...} or a list of them")
         for key in ("From", "To"):
