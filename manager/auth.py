@@ -109,9 +109,10 @@ class AllowedKeys:
         with self._lock:
             self.fixed[key] = what
 
-    def revoke(self, key: bytes) -> None:
+    def revoke(self, what: str) -> None:
+        """The keys granted as ``what`` are no longer allowed."""
         with self._lock:
-            self.fixed.pop(key, None)
+            self.fixed = {k: v for k, v in self.fixed.items() if v != what}
 
     def what(self, key: bytes) -> str | None:
         """The role (or owner) of ``key``; None when it is not allowed (or no longer)."""
@@ -195,12 +196,8 @@ class Guard:
         """Container instance ``instance`` is gone: its key is refused from now on, and deleted."""
         if not self.enabled:
             return
-        public_file = self.instance_keys / f"{instance}.key"
-        try:
-            self.allowed[CONTAINERS].revoke(security.load_public(str(public_file)))
-        except security.KeyFileError:
-            pass
-        for path in (public_file, self.instance_keys / f"{instance}.key_secret"):
+        self.allowed[CONTAINERS].revoke(instance)  # by owner: no need to read its key back
+        for path in (self.instance_keys / f"{instance}.key", self.instance_keys / f"{instance}.key_secret"):
             try:
                 path.unlink()
             except FileNotFoundError:

@@ -164,7 +164,7 @@ class Changes:
         boards = [b for b in reg.boards if not board or b == board]
         whole = len(boards) == len(reg.boards)
         instances = [i for i in self.reconciler.instances_of(name) if i.board in boards]
-        queued = len(self.dispatcher.services[name].queue) if whole and name in self.dispatcher.services else 0
+        queued = self.dispatcher.queued(name) if whole else 0
         running = sum(len(i.in_flight) for i in instances)
         # Unloading some of its boards leaves the queue to the others: only running
         # requests are in the way then.

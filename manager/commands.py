@@ -331,7 +331,7 @@ class Commands:
             raise make_error(101, "To")
         reg = self.views.registered(name)
         instances = [i for b in reg.boards if (i := self.reconciler.current(name, b)) is not None and i.state is not State.PENDING]
-        queued = len(self.dispatcher.services[name].queue) if name in self.dispatcher.services else 0
+        queued = self.dispatcher.queued(name)
         running = sum(len(i.in_flight) for i in self.reconciler.instances_of(name))
         if queued or running:
             raise make_error(303, detail=f"{name!r} has {queued} queued and {running} running requests")

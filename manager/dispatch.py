@@ -66,6 +66,11 @@ class Dispatcher:
 
     # ---- services and instances (the reconciler's door) ---------------------------------------
 
+    def queued(self, name: str) -> int:
+        """Requests waiting to be sent for inference ``name`` (0 without a service)."""
+        svc = self.services.get(name)
+        return len(svc.queue) if svc is not None else 0
+
     def open_service(self, reg: Registration) -> None:
         """Route requests for ``reg`` (new, or new settings of a registered inference)."""
         policy = resolve(reg.config, self.config)
@@ -185,6 +190,7 @@ class Dispatcher:
             lean=h.get("lean") is True,
             shm=ref,
             priority=priority,
+            nbytes=nbytes,
         )
         client.outstanding += 1
         client.outstanding_bytes += nbytes
@@ -283,7 +289,8 @@ class Dispatcher:
         now = self.clock()
         req = Request(mkey=next(self._mkeys), client="", rid="warmup", pid=os.getpid(), tid=0, inference=c.inference,
                       sub=sub, param=param, arr=arr, payload=payload, time_stamp=[["manager_receive", P.now()]],
-                      send_deadline=now, answer_timeout=timeout, deadline=now + timeout, accepted=now)
+                      send_deadline=now, answer_timeout=timeout, deadline=now + timeout, accepted=now,
+                      nbytes=sum(len(f) for f in payload))
         c.warmed = None
         self._dispatch(c, req, None)
         return req.mkey
@@ -367,18 +374,19 @@ class Dispatcher:
         self.health.lost(c, why)
         held, c.in_flight = list(c.in_flight.values()), {}
         again = False
+        lost = f"container {c.suffix} went away while serving it ({why})"
         for req in held:
-            if self._again(req, c, why):
+            if self._again(req, lost):
                 again = True
             else:
-                self.end(req, 402, detail=f"container {c.suffix} went away while serving it ({why})")
+                self.end(req, 402, detail=lost)
         if was_connected and announce and c.state is not State.STOPPING:
             log.warning("container %s of %s disconnected: %s", c.id, c.inference, why)
             self.wire.announce(114, c.inference, info={"inference_name": c.inference, "suffix_name": c.suffix, "coprocessor": c.board})
         if again:
             self.pump(c.inference)
 
-    def _again(self, req: Request, c: Instance, why: str) -> bool:
+    def _again(self, req: Request, lost: str) -> bool:
         """Queue ``req`` (whose container went away before answering) to be sent to another
         container, if its inference's ``retries`` allow it and its deadline is not past."""
         svc = self.services.get(req.inference)
@@ -387,7 +395,7 @@ class Dispatcher:
             return False
         req.tries += 1
         req.container = None
-        req.lost = f"container {c.suffix} went away while serving it ({why})"
+        req.lost = lost
         req.send_deadline = min(now + svc.policy.send_timeout, req.deadline)
         svc.queue.push(req)
         self.retried += 1

@@ -9,7 +9,6 @@ Router thread (data only).
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,7 +36,7 @@ class Change:
     sink: Callable[[dict], None] | None = None
     touched: list[str] = field(default_factory=list)  # the boards whose desired state it changed
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # on the control plane's clock: set when it is watched (Rollouts.watch)
     error: InfinibrainException | None = None
     undone_at: float = 0.0
 
@@ -63,6 +62,10 @@ class Slot:
     replacing: bool = False  # no surge: its old instance went down for the update
     removing: bool = False  # being unloaded: converged when no instance is left
     change: Change | None = None
+
+    def at(self, revision: int) -> Instance | None:
+        """Its instance at ``revision``, if it has one."""
+        return next((i for i in self.instances.values() if i.revision == revision), None)
 
     def only(self) -> Instance | None:
         """Its one instance, if it has exactly one."""

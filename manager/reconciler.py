@@ -85,10 +85,6 @@ class Reconciler:
     def registrations(self) -> dict[str, Registration]:
         return self.registry.registrations
 
-    def poke(self) -> None:
-        """Something changed: the next timer pass converges at once."""
-        self.nudge.set()
-
     # ---- what commands use ----------------------------------------------------------------
 
     def slot(self, name: str, board: str) -> Slot:
@@ -104,8 +100,8 @@ class Reconciler:
         if s is None or not s.instances:
             return None
         reg = self.registrations.get(name)
-        wanted = [i for i in s.instances.values() if reg is not None and i.revision == reg.revision]
-        return wanted[0] if wanted else max(s.instances.values(), key=lambda i: i.revision)
+        wanted = s.at(reg.revision) if reg is not None else None
+        return wanted if wanted is not None else max(s.instances.values(), key=lambda i: i.revision)
 
     def instances_of(self, name: str) -> list[Instance]:
         return self.slots.instances_of(name)
@@ -154,7 +150,7 @@ class Reconciler:
             return steps.retire_all(s, now, remove=True)
         if not placement.running:
             return steps.retire_all(s, now, remove=False)
-        target = next((i for i in s.instances.values() if i.revision == reg.revision), None)
+        target = s.at(reg.revision)
         olds = [i for i in s.instances.values() if i is not target]
         if target is None:
             if reg.config.implementation_type == "other" and olds:
@@ -261,7 +257,7 @@ class Reconciler:
         inst.spec = dataclasses.replace(inst.spec, config=reg.config)
         inst.runtime = board.runtime(reg.config.implementation_type)
         self.steps.record(inst)
-        self.poke()
+        self.nudge.set()
 
     def stranger(self, wire_id: str, sub: str) -> Instance | None:
         """A Connector started by hand without a container identity: it becomes the
@@ -309,11 +305,10 @@ class Reconciler:
             return
         if now < s.restart_at:
             return
-        s.restart_at = 0.0
+        s.restart_at, s.restarting = 0.0, why
         if inst.state is State.UNHEALTHY:
             self.steps.restart(s, inst, why)
         else:
-            s.restarting = why
             self.steps.start(s, inst, fresh=False)
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -347,7 +342,7 @@ class Reconciler:
             if adopted and inst.runtime.kind == "other":
                 inst.state = State.READY  # someone else runs it: registered is all we can make it
             inst.ready_deadline = self.clock() + self.steps.ready_timeout(inst)
-        self.poke()
+        self.nudge.set()
 
     def _settle(self, reg: Registration) -> concurrent.futures.Future:
         reg.stable = None

@@ -41,6 +41,7 @@ class Rollouts:
 
     def watch(self, change: Change) -> concurrent.futures.Future:
         """Converge ``change``'s placements; its future tells the outcome."""
+        change.started = self.clock()
         for board in change.boards:
             s = self.slots.of(change.name, board)
             s.change, s.error = change, None
@@ -79,7 +80,7 @@ class Rollouts:
         reg = self.registrations.get(s.name)
         if reg is None or s.board not in reg.boards or not reg.boards[s.board].running:
             return ""
-        target = next((i for i in s.instances.values() if i.revision == reg.revision), None)
+        target = s.at(reg.revision)
         if target is not None and target.state is State.FAILED and not s.busy:
             return target.why or f"container {target.suffix} failed"
         return ""

@@ -22,6 +22,7 @@ Router thread, all of it (its handlers and timers run in the ``Loop``).
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any, Callable
 
@@ -125,12 +126,15 @@ class Router:
             return
         self._next_client_check = now + SILENT_CLIENT_CHECK
         limit = self.config.client_timeout_ms / 1000
-        for cid in [cid for cid, cl in self.clients.items() if now - cl.last_seen > limit]:
+        gone = {cid for cid, cl in self.clients.items() if now - cl.last_seen > limit}
+        if not gone:
+            return
+        for cid in gone:
             del self.clients[cid]
             self.payloads.forget(cid)
-            dropped = self.dispatcher.take_waiting(lambda r: r.client == cid)  # nobody is left to answer
-            if dropped:
-                log.info("dropped %d queued requests of silent client %s", len(dropped), cid)
+        dropped = self.dispatcher.take_waiting(lambda r: r.client in gone)  # one pass over the queues: nobody is left to answer
+        for cid, count in collections.Counter(r.client for r in dropped).items():
+            log.info("dropped %d queued requests of silent client %s", count, cid)
 
     def _on_client_subscription(self, frames: list) -> None:
         """A client subscribes to its own topics and the public ones, nothing else."""

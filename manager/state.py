@@ -71,15 +71,12 @@ class Request:
     priority: int = 0  # higher is sent first (waitqueue.py)
     tries: int = 0  # times it was sent again because its container went away (retries)
     lost: str = ""  # why it is waiting again: its container went away (ends with 402, not 306)
+    nbytes: int = 0  # bytes of its data (frames, or in shared memory): counted against its client and board
 
     @property
     def queued_wall(self) -> float:
         """When the manager accepted it (wall clock), from its time stamps."""
         return next(t for stage, t in self.time_stamp if stage == "manager_receive")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(f) for f in self.payload) + (self.shm[1] if self.shm else 0)
 
 
 @dataclass(eq=False)

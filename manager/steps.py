@@ -108,18 +108,18 @@ class Steps:
 
     # ---- starting ---------------------------------------------------------------------------------
 
-    def start(self, s: Slot, inst: Instance, fresh: bool) -> None:
-        self.set(inst, State.STARTING)
+    def _starting(self, inst: Instance, why: str = "") -> None:
+        self.set(inst, State.STARTING, why)
         inst.warmup_key = inst.warmed = None
         inst.deploy_started = inst.started_at = self.clock()
+
+    def start(self, s: Slot, inst: Instance, fresh: bool) -> None:
+        self._starting(inst)
         self.run(s, inst, "starting", ops.start, inst.spec, inst.runtime, fresh, done=functools.partial(self._started, s, inst))
 
     def restart(self, s: Slot, inst: Instance, why: str) -> None:
         """Stop an unhealthy instance and start it again (its restart policy allows it)."""
-        s.restarting = why
-        self.set(inst, State.STARTING, "restarting")
-        inst.warmup_key = inst.warmed = None
-        inst.deploy_started = inst.started_at = self.clock()
+        self._starting(inst, "restarting")
         self.dispatcher.container_lost(inst, f"it is restarted ({why})", announce=False)
         self.run(s, inst, "restarting", ops.restart, inst.spec, inst.runtime, done=functools.partial(self._started, s, inst))
 

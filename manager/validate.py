@@ -39,9 +39,7 @@ def check_name(value: Any, what: str) -> str:
 
 
 def normalize_config(raw: Any) -> InferenceSettings:
-    """Validate one container configuration (a dict, JSON text, or settings already made)."""
-    if isinstance(raw, InferenceSettings):
-        raw = raw.to_dict()
+    """Validate one container configuration (a dict or JSON text)."""
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)

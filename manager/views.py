@@ -104,7 +104,7 @@ class Views:
             row.update(
                 connect_status="connected" if connected else "disconnected",
                 operate=("Busy" if inst.in_flight else "Free") if inst is not None and connected else "Unknown",
-                queue_num=len(self.dispatcher.services[reg.name].queue) if reg.name in self.dispatcher.services else 0,
+                queue_num=self.dispatcher.queued(reg.name),
                 send_data_num=len(inst.in_flight) if inst is not None else 0,
                 net_io=f"{human_bytes(inst.tx_bytes if inst else 0)} / {human_bytes(inst.rx_bytes if inst else 0)}",
                 ports=f"{self.config.port + P.CONTAINER_OUT}/tcp, {self.config.port + P.CONTAINER_IN}/tcp",

@@ -43,14 +43,12 @@ CONTAINER_HWM = 1024  # requests waiting for one container (credits bound them l
 
 class Wire:
     def __init__(self, config: ManagerConfig, guard: Guard, ctx: zmq.Context, instance: str) -> None:
-        self.config = config
-        self.guard = guard
         self.curve = guard.enabled
         self.instance = instance  # this manager instance's id ("mid"), new at every start
         self.dropped_frames = 0
         self.dropped_by_port: dict[str, int] = {}
         self.dropped_sends: dict[str, int] = {}  # messages not sent, by reason (a client that does not read)
-        self._slow_logged: set[bytes] = set()
+        self._slow_logged: set[str] = set()
         self._backlog: dict[bytes, deque[list]] = {}  # topic -> messages waiting for its client's pipe to drain
         self._backlog_bytes: dict[bytes, int] = {}
         base = config.port
@@ -141,11 +139,11 @@ class Wire:
 
     def _not_read(self, topic: bytes) -> None:
         self.dropped_sends["client does not read"] = self.dropped_sends.get("client does not read", 0) + 1
-        owner = topic.split(b"/")[1] if b"/" in topic else topic
+        owner = P.topic_client(topic) or topic.decode(errors="replace")
         if owner not in self._slow_logged and len(self._slow_logged) < 1000:
             self._slow_logged.add(owner)
             log.warning("client %s does not read what the manager sends it (%d messages waiting): its messages are "
-                        "dropped until it does", owner.decode(errors="replace"), CLIENT_HWM)
+                        "dropped until it does", owner, CLIENT_HWM)
 
     def _broadcast(self, frames: list) -> None:
         """To every client: one that does not read misses it (its pipe is full), the others do not."""

@@ -300,7 +300,7 @@ class Sim:
         reg = Registration(name, cfg, {b: Placement() for b in boards})
         self.registry.registrations[name] = reg
         self.dispatcher.open_service(reg)
-        change = Change("load_inference", name, list(boards), started=self.clock())
+        change = Change("load_inference", name, list(boards))
         self.reconciler.watch(change)
         self.step()
         return change

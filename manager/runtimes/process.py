@@ -31,6 +31,7 @@ from infinibrain import security
 from infinibrain.errors import make_error
 
 from ..run_options import option_value, option_values
+from ..settings import one_or_many
 from .base import ContainerSpec, RunInfo
 from .hosts import LocalHost, SSHHost
 
@@ -100,8 +101,7 @@ class ProcessRuntime:
 
     def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
         for module in spec.config.modules:
-            scripts = module.get("script") or []
-            for name in [scripts] if isinstance(scripts, str) else scripts:
+            for name in one_or_many(module.get("script") or None):
                 if not self.host.is_file(str(safe_join(Path(root), name))):
                     raise make_error(302, detail=f"inference_modules.script {name!r} is not in script_path")
 
@@ -139,7 +139,7 @@ class ProcessRuntime:
         if run:
             argv = shlex.split(run)
         else:
-            scripts = [s for m in spec.config.modules for s in _as_list(m.get("script"))]
+            scripts = [s for m in spec.config.modules for s in one_or_many(m.get("script"))]
             if not scripts:
                 raise make_error(302, detail="run_command is required when inference_modules names no script")
             argv = ["python", scripts[0]]
@@ -250,12 +250,6 @@ class LoopRuntime(ProcessRuntime):
 def run_as(spec: ContainerSpec) -> str | None:
     """The user a process container runs as (``--user`` in its run_option), if not the manager's."""
     return option_value(spec.config.run_option, "--user")
-
-
-def _as_list(value: object) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _now_iso() -> str:
