@@ -13,8 +13,8 @@ mapped) and keeps up to 128 MiB of freed memory before trimming, once per proces
 changes when memory goes back to the kernel, not how much a program uses. Set
 ``INFINIBRAIN_MALLOC_TUNING=0`` to leave the allocator as it is; elsewhere than on glibc
 it does nothing. ``trim()`` hands what is free back to the kernel at once (glibc's
-``malloc_trim``): the manager calls it when a burst has passed, so a flood of large
-messages does not leave its resident size up for good.
+``malloc_trim``): the manager calls it when malloc holds much free (``held_free``), so a
+flood of large messages does not leave its resident size up for good.
 
 Any thread (``tune`` once at start, ``trim`` from the manager's timer).
 """
@@ -64,6 +64,22 @@ def tune() -> bool:
     return _done
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def held_free() -> int | None:
+    """Bytes malloc holds free (glibc's ``mallinfo2().fordblks``, every arena): what
+    ``trim`` could give back. None where the C library cannot tell (not glibc >= 2.33)."""
+    try:
+        mallinfo2 = _c_library().mallinfo2  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    mallinfo2.argtypes, mallinfo2.restype = [], _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
 def trim() -> bool:
     """Give the kernel back the memory malloc holds free (glibc); whether it could."""
     try:
@@ -74,4 +90,4 @@ def trim() -> bool:
     return bool(malloc_trim(0))
 
 
-__all__ = ["trim", "tune"]
+__all__ = ["held_free", "trim", "tune"]

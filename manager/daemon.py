@@ -49,7 +49,7 @@ from .wire import Wire
 log = logging.getLogger("infinibrain.manager")
 
 TRIM_EVERY = 5.0  # seconds
-TRIM_GROWTH = 32 * 1024 * 1024  # bytes of resident size gained since the last trim
+TRIM_GROWTH = 32 * 1024 * 1024  # bytes malloc holds free (or, without mallinfo2, resident size gained) before a trim
 
 
 class Manager:
@@ -96,12 +96,19 @@ class Manager:
 
     def _trim(self, now: float) -> None:
         """After a burst of large messages (or a flood), give the kernel back what malloc
-        keeps free (allocator.py keeps up to 128 MiB for speed), once the size has grown by
-        TRIM_GROWTH since the last time, looked at every TRIM_EVERY seconds."""
+        keeps free (allocator.py keeps up to 128 MiB for speed) once that is more than
+        TRIM_GROWTH, looked at every TRIM_EVERY seconds. Measured as what malloc holds free,
+        not as resident size: a trim during the burst (memory still in use) must not keep
+        the memory the burst frees afterwards from going back."""
         if now < self._next_trim:
             return
         self._next_trim = now + TRIM_EVERY
-        rss = rss_bytes()
+        free = allocator.held_free()
+        if free is not None:
+            if free > TRIM_GROWTH:
+                allocator.trim()
+            return
+        rss = rss_bytes()  # no mallinfo2: by resident size grown since the last trim
         if rss > self._trimmed_rss + TRIM_GROWTH:
             allocator.trim()
             self._trimmed_rss = rss_bytes()
