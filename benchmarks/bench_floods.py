@@ -17,56 +17,23 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
-import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import ManagerProcess, echo_config  # noqa: E402
+from loadgen import flood, rss  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig  # noqa: E402
-from infinibrain import protocol as P  # noqa: E402
 
 FRESH = mp.get_context("spawn")
-
-
-def rss(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def flood(port: int, what: str, inference: str) -> None:
-    """Another process: one kind of flood, bounded in count, then its connections close."""
-    ctx = zmq.Context()
-    out = ctx.socket(zmq.PUB)
-    out.linger = 0
-    out.sndhwm = 0
-    out.connect(f"tcp://127.0.0.1:{port + P.INFER_IN}")
-    cid = f"{os.getpid()}-flood"
-    inbox = ctx.socket(zmq.SUB)  # subscribed, never read, buffering nothing itself
-    inbox.linger = 0
-    inbox.rcvhwm = 1
-    inbox.subscribe(P.client_topic(cid))
-    inbox.connect(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
-    time.sleep(0.5)  # connections up: time, the flooder does not care about its first messages
-    if what in ("60 MB header", "400 x 5 MB headers"):
-        size, count = (60_000_000, 1) if what.startswith("60") else (5_000_000, 400)
-        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": list(range(size // 5))}})]
-        for _ in range(count):
-            out.send_multipart(frames)
-    else:
-        for i in range(900):
-            P.send(out, P.encode(P.TOPIC_MANAGER, P.REQUEST, {"cid": cid, "pid": 1, "rid": str(i), "inf": inference,
-                                                              "param": {"big": 300_000}, "arr": None}, [b"x"]))
-            time.sleep(0.004)
-    time.sleep(3.0)  # hold its connections a while, as a slow or hostile client does
-    ctx.destroy(linger=0)
+# Each flood: (bytes of a request's header, 0 for requests whose results are never read; messages sent).
+FLOODS = {"60 MB header": (60_000_000, 1), "400 x 5 MB headers": (5_000_000, 400), "3 never-reading subscribers": (0, 900)}
 
 
 def measure(c: AICluster, pid: int, name: str, seconds: float, floods: list) -> tuple[list[float], int]:
@@ -103,7 +70,8 @@ def one(what: str, count: int, seconds: float) -> None:
             quiet, _ = measure(c, pid, "normal", seconds, [])
             base_p99 = float(np.percentile(np.array(quiet) * 1000, 99))
             before = rss(pid)
-            floods = [FRESH.Process(target=flood, args=(m.port, what, "big")) for _ in range(count)]
+            header_bytes, sent = FLOODS[what]
+            floods = [FRESH.Process(target=flood, args=(m.port, None, "big", header_bytes, sent)) for _ in range(count)]
             lat, peak = measure(c, pid, "normal", 0, floods)
             time.sleep(5.0)  # what the manager keeps once it is over: time, not synchronisation
             arr = np.array(lat) * 1000

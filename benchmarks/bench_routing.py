@@ -32,7 +32,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import ManagerProcess  # noqa: E402
+from conftest import ManagerProcess, wait_for  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # noqa: E402
 from infinibrain.errors import InfinibrainException  # noqa: E402
@@ -167,8 +167,7 @@ def container_pid(m: ManagerProcess, name: str, board: str) -> int:
     """The pid the registry records for ``name``'s instance on ``board`` (the manager writes it)."""
     import json
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def recorded() -> int:
         try:
             data = json.loads((m.state_dir / "inferences" / f"{name}.json").read_text())
             records = data["boards"][board]["instances"]
@@ -178,18 +177,17 @@ def container_pid(m: ManagerProcess, name: str, board: str) -> int:
                 return pid
         except (OSError, ValueError, KeyError):
             pass
-        time.sleep(0.1)  # the registry is written by its own thread: poll it
-    raise RuntimeError(f"no pid for {name} on {board}")
+        return 0
+
+    return wait_for(recorded, timeout=20, interval=0.1)  # the registry is written by its own thread: poll it
 
 
 def wait_back(c: AICluster, name: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def back() -> bool:
         rows = c._client.command("get_container_status", {"inference_name": name}).wait()
-        if all(r["state"] == "ready" and r["connect_status"] == "connected" for r in rows):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{name} did not come back")
+        return all(r["state"] == "ready" and r["connect_status"] == "connected" for r in rows)
+
+    wait_for(back, timeout=30, interval=0.1)
 
 
 def main() -> int:

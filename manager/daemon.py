@@ -90,8 +90,8 @@ class Manager:
         if isinstance(metrics, RequestMetrics):
             self.metrics_server = MetricsServer(metrics, lambda: self.loop.call(self.figures.live, timeout=5),
                                                 config.metrics_host, config.metrics_port)
-        self._next_trim, self._trimmed_rss = 0.0, 0
-        self.loop.every(self._trim)
+        self._trimmed_rss = 0
+        self.loop.every(self._trim, TRIM_EVERY)
         self.reconciler.restore()
 
     def _trim(self, now: float) -> None:
@@ -100,9 +100,6 @@ class Manager:
         TRIM_GROWTH, looked at every TRIM_EVERY seconds. Measured as what malloc holds free,
         not as resident size: a trim during the burst (memory still in use) must not keep
         the memory the burst frees afterwards from going back."""
-        if now < self._next_trim:
-            return
-        self._next_trim = now + TRIM_EVERY
         free = allocator.held_free()
         if free is not None:
             if free > TRIM_GROWTH:

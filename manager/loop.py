@@ -61,9 +61,11 @@ class Loop:
         self._readers[sock] = (handle, dropped)
         self._poller.register(sock, zmq.POLLIN)
 
-    def every(self, timer: Callable[[float], None]) -> None:
-        """``timer(now)`` at every timer pass (each ``tick``), in the order they were added."""
-        self._timers.append(timer)
+    def every(self, timer: Callable[[float], None], interval: float = 0.0) -> None:
+        """``timer(now)`` at every timer pass (each ``tick``), in the order they were added;
+        with ``interval``, at the first pass and then at the first pass ``interval``
+        seconds or more after the last call."""
+        self._timers.append(throttled(timer, interval))
 
     def call_later(self, delay: float, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` after ``delay`` seconds (router thread only)."""
@@ -173,3 +175,23 @@ class Loop:
             else:
                 if fut is not None:
                     fut.set_result(result)
+
+
+class _Throttled:
+    """A timer called at most once per ``interval`` seconds of the ``now`` it is given."""
+
+    __slots__ = ("timer", "interval", "due", "__name__")
+
+    def __init__(self, timer: Callable[[float], None], interval: float) -> None:
+        self.timer, self.interval, self.due = timer, interval, 0.0
+        self.__name__ = getattr(timer, "__name__", repr(timer))
+
+    def __call__(self, now: float) -> None:
+        if now >= self.due:
+            self.due = now + self.interval
+            self.timer(now)
+
+
+def throttled(timer: Callable[[float], None], interval: float) -> Callable[[float], None]:
+    """``timer``, called at most once per ``interval`` seconds (0: at every call)."""
+    return _Throttled(timer, interval) if interval > 0 else timer

@@ -62,15 +62,15 @@ class Router:
         self.commands = commands
         self.strangers = strangers  # the reconciler's: a Connector started by hand, without a container identity
         self.hb_interval = config.heartbeat_interval_ms / 1000
-        self._next_beat = 0.0
-        self._next_client_check = 0.0
         loop.reader(wire.infer_in, self._on_client_frames, wire.dropped)
         loop.reader(wire.mgmt_in, self._on_client_frames, wire.dropped)
         loop.reader(wire.container_in, self._on_container_frames, wire.dropped)
         loop.reader(wire.container_out, self._on_subscription, wire.dropped)
         loop.reader(wire.client_out, self._on_client_subscription, wire.dropped)
-        for timer in (self._beat, self._ping_silent, self._forget_silent_clients, wire.flush):
-            loop.every(timer)
+        loop.every(self._beat, self.hb_interval)
+        loop.every(self._ping_silent)
+        loop.every(self._forget_silent_clients, SILENT_CLIENT_CHECK)
+        loop.every(wire.flush)
         log.info("router %s serving applications on %s:%d-%d, containers on %s:%d-%d", wire.instance, config.host,
                  config.port, config.port + P.CLIENT_OUT, config.board_host, config.port + P.CONTAINER_OUT,
                  config.port + P.CONTAINER_IN)
@@ -117,14 +117,9 @@ class Router:
             raise P.ProtocolError(f"unknown client message kind {kind!r}")
 
     def _beat(self, now: float) -> None:
-        if now >= self._next_beat:
-            self._next_beat = now + self.hb_interval
-            self.wire.beat()
+        self.wire.beat()
 
     def _forget_silent_clients(self, now: float) -> None:
-        if now < self._next_client_check:
-            return
-        self._next_client_check = now + SILENT_CLIENT_CHECK
         limit = self.config.client_timeout_ms / 1000
         gone = {cid for cid, cl in self.clients.items() if now - cl.last_seen > limit}
         if not gone:

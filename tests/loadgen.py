@@ -1,13 +1,18 @@
 """Load for fault tests: threads sending requests while something breaks, and a record
-of how every request ended."""
+of how every request ended; hostile clients in processes of their own (``flood``)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from infinibrain import AICluster
+import msgpack
+import zmq
+
+from infinibrain import AICluster, security
+from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException
 
 SEND_TIMEOUT_MS = 4000
@@ -95,3 +100,42 @@ def events_of(cluster: AICluster) -> list[tuple]:
     events: list[tuple] = []
     cluster.set_callback(manage_callback=lambda code, msg, cmd, result: events.append((code, msg, cmd, result, time.monotonic())))
     return events
+
+
+def rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` (Linux)."""
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def flood(port: int, keys: security.CurveKeys | None, inference: str, header_bytes: int = 0, count: int = 1) -> None:
+    """A hostile client, with a valid key or none (run it in a process of its own): with
+    ``header_bytes``, ``count`` requests whose headers are about that large; without,
+    ``count`` requests to ``inference`` whose 300 kB results it never reads. Bounded in
+    count; its connections close at the end."""
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUB)
+    out.linger = 0
+    out.sndhwm = 0
+    security.arm_client(out, keys)
+    out.connect(f"tcp://127.0.0.1:{port + P.INFER_IN}")
+    cid = f"{os.getpid()}-flood"
+    inbox = ctx.socket(zmq.SUB)  # subscribed, and never read (nor buffered here: what waits, waits in the manager)
+    inbox.linger = 0
+    inbox.rcvhwm = 1
+    security.arm_client(inbox, keys)
+    inbox.subscribe(P.client_topic(cid))
+    inbox.connect(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
+    time.sleep(0.5)  # the flooder does not care whether its first messages arrive: time, not synchronisation
+    if header_bytes:
+        pad = list(range(header_bytes // 5))  # msgpack packs these ints in about 5 bytes each
+        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": pad}})]
+        for _ in range(count):
+            out.send_multipart(frames)
+    else:
+        for i in range(count):
+            P.send(out, P.encode(P.TOPIC_MANAGER, P.REQUEST, {"cid": cid, "pid": 1, "rid": str(i), "inf": inference,
+                                                              "param": {"big": 300_000}, "arr": None}, [b"x"]))
+            time.sleep(0.004)  # a steady stream, as fast as the model answers: time, not synchronisation
+    time.sleep(3.0)  # keep the connections (and what the manager holds for them) a while, as a slow client does
+    ctx.destroy(linger=0)

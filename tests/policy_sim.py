@@ -20,6 +20,7 @@ from typing import Any, Callable
 from infinibrain import protocol as P
 from infinibrain.manager.config import BoardConfig, ManagerConfig
 from infinibrain.manager.deadlines import Deadlines
+from infinibrain.manager.loop import throttled
 from infinibrain.manager.dispatch import Dispatcher
 from infinibrain.manager.health import Health
 from infinibrain.manager.metrics import NullMetrics
@@ -54,8 +55,8 @@ class FakeLoop:
     def reader(self, sock: Any, handle: Callable, dropped: Callable) -> None:
         self.readers[sock] = handle
 
-    def every(self, timer: Callable[[float], None]) -> None:
-        self.timers.append(timer)
+    def every(self, timer: Callable[[float], None], interval: float = 0.0) -> None:
+        self.timers.append(throttled(timer, interval))
 
     def call_later(self, delay: float, fn: Callable, *args: Any) -> None:
         heapq.heappush(self.later, (self.clock() + delay, next(self._seq), fn, args))

@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from conftest import SCRIPTS, connected, echo_config, manager_stats, wait_for
+from loadgen import flood, rss
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig, InvalidArgumentException, security
 from infinibrain import protocol as P
 from infinibrain.errors import InfinibrainException
@@ -277,43 +278,6 @@ def test_a_70_MB_param_is_refused_at_once_by_the_sdk(cluster, name):
     cluster.unload_inference(name)
 
 
-def _rss(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _flood(port: int, keys: security.CurveKeys, what: str, count: int, name: str) -> None:
-    """A hostile client with a valid key (another process): large headers, or requests
-    whose results it never reads."""
-    ctx = zmq.Context()
-    out = ctx.socket(zmq.PUB)
-    out.linger = 0
-    out.sndhwm = 0
-    security.arm_client(out, keys)
-    out.connect(f"tcp://127.0.0.1:{port + P.INFER_IN}")
-    cid = f"{os.getpid()}-flood{what[:5]}"
-    inbox = ctx.socket(zmq.SUB)  # subscribed, and never read (nor buffered here: what waits, waits in the manager)
-    inbox.linger = 0
-    inbox.rcvhwm = 1
-    security.arm_client(inbox, keys)
-    inbox.subscribe(P.client_topic(cid))
-    inbox.connect(f"tcp://127.0.0.1:{port + P.CLIENT_OUT}")
-    time.sleep(0.5)  # the flooder does not care whether its first messages arrive: time, not synchronisation
-    if what == "huge header":
-        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": list(range(12_000_000))}})]
-        out.send_multipart(frames)
-    elif what == "large headers":
-        frames = [P.TOPIC_MANAGER, msgpack.packb({"v": P.VERSION, "k": P.REQUEST, "cid": cid, "param": {"pad": list(range(1_000_000))}})]
-        for _ in range(count):
-            out.send_multipart(frames)
-    else:  # never reads: requests whose 300 kB results pile up for it
-        for i in range(count):
-            P.send(out, P.encode(P.TOPIC_MANAGER, P.REQUEST, {"cid": cid, "pid": 1, "rid": str(i), "inf": name,
-                                                              "param": {"big": 300_000}, "arr": None}, [b"x"]))
-            time.sleep(0.004)  # a steady stream, as fast as the model answers: time, not synchronisation
-    time.sleep(3.0)  # keep the connections (and what the manager holds for them) a while: time
-    ctx.destroy(linger=0)
-
-
 def test_floods_leave_the_manager_serving_with_bounded_memory(setup, fresh_manager, name):
     m = fresh_manager(boards=("local",), **setup.manager_settings()).start()
     with connected(m) as c:
@@ -321,12 +285,12 @@ def test_floods_leave_the_manager_serving_with_bounded_memory(setup, fresh_manag
         c.load_inference(echo_config(name + "big", max_send_num=4), "local")  # what the never-readers ask for
         for _ in range(50):
             c.infer(name, b"warm")
-        baseline = _rss(m.proc.pid)
+        baseline = rss(m.proc.pid)
         keys = client_keys(setup, "client2")
         spawn = mp.get_context("spawn")
-        floods = [spawn.Process(target=_flood, args=(m.port, keys, "huge header", 1, name)),
-                  spawn.Process(target=_flood, args=(m.port, keys, "large headers", 400, name))]
-        floods += [spawn.Process(target=_flood, args=(m.port, keys, "never reads", 900, name + "big")) for _ in range(3)]
+        floods = [spawn.Process(target=flood, args=(m.port, keys, name, 60_000_000, 1)),  # a huge header
+                  spawn.Process(target=flood, args=(m.port, keys, name, 5_000_000, 400))]  # many large headers
+        floods += [spawn.Process(target=flood, args=(m.port, keys, name + "big", 0, 900)) for _ in range(3)]  # never read
         for f in floods:
             f.start()
         peak, slowest, served = baseline, 0.0, 0
@@ -336,7 +300,7 @@ def test_floods_leave_the_manager_serving_with_bounded_memory(setup, fresh_manag
             assert c.infer(name, b"during", {"i": served})[0]["param"] == {"i": served}  # never refused nor lost
             slowest = max(slowest, time.monotonic() - started)
             served += 1
-            peak = max(peak, _rss(m.proc.pid))
+            peak = max(peak, rss(m.proc.pid))
         for f in floods:
             f.join(30)
         stats = manager_stats(c)
@@ -346,6 +310,6 @@ def test_floods_leave_the_manager_serving_with_bounded_memory(setup, fresh_manag
         assert stats["dropped_sends"].get("client does not read", 0) > 0  # the never-readers' results, counted
         assert served > 20 and slowest < 2.0, (served, slowest)  # before: every client lost for 9 s
         assert peak - baseline < 700_000_000, f"the manager grew by {(peak - baseline) / 1e6:.0f} MB"  # before: 1,800 MB
-        wait_for(lambda: _rss(m.proc.pid) < baseline + 100_000_000, timeout=30)  # back near its baseline
+        wait_for(lambda: rss(m.proc.pid) < baseline + 100_000_000, timeout=30)  # back near its baseline
         c.unload_inference(name)
         c.unload_inference(name + "big")
