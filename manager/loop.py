@@ -52,6 +52,7 @@ class Loop:
         os.set_blocking(self._wake_w, False)
         self._poller.register(self._wake_r, zmq.POLLIN)
         self._stop = False
+        self._closed = False  # the wake-up pipe is closed: its numbers may be someone else's now
         self._next_tick = 0.0
 
     # ---- what runs here (router thread; before ``run`` or from the loop itself) ----------
@@ -90,10 +91,13 @@ class Loop:
         self._wake()
 
     def close(self) -> None:
+        self._closed = True
         os.close(self._wake_r)
         os.close(self._wake_w)
 
     def _wake(self) -> None:
+        if self._closed:  # the loop has ended: nothing to wake, and no file to write into
+            return
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:

@@ -306,6 +306,7 @@ def test_the_router_survives_faults_in_timers_hooks_and_calls(tmp_path):
             assert c.stats()["loop_errors"]["timer"] > before  # still ticking
         stray.close()
         ctx.term()
+        assert loop.is_alive()  # the router thread outlived every fault
     finally:
         manager.stop()
         loop.join(10)

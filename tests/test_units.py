@@ -301,3 +301,26 @@ def test_result_arrays_round_trip_and_bad_ones_are_refused():
     lying = msgpack.ExtType(P.ARRAY_EXT, struct.pack("<I", len(head)) + head + np.arange(4).astype("<i8").tobytes())
     with pytest.raises(P.ProtocolError, match="needs"):
         P.unpack_value(msgpack.packb(lying))  # a shape its bytes do not fill
+
+
+def test_stopping_a_loop_that_has_ended_touches_no_file():
+    """Manager.stop may come (from a signal, a test's finally) after the loop has ended and
+    closed its wake-up pipe, whose numbers another file may hold by then."""
+    import os
+
+    from infinibrain.manager.loop import Loop
+
+    loop = Loop()
+    wake_w = loop._wake_w
+    loop.close()
+    r, w = os.pipe()  # takes the numbers the loop let go of
+    try:
+        loop.stop()
+        loop.call_soon(print)
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)  # nothing written into the pipe that now holds those numbers
+        assert wake_w in (r, w)
+    finally:
+        os.close(r)
+        os.close(w)
