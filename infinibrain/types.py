@@ -40,13 +40,26 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class InferenceModulesConfig(_Wire):
-    """Scripts and models run by requests (§7.9)."""
+    """Scripts and models run by requests (§7.9).
+
+    A module with a ``model`` (an ``.onnx`` file among the inference's files) and no
+    ``script`` is served by the built-in runner on ONNX Runtime when the container has no
+    ``run_command`` (docs/DEPLOYMENT.md, "Models"). Beyond the reference, for that runner:
+    ``hooks``, a ``.py`` file of ``preprocess(data, param)`` / ``postprocess(outputs,
+    param)`` functions called around the model; ``providers``, ONNX Runtime's execution
+    providers in order (names, or ``[name, {option: value}]``; default CPU); ``threads``,
+    its intra-op threads (default: the board's cores shared among the model containers on
+    its host).
+    """
 
     sub_inference_name: str = ""
     script_tag: str | None = None
     model_tag: str | None = None
     script: str | list[str] | None = None
     model: str | list[str] | None = None
+    hooks: str | None = None
+    providers: list | None = None
+    threads: int | None = None
 
 
 def modules_from_wire(value: Any) -> InferenceModulesConfig | list[InferenceModulesConfig] | None:

@@ -54,6 +54,11 @@ class Board:
     def ip(self) -> str:
         return self.config.address
 
+    @property
+    def host_key(self) -> str:
+        """Which machine its containers run on: boards with one key share its cores."""
+        return f"ssh:{self.config.address}" if self.link is not None else "local"
+
     def runtime(self, implementation_type: str) -> Runtime:
         """The runtime for ``implementation_type`` (validated: every board offers every type)."""
         return self.runtimes[implementation_type]

@@ -54,6 +54,7 @@ class Dispatcher:
         self.containers: dict[str, Instance] = {}  # every instance, by its wire id
         self.aging = config.priority_aging_ms / 1000
         self.retried = 0  # requests sent again because their container went away
+        self.batches = [0, 0]  # messages of two or more requests sent, and the requests in them
         self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
         # Another manager instance (before a restart) numbered its requests from elsewhere,
         # so a late answer to one of its requests can never be taken for one of ours.
@@ -266,6 +267,8 @@ class Dispatcher:
         header = {"items": [_request_header(c, req, svc.replies) for req, _ in items]}
         frames = [payload[0] if payload else b"" for _, payload in items]  # one frame per item
         self.wire.to_container(c.id, batch[0].sub, P.REQUESTS, header, frames)
+        self.batches[0] += 1
+        self.batches[1] += len(items)
         for req, _ in items:
             self._sent(c, req, items[0][0].mkey, svc)
 
@@ -318,7 +321,7 @@ class Dispatcher:
             stamps = req.time_stamp
             stamps.extend(h.get("ts") or [])
             stamps.append(["manager_result", P.now()])
-            header = {"rid": req.rid, "code": code, "resp": {"metadata_sys": c.metadata_sys(), "sub_inference_name": req.sub,
+            header = {"rid": req.rid, "code": code, "resp": {"metadata_sys": c.metadata_sys(req.sub), "sub_inference_name": req.sub,
                                                               "time_stamp": stamps}}
             if code:
                 header["msg"], header["detail"] = h.get("msg") or "", h.get("detail") or ""
@@ -346,7 +349,7 @@ class Dispatcher:
         if svc is None or not svc.replies:
             return
         resp = dict(msg.header.get("resp") or {})
-        resp.update(inference_name=c.inference, metadata_sys=c.metadata_sys())
+        resp.update(inference_name=c.inference, metadata_sys=c.metadata_sys(resp.get("sub_inference_name")))
         self.wire.event({"code": 0, "msg": "", "what": "result", "resp": resp}, msg.payload[:1])
 
     # ---- ending --------------------------------------------------------------------------------------

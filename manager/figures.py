@@ -55,6 +55,7 @@ class Figures:
             "queued": {n: depth for n, depth in live["queues"].items() if depth},
             "in_flight": {c["id"]: c["in_flight"] for c in live["containers"] if c["in_flight"]},
             "retried": self.dispatcher.retried,
+            "batches": {"messages": self.dispatcher.batches[0], "requests": self.dispatcher.batches[1]},
             "loop_errors": live["loop_errors"],
             "max_message_size": self.config.max_message_size,
             "shared_memory": {"passed": self.payloads.passed, "read": self.payloads.read},

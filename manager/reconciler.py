@@ -50,7 +50,7 @@ from .registry import Placement, Registration, Registry
 from .restarts import policy_of
 from .rollout import Rollouts
 from .runtimes.base import ContainerSpec
-from .settings import InferenceSettings, resolve
+from .settings import InferenceSettings, resolve, runner_environment
 from .state import Clock, Instance, Nudge, State, instance_id
 from .steps import Steps, not_ready_why, serves
 from .wire import Wire
@@ -240,6 +240,8 @@ class Reconciler:
         policy = resolve(cfg, self.config)
         if policy.batching:  # the Connector's batch size unless its program says
             env["INFINIBRAIN_MAX_BATCH_SIZE"] = str(policy.max_batch_size)
+        if cfg.runner_modules:
+            env.update(runner_environment(cfg, self._model_peers(board.host_key, reg.name, board_name)))
         env.update(self.guard.grant(iid))  # its own key: it speaks as itself alone
         spec = ContainerSpec(iid, reg.name, board.config, cfg, work_dir, log_path, env, suffix=suffix,
                              files=self.registry.files.of(reg.name))
@@ -248,6 +250,13 @@ class Reconciler:
         self.slots.of(reg.name, board_name).instances[iid] = inst
         self.dispatcher.add_instance(inst)
         return inst
+
+    def _model_peers(self, host_key: str, name: str, board_name: str) -> int:
+        """Placements of model-runner inferences on the boards of ``host_key``'s machine,
+        counting (``name`` on ``board_name``) once whether or not it is placed yet."""
+        places = {(r.name, b) for r in self.registrations.values() if r.config.runner_modules
+                  for b in r.boards if b in self.boards and self.boards[b].host_key == host_key}
+        return len(places | {(name, board_name)})
 
     def _relabel(self, s: Slot, inst: Instance, reg: Registration) -> None:
         """An ``other`` container is run by someone else: new settings are only ours to know

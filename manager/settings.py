@@ -12,6 +12,7 @@ Pure: any thread.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from .config import ManagerConfig
 # hold their default, so that the files (and the settings hash of Docker containers made
 # from them) of inferences that do not use them stay as they were.
 ADDITIVE = {"max_queue_size": None, "retries": 0}
+
+# Requests per run the built-in model runner may be sent when max_batch_size is not set.
+RUNNER_MAX_BATCH_SIZE = 8
+# What a container runs to serve its model files with no script (and no run_command).
+RUNNER_COMMAND = ("python3", "-m", "infinibrain.containers.runner")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,15 @@ class InferenceSettings:
         return self.module_names[0]
 
     @property
+    def runner_modules(self) -> list[dict]:
+        """The modules the built-in model runner serves (infinibrain/containers/runner.py):
+        all that name a model, when none names a script and there is no run_command."""
+        modules = self.modules
+        if self.run_command or any(m.get("script") for m in modules):
+            return []
+        return [m for m in modules if m.get("model")]
+
+    @property
     def takes_input(self) -> bool:
         return self.input is not None
 
@@ -139,9 +154,31 @@ def resolve(settings: InferenceSettings, manager: ManagerConfig) -> InferencePol
         # away still ends the request with 402; the client's liveness check still holds).
         answer_timeout=answer_ms / 1000 if answer_ms else math.inf,
         max_send_num=settings.max_send_num or manager.default_max_send_num,
-        max_batch_size=settings.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+        # The runner asks for batches only when its model's first dimension is open.
+        max_batch_size=settings.max_batch_size or (RUNNER_MAX_BATCH_SIZE if settings.runner_modules else DEFAULT_MAX_BATCH_SIZE),
         batch_delay=(settings.max_queue_delay or 0) / 1000,
         max_queue_size=settings.max_queue_size or manager.send_queue_size,
         retries=settings.retries,
         ready_timeout=(settings.ready_timeout or manager.container_start_timeout_ms) / 1000,
     )
+
+
+def runner_environment(settings: InferenceSettings, peers: int) -> dict[str, str]:
+    """What the built-in model runner of ``settings`` reads from its environment: its
+    modules, and how many model containers share its host (``peers``, this one included;
+    the runner divides the cores it sees among them for ONNX Runtime's intra-op threads)."""
+    under_workdir = settings.implementation_type == "process"  # there every path is under its folder
+
+    def path(name: str) -> str:
+        return name.lstrip("/") if under_workdir else name
+
+    modules = []
+    for m in settings.runner_modules:
+        files = one_or_many(m["model"])
+        model = next((f for f in files if f.endswith(".onnx")), files[0])
+        spec = {"sub": m["sub_inference_name"], "model": path(model)}
+        if m.get("hooks"):
+            spec["hooks"] = path(m["hooks"])
+        spec.update({k: m[k] for k in ("providers", "threads") if m.get(k)})
+        modules.append(spec)
+    return {"INFINIBRAIN_MODELS": json.dumps(modules), "INFINIBRAIN_MODEL_PEERS": str(max(peers, 1))}

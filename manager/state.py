@@ -137,9 +137,15 @@ class Instance:
             self.unfit = ""
         return True
 
-    def metadata_sys(self) -> dict:
-        """Where it ran, as InferenceResponse.metadata_sys tells it."""
-        return {"board": self.board, "container": self.suffix, "instance": self.id}
+    def metadata_sys(self, sub: str | None = None) -> dict:
+        """Where it ran, as InferenceResponse.metadata_sys tells it; with module ``sub``'s
+        ``model_tag`` and ``script_tag`` when its settings give them (what was deployed,
+        not what the container says)."""
+        out = {"board": self.board, "container": self.suffix, "instance": self.id}
+        for module in self.spec.config.modules:
+            if module["sub_inference_name"] == sub:
+                out.update({k: module[k] for k in ("model_tag", "script_tag") if module.get(k)})
+        return out
 
     @property
     def serving(self) -> bool:

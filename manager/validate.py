@@ -182,8 +182,36 @@ def _modules(value: Any) -> Any:
                 isinstance(files, str) or (isinstance(files, list) and all(isinstance(f, str) for f in files))
             ):
                 raise param_error(f"inference_modules.{key} must be a file name or a list of them")
+        module.update(_runner_options(item))
         out.append(module)
     return out[0] if not isinstance(value, list) else out
+
+
+def _runner_options(item: dict) -> dict:
+    """The built-in runner's options of a module (ours; kept only when given, so the
+    stored settings of modules without them stay as they were)."""
+    out: dict[str, Any] = {}
+    if item.get("hooks") is not None:
+        if not isinstance(item["hooks"], str) or not item["hooks"].endswith(".py"):
+            raise param_error(f"inference_modules.hooks must name a .py file of preprocess/postprocess functions, got {item['hooks']!r}")
+        out["hooks"] = item["hooks"]
+    if item.get("providers") is not None:
+        providers = item["providers"]
+        if isinstance(providers, str):
+            providers = [providers]
+        ok = isinstance(providers, list) and providers and all(
+            isinstance(p, str) or (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict))
+            for p in providers)
+        if not ok:
+            raise param_error("inference_modules.providers must be a list of ONNX Runtime execution providers: "
+                              "names such as 'CPUExecutionProvider', or [name, {option: value}] pairs")
+        out["providers"] = [p if isinstance(p, str) else [p[0], dict(p[1])] for p in providers]
+    if item.get("threads") is not None:
+        out["threads"] = _optional_int(item["threads"], "inference_modules.threads", 1, 1024)
+    if out and item.get("script"):
+        raise param_error(f"inference_modules: {', '.join(out)} set the built-in model runner, which serves a module "
+                          "with a model and no script; leave them out, or the script")
+    return out
 
 
 def _copy_entries(value: Any) -> Any:

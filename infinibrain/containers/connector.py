@@ -33,7 +33,8 @@ from .. import allocator
 from .. import protocol as P
 from .. import security
 from .. import shm
-from ..errors import RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, argument_error, format_message
+from ..errors import (RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, InfinibrainException, argument_error,
+                      format_message)
 from ..types import InferenceResponse
 
 log = logging.getLogger("infinibrain.containers")
@@ -282,7 +283,8 @@ class Connector:
         A program whose inference has ``input=None`` and ``output='Main'`` produces results
         on its own: it passes a new ``InferenceResponse()``, and the result goes to every
         AICluster's infer callback. An exception instance as ``result`` ends the request
-        with 999 and the exception's text (not in the reference).
+        with 999 and the exception's text, an InfinibrainException with its own code
+        (not in the reference).
         """
         answer = self._answer(result, response)
         if answer is not None:
@@ -309,8 +311,10 @@ class Connector:
         meta = response.metadata_sys or {}
         if meta.get("noreply"):
             return None
-        code, detail = 0, ""
-        if isinstance(result, BaseException):
+        code, detail, message = 0, "", ""
+        if isinstance(result, InfinibrainException):  # a numbered error: the caller gets its class
+            code, message, detail, result = result.code, result.message, result.detail, None
+        elif isinstance(result, BaseException):
             code, detail, result = 999, f"the inference failed: {type(result).__name__}: {result}", None
         try:
             packed = P.pack_value(result)
@@ -323,7 +327,8 @@ class Connector:
             detail = f"the inference's result is {len(packed)} bytes, more than the manager's max_message_size of {self.max_message_size}"
             packed = P.pack_value(None)
         stamps = [list(s) for s in (response.time_stamp or [])] + [["container_send", P.now()]]
-        header = {"mkey": meta.get("mkey"), "code": code, "msg": format_message(code) if code else "", "detail": detail, "ts": stamps}
+        header = {"mkey": meta.get("mkey"), "code": code, "msg": message or (format_message(code) if code else ""),
+                  "detail": detail, "ts": stamps}
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
         return header, packed

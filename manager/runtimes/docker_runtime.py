@@ -34,6 +34,7 @@ from .base import ContainerSpec, RunInfo
 from .engine import LABEL_MANAGER, Engine
 from .process import human_bytes
 from ..run_options import parse_run_option
+from ..settings import RUNNER_COMMAND
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class DockerRuntime:
         args.setdefault("init", True)
         args.update(
             image=cfg.image_tag,
-            command=shlex.split(cfg.run_command) if cfg.run_command else None,
+            command=shlex.split(cfg.run_command) if cfg.run_command else list(RUNNER_COMMAND) if cfg.runner_modules else None,
             name=self.name(spec),
             labels=self.labels(spec),
             detach=True,

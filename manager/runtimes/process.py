@@ -31,7 +31,7 @@ from infinibrain import security
 from infinibrain.errors import make_error
 
 from ..run_options import option_value, option_values
-from ..settings import one_or_many
+from ..settings import RUNNER_COMMAND, one_or_many
 from .base import ContainerSpec, RunInfo
 from .hosts import LocalHost, SSHHost
 
@@ -104,6 +104,12 @@ class ProcessRuntime:
             for name in one_or_many(module.get("script") or None):
                 if not self.host.is_file(str(safe_join(Path(root), name))):
                     raise make_error(302, detail=f"inference_modules.script {name!r} is not in script_path")
+        for module in spec.config.runner_modules:  # what the model runner will open
+            for key in ("model", "hooks"):
+                for name in one_or_many(module.get(key) or None):
+                    if not self.host.is_file(str(safe_join(Path(root), name))):
+                        raise make_error(302, detail=f"inference_modules.{key} {name!r} is not among the inference's files "
+                                                     "(script_path, copy or put_file bring it)")
 
     def _write_env_file(self, spec: ContainerSpec, root: str) -> None:
         # Secrets stay in the process environment only: this file is for people to read.
@@ -140,9 +146,12 @@ class ProcessRuntime:
             argv = shlex.split(run)
         else:
             scripts = [s for m in spec.config.modules for s in one_or_many(m.get("script"))]
-            if not scripts:
-                raise make_error(302, detail="run_command is required when inference_modules names no script")
-            argv = ["python", scripts[0]]
+            if scripts:
+                argv = ["python", scripts[0]]
+            elif spec.config.runner_modules:
+                argv = list(RUNNER_COMMAND)
+            else:
+                raise make_error(302, detail="run_command is required when inference_modules names no script and no model")
         # "python" is the board's interpreter that can import infinibrain (the manager's own here).
         if argv[0] in ("python", "python3"):
             argv[0] = self.host.python

@@ -1,0 +1,122 @@
+"""Models served from their files with no code (issue 26): a real manager, real process
+and Docker containers, real ONNX Runtime; the models are made here with the onnx package."""
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="ONNX Runtime is part of the test extra: pip install -e '.[test]'")
+pytest.importorskip("onnx", reason="the onnx package is part of the test extra")
+
+from infinibrain import ContainerConfig, InferenceModulesConfig  # noqa: E402
+from infinibrain.errors import InfinibrainException, InvalidArgumentException  # noqa: E402
+
+import onnx_models  # noqa: E402
+
+
+def model_config(name: str, folder: Path, model: str, **module) -> ContainerConfig:
+    return ContainerConfig(name=name, implementation_type="process", input="Main", output="Main", script_path=str(folder),
+                           inference_modules=InferenceModulesConfig(sub_inference_name="m", model=model, **module))
+
+
+def test_a_model_file_serves_with_no_script_on_a_process_board(cluster, name, tmp_path):
+    onnx_models.affine(tmp_path / "affine.onnx")
+    cluster.load_inference(model_config(name, tmp_path, "affine.onnx"), "local")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    expected = onnx_models.in_process(tmp_path / "affine.onnx", {"x": x})[0]
+    result = cluster.infer_image(name, x)  # with the batch dimension
+    assert set(result) == {"y"} and result["y"].dtype == np.float32 and result["y"].shape == (2, 3)
+    assert np.allclose(result["y"], expected, rtol=1e-6)
+    one = cluster.infer_image(name, x[1])  # without it: the answer has none either
+    assert one["y"].shape == (3,) and np.allclose(one["y"], expected[1], rtol=1e-6)
+    with pytest.raises(InvalidArgumentException) as err:
+        cluster.infer_image(name, x.astype(np.float64))
+    assert err.value.code == 100 and "'x' float32 [N, 4]" in str(err.value) and "float64" in str(err.value)
+    with pytest.raises(InvalidArgumentException, match="infer_image"):
+        cluster.infer(name, b"not an array")  # the input is no image: bytes cannot be decoded into it
+    with pytest.raises(InvalidArgumentException, match="dimension 1"):
+        cluster.infer_image(name, np.zeros((2, 5), np.float32))
+    assert np.allclose(cluster.infer_image(name, x)["y"], expected, rtol=1e-6)  # it goes on serving
+    cluster.unload_inference(name)
+
+
+def test_concurrent_callers_each_get_their_own_answer_from_a_batched_model(cluster, name, tmp_path):
+    onnx_models.affine(tmp_path / "affine.onnx")
+    cluster.load_inference(model_config(name, tmp_path, "affine.onnx"), "local")
+    before = cluster.stats()["batches"]
+    rows = [np.full((1, 4), i, dtype=np.float32) for i in range(64)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: cluster.infer_image(name, r)["y"], rows))
+    for row, answer in zip(rows, answers):
+        assert np.allclose(answer, row @ onnx_models.WEIGHTS + onnx_models.BIAS, rtol=1e-6)
+    after = cluster.stats()["batches"]  # the runner asked for batches: its model's first dimension is open
+    assert after["messages"] > before["messages"] and after["requests"] - before["requests"] >= 2 * (after["messages"] - before["messages"])
+    cluster.unload_inference(name)
+
+
+def test_an_encoded_image_sent_with_infer_is_decoded_for_an_image_model(cluster, name, tmp_path):
+    onnx_models.channel_mean(tmp_path / "mean.onnx", size=8)
+    cluster.load_inference(model_config(name, tmp_path, "mean.onnx"), "local")
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[..., 0], pixels[..., 2] = 255, 51  # red full, blue a fifth: resizing keeps flat colours
+    result, _ = cluster.infer(name, onnx_models.png(pixels))
+    assert result["mean"].shape == (3,) and np.allclose(result["mean"], [1.0, 0.0, 0.2], atol=1e-6)
+    with pytest.raises(InvalidArgumentException, match="Pillow can decode"):
+        cluster.infer(name, b"\x89PNG but not really")
+    cluster.unload_inference(name)
+
+
+def test_hooks_run_around_the_model(cluster, name, tmp_path):
+    onnx_models.affine(tmp_path / "affine.onnx")
+    (tmp_path / "hooks.py").write_text(
+        "import numpy as np\n"
+        "def preprocess(data, param):\n"
+        "    return np.frombuffer(bytes(data), dtype=np.uint8).astype(np.float32).reshape(-1, 4) * param.get('scale', 1)\n"
+        "def postprocess(outputs, param):\n"
+        "    return {'best': int(outputs['y'].argmax(axis=-1)[0]), 'sum': float(outputs['y'].sum())}\n")
+    cluster.load_inference(model_config(name, tmp_path, "affine.onnx", hooks="hooks.py", model_tag="v3"), "local")
+    result, response = cluster.infer(name, bytes([1, 2, 3, 4]), {"scale": 2})
+    assert response.metadata_sys["model_tag"] == "v3"  # what was deployed, said by the manager
+    y = np.array([[2, 4, 6, 8]], np.float32) @ onnx_models.WEIGHTS + onnx_models.BIAS
+    assert result == {"best": int(y.argmax()), "sum": pytest.approx(float(y.sum()), rel=1e-6)}
+    cluster.unload_inference(name)
+
+
+def test_a_broken_model_file_fails_its_load_naming_it(cluster, name, tmp_path):
+    (tmp_path / "broken.onnx").write_bytes(b"this is not a model")
+    cfg = model_config(name, tmp_path, "broken.onnx")
+    with pytest.raises(InfinibrainException) as err:
+        cluster.load_inference(cfg, "local")
+    assert err.value.code == 302 and "broken.onnx" in str(err.value) and "ONNX Runtime" in str(err.value)
+    missing = model_config(name + "b", tmp_path, "absent.onnx")
+    with pytest.raises(InfinibrainException) as err:
+        cluster.load_inference(missing, "local")
+    assert err.value.code == 302 and "absent.onnx" in str(err.value)
+    onnx_models.affine(tmp_path / "affine.onnx")  # the rest of the cluster serves on
+    cluster.load_inference(model_config(name + "c", tmp_path, "affine.onnx"), "local")
+    assert cluster.infer_image(name + "c", np.ones(4, np.float32))["y"].shape == (3,)
+    cluster.unload_inference(name + "c")
+    for n in (name, name + "b"):
+        try:
+            cluster.unload_inference(n)
+        except InfinibrainException:
+            pass
+
+
+def test_runner_options_are_checked_when_the_inference_is_registered(cluster, name, tmp_path):
+    onnx_models.affine(tmp_path / "affine.onnx")
+    with pytest.raises(InvalidArgumentException, match="providers"):
+        cluster.load_inference(model_config(name, tmp_path, "affine.onnx", providers=[3]), "local")
+    with pytest.raises(InvalidArgumentException, match="threads"):
+        cluster.load_inference(model_config(name, tmp_path, "affine.onnx", threads=0), "local")
+    cfg = model_config(name, tmp_path, "affine.onnx", providers=["NoSuchExecutionProvider"])
+    with pytest.raises(InfinibrainException) as err:
+        cluster.load_inference(cfg, "local")
+    assert err.value.code == 302 and "NoSuchExecutionProvider" in str(err.value)
+    try:
+        cluster.unload_inference(name)
+    except InfinibrainException:
+        pass
