@@ -303,9 +303,14 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     print(f"building {spec.tag} ({spec.platform}) from {spec.base}", file=sys.stderr)
     built = imagebuild.build(spec, say=(lambda line: None) if args.quiet else (lambda line: print(f"  {line}", file=sys.stderr)))
     print(f"{built.tag}: {built.size / 1e6:.1f} MB in {len(built.layers)} layers, built in {built.seconds:g} s")
-    for step, size in built.layers[:4]:
+    for step, size in built.layers:  # largest first, down to the base image's
         if size:
             print(f"  {size / 1e6:8.1f} MB  {step}")
+    for package, old, new in built.replaced:
+        print(f"warning: pip replaced {package} {old} (the base image's) with {new}: the image carries both; "
+              f"add {package!r} to image.keep to forbid it, or pin a version that works with {old}", file=sys.stderr)
+    if built.checked:
+        print(f"checks passed: {', '.join(built.checked)}")
     if built.tar is not None:
         print(f"{built.tar}: {built.tar_size / 1e6:.1f} MB (image_path={str(built.tar.parent)!r}, image_filename={built.tar.name!r})")
     print(imagebuild.TIPS, file=sys.stderr)

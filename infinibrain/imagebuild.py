@@ -13,6 +13,10 @@ A spec is a TOML file with one ``[image]`` table::
     workdir = "/app"
     command = ["python3", "detect.py"]
     save = "dist/face-detector-1.tar"      # also write the docker save tar load_inference takes
+    no_deps = false                        # pip installs only what pip lists, not their dependencies
+    constraints = ["numpy<2"]              # pip constraints: versions pip may choose, nothing installed by them
+    keep = ["numpy"]                       # packages of the base image pip must not replace (their versions are pinned)
+    check = ["import cv2", "python3 detect.py --self-test"]  # run in the built image: a failure fails the build
 
 Paths are relative to the spec's folder. The image is built by the local Docker engine with
 the host's network (``--network host``: the engine ``make test`` starts has no bridge), so
@@ -23,8 +27,12 @@ Python (``--only-binary=:all:``: no compiler, no sdist), and served to the build
 loopback-only web server; inside, pip runs from the wheel the runtime image carries
 (``/opt/infinibrain/pip.whl``), installs from those wheels only, and leaves nothing of
 itself or of them behind. Packages the image has from Debian (numpy, pyzmq, msgpack)
-satisfy dependencies. Each of apt, pip and files is one layer, in that order, so a change
-to your files rebuilds (and ships) only the top layer.
+satisfy dependencies; a package pip replaces anyway (a newer numpy, say) is named in a
+warning, and ``keep`` forbids it. Each of apt, pip and files is one layer, in that order,
+so a change to your files rebuilds (and ships) only the top layer. ``check`` runs in the
+built image with no network (an entry starting ``import``/``from`` with python3, any
+other with sh): the image is built under a tag of its own and given its tag only once
+every check passed, so a failed build leaves the tag on what it named before.
 
 The command's main thread, and one thread of its own serving the wheels to the build.
 """
@@ -51,7 +59,8 @@ from typing import Any, Callable, Iterator
 from ._toml import read_toml
 from .errors import make_error
 
-KEYS = {"tag", "from", "platform", "apt", "pip", "files", "env", "workdir", "command", "save"}
+KEYS = {"tag", "from", "platform", "apt", "pip", "files", "env", "workdir", "command", "save",
+        "no_deps", "constraints", "keep", "check"}
 PIP = "/opt/infinibrain/pip.whl/pip"
 
 
@@ -80,6 +89,13 @@ class Spec:
     workdir: str = ""
     command: list[str] = field(default_factory=list)
     save: Path | None = None
+    no_deps: bool = False
+    constraints: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
+    check: list[str] = field(default_factory=list)
+
+    def pip_options(self) -> list[str]:
+        return ["--no-deps"] if self.no_deps else []
 
     def dockerfile(self) -> str:
         lines = [f"FROM {self.base}"]
@@ -90,9 +106,11 @@ class Spec:
         if self.pip:
             # The wheels come from build() (a loopback web server on WHEELS_PORT): nothing else.
             lines.append("ARG WHEELS_PORT")
+            lines.append("ARG CONSTRAINTS")
             lines.append(f"RUN python3 {PIP} install --no-index --find-links http://127.0.0.1:$WHEELS_PORT/ --no-cache-dir "
                          "--only-binary=:all: --break-system-packages --root-user-action=ignore --disable-pip-version-check "
-                         + " ".join(shlex.quote(p) for p in self.pip))
+                         "${CONSTRAINTS:+-c http://127.0.0.1:$WHEELS_PORT/$CONSTRAINTS} "
+                         + " ".join(shlex.quote(p) for p in [*self.pip_options(), *self.pip]))
         for i, (here, to) in enumerate(self.files):
             # A folder's contents go into ``to``; a file into ``to`` if it ends with "/", else as ``to``.
             source = _in_context(i, here) + ("/" if here.is_dir() else "")
@@ -176,8 +194,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
     if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
         raise make_error(302, detail=f"{path}: image.command is a list of strings (or one string)")
     save = table.get("save")
+    no_deps = table.get("no_deps", False)
+    if not isinstance(no_deps, bool):
+        raise make_error(302, detail=f"{path}: image.no_deps must be true or false")
+    if (table.get("constraints") or table.get("keep") or no_deps) and not table.get("pip"):
+        raise make_error(302, detail=f"{path}: image.no_deps, constraints and keep are for pip: give image.pip too")
     return Spec(tag, base, platform, strings("apt"), strings("pip"), files, env, str(table.get("workdir") or ""),
-                command, (path.parent / save).resolve() if isinstance(save, str) and save else None)
+                command, (path.parent / save).resolve() if isinstance(save, str) and save else None,
+                no_deps, strings("constraints"), strings("keep"), strings("check"))
 
 
 @dataclass
@@ -185,14 +209,16 @@ class Built:
     tag: str
     image_id: str
     size: int  # bytes, the whole image
-    layers: list[tuple[str, int]]  # (the step that made it, bytes), newest first
+    layers: list[tuple[str, int]]  # (the step that made it, bytes), largest first
     seconds: float
     tar: Path | None = None
     tar_size: int = 0
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)  # (package, base's version, now)
+    checked: list[str] = field(default_factory=list)
 
 
 def build(spec: Spec, say: Callable[[str], None] = lambda line: None, client: Any = None) -> Built:
-    """Build ``spec`` on the local Docker engine (and save its tar when it says so)."""
+    """Build ``spec`` on the local Docker engine, run its checks (and save its tar when it says so)."""
     import docker
 
     client = client or docker.from_env(version="auto", timeout=3600)
@@ -202,19 +228,31 @@ def build(spec: Spec, say: Callable[[str], None] = lambda line: None, client: An
     except docker.errors.ImageNotFound:
         hint = " (make test or containers/build.py builds it)" if spec.base.startswith("infinibrain/") else ""
         raise make_error(302, detail=f"base image {spec.base} is not on the engine{hint}") from None
-    with _wheels(client, spec, say) as port:
-        stream = client.api.build(fileobj=spec.context(), custom_context=True, tag=spec.tag, rm=True, forcerm=True,
-                                  network_mode="host", platform=spec.platform, decode=True,
-                                  buildargs={"WHEELS_PORT": str(port)} if port else {})
+    base = _probe(client, spec.base, spec.platform) if spec.pip else {}
+    # Built under a tag of its own and given spec.tag once its checks pass: a build that
+    # fails them leaves what spec.tag named before as it was.
+    candidate = f"{docker.utils.parse_repository_tag(spec.tag)[0]}:candidate-{os.getpid()}"
+    with _wheels(spec, base, say) as (port, constraints):
+        args = {"WHEELS_PORT": str(port), "CONSTRAINTS": constraints} if port else {}
+        stream = client.api.build(fileobj=spec.context(), custom_context=True, tag=candidate, rm=True, forcerm=True,
+                                  network_mode="host", platform=spec.platform, decode=True, buildargs=args)
         for chunk in stream:
             if "error" in chunk:
                 raise make_error(302, detail=f"building {spec.tag} failed: {chunk['error'].strip()}")
             line = (chunk.get("stream") or "").rstrip()
             if line:
                 say(line)
-    image = client.images.get(spec.tag)
-    layers = [(" ".join((h.get("CreatedBy") or "").split())[:100], h.get("Size", 0)) for h in image.history()]
-    built = Built(spec.tag, image.id, image.attrs.get("Size", 0), layers, round(time.monotonic() - started, 1))
+    try:
+        image = _checked(client, spec, candidate, say)
+    finally:
+        client.images.remove(candidate, noprune=True)
+    layers = sorted(((" ".join((h.get("CreatedBy") or "").split())[:100], h.get("Size", 0)) for h in image.history()),
+                    key=lambda layer: -layer[1])
+    built = Built(spec.tag, image.id, image.attrs.get("Size", 0), layers, 0.0, checked=list(spec.check))
+    if spec.pip:
+        now = _probe(client, spec.tag, spec.platform)["dists"]
+        built.replaced = sorted((name, old, now[name]) for name, old in base["dists"].items() if name in now and now[name] != old)
+    built.seconds = round(time.monotonic() - started, 1)
     if spec.save is not None:
         spec.save.parent.mkdir(parents=True, exist_ok=True)
         partial = spec.save.with_suffix(".partial")
@@ -226,27 +264,63 @@ def build(spec: Spec, say: Callable[[str], None] = lambda line: None, client: An
     return built
 
 
+def _checked(client: Any, spec: Spec, candidate: str, say: Callable[[str], None]) -> Any:
+    """The image built as ``candidate``, tagged ``spec.tag`` once each of the spec's checks
+    ran in it (no network) and passed; 302 naming the first that failed."""
+    import docker
+
+    for check in spec.check:
+        argv = ["python3", "-c", check] if check.split()[0] in ("import", "from") else ["sh", "-c", check]
+        say(f"check: {check}")
+        try:
+            client.containers.run(candidate, argv, remove=True, network_mode="none", platform=spec.platform,
+                                  entrypoint=[], stderr=True)
+        except docker.errors.ContainerError as exc:
+            raise _check_failed(spec, check, exc.exit_status, (exc.stderr or b"").decode(errors="replace")) from None
+    repository, tag = docker.utils.parse_repository_tag(spec.tag)
+    client.images.get(candidate).tag(repository, tag or "latest")
+    return client.images.get(spec.tag)
+
+
+def _check_failed(spec: Spec, check: str, status: int, output: str) -> Exception:
+    output = output.strip()[-600:]
+    hint = ""
+    if status in (132, 134, 139):
+        hint = (" (the program crashed; under emulation (qemu) a native wheel built for newer CPUs may crash: "
+                "try an older version of the package for this platform)") if spec.platform != host_platform_name() else " (the program crashed)"
+    return make_error(302, detail=f"{spec.tag}: check {check!r} failed with status {status}{hint}: {output or 'no output'}; "
+                                  f"{spec.tag} was left as it was")
+
+
 @contextlib.contextmanager
-def _wheels(client: Any, spec: Spec, say: Callable[[str], None]) -> Iterator[int]:
+def _wheels(spec: Spec, base: dict, say: Callable[[str], None]) -> Iterator[tuple[int, str]]:
     """The wheels ``spec.pip`` needs, for the image's platform and Python, downloaded by this
-    machine's pip and served on a loopback port for the build (0: nothing to serve)."""
+    machine's pip and served on a loopback port for the build, with the constraints file's
+    name there ((0, ""): nothing to serve)."""
     if not spec.pip:
-        yield 0
+        yield 0, ""
         return
-    python, glibc = _image_python(client, spec)
+    python, glibc = base["python"], base["glibc"]
     machine = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}[spec.platform]
     major, minor = (int(x) for x in glibc.split(".")[:2])
     platforms = [f"manylinux2014_{machine}"] + [f"manylinux_2_{m}_{machine}" for m in range(17, minor + 1)] if major == 2 else []
     folder = cache_dir() / "wheels" / f"{spec.platform.replace('/', '-')}-cp{python}"
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--python-version", python,
-           "--implementation", "cp", "--abi", f"cp{python}", "-d", str(folder)]
+           "--implementation", "cp", "--abi", f"cp{python}", "-d", str(folder), *spec.pip_options()]
     for platform in platforms:
         cmd += ["--platform", platform]
+    constraints = _constraints(spec, base["dists"])
+    name = ""
+    if constraints:
+        name = f"constraints-{hashlib.sha256(constraints.encode()).hexdigest()[:12]}.txt"
+        (folder / name).write_text(constraints)
+        cmd += ["-c", str(folder / name)]
     say(f"downloading wheels for {spec.platform}, CPython {python[0]}.{python[1:]}: {' '.join(spec.pip)}")
     out = subprocess.run(cmd + spec.pip, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
-        raise make_error(302, detail=f"pip could not download {' '.join(spec.pip)} as binary wheels for {spec.platform}: "
+        raise make_error(302, detail=f"pip could not download {' '.join(spec.pip)} as binary wheels for {spec.platform}"
+                                     f"{' within the constraints and keep' if constraints else ''}: "
                                      f"{(out.stderr or out.stdout).strip()[-800:]}")
     handler = functools.partial(_QuietHandler, directory=str(folder))
     # The port is part of the pip step's cache key: the same for the same packages, so an
@@ -259,11 +333,27 @@ def _wheels(client: Any, spec: Spec, say: Callable[[str], None]) -> Iterator[int
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="wheels")
     thread.start()
     try:
-        yield server.server_address[1]
+        yield server.server_address[1], name
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def _constraints(spec: Spec, base_dists: dict[str, str]) -> str:
+    """The pip constraints of ``spec``: its own, and its ``keep`` packages at the base's versions."""
+    lines = list(spec.constraints)
+    for package in spec.keep:
+        key = _dist_key(package)
+        if key not in base_dists:
+            raise make_error(302, detail=f"image.keep: the base image {spec.base} has no Python package {package!r} "
+                                         f"(it has: {', '.join(sorted(base_dists)) or 'none'})")
+        lines.append(f"{key}=={base_dists[key]}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _dist_key(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -271,12 +361,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _image_python(client: Any, spec: Spec) -> tuple[str, str]:
-    """(Python version as "311", glibc version) of the base image, asked of it (no network)."""
-    probe = "import platform, sys; print('%d%d' % sys.version_info[:2], platform.libc_ver()[1])"
-    out = client.containers.run(spec.base, ["python3", "-c", probe], remove=True, network_mode="none",
-                                platform=spec.platform).decode().split()
-    return out[0], out[1]
+PROBE = ("import importlib.metadata as m, json, platform, sys; print(json.dumps({'python': '%d%d' % sys.version_info[:2], "
+         "'glibc': platform.libc_ver()[1], 'dists': {d.metadata['Name'].lower().replace('_', '-').replace('.', '-'): d.version "
+         "for d in m.distributions() if d.metadata['Name']}}))")
+
+
+def _probe(client: Any, image: str, platform: str) -> dict:
+    """An image's Python ("311"), glibc and Python packages (name: version), asked of it (no network)."""
+    out = client.containers.run(image, ["python3", "-c", PROBE], remove=True, network_mode="none", platform=platform,
+                                entrypoint=[])
+    return json.loads(out.decode().strip().splitlines()[-1])
 
 
 def cache_dir() -> Path:

@@ -71,6 +71,11 @@ scripts/engine.sh start || fatal "no Docker engine answers"
 arch=()
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] && [ "$(uname -m)" != aarch64 ] && arch=(--arch arm64)
 "$PY" containers/build.py --bullseye "${arch[@]}" || fatal "the images could not be built"
+# ONNX Runtime on the runtime image, for models served from their files (checked at build).
+"$PY" -m infinibrain.cli image build containers/runtime-onnx/image.toml --quiet >/dev/null || fatal "the ONNX Runtime image could not be built"
+if [ ${#arch[@]} -gt 0 ]; then
+  "$PY" -m infinibrain.cli image build containers/runtime-onnx/arm64.toml --quiet >/dev/null || fatal "the arm64 ONNX Runtime image could not be built"
+fi
 # The real-model example's image (OpenCV from PyPI) and its photograph (from scikit-image's wheel).
 "$PY" -m infinibrain.cli image build examples/face_detection/image.toml --quiet >/dev/null || fatal "the face detector's image could not be built"
 "$PY" examples/face_detection/photo.py >/dev/null || fatal "the example photograph could not be fetched"

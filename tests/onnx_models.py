@@ -40,6 +40,17 @@ def channel_mean(path: Path, size: int = 8) -> Path:
     return path
 
 
+def identity(path: Path) -> Path:
+    """y = x, float32 [N, 2]: containers/runtime-onnx/selftest.onnx, the images' build check."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "selftest",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    save(_model(graph), str(path))
+    return path
+
+
 def _model(graph, opset: int = 17):
     from onnx import helper
 

@@ -125,11 +125,55 @@ def test_an_image_built_from_a_spec_deploys_from_its_tar(docker_kit, im, name, t
     assert not docker_kit.has_image(tag)
 
 
+def _build(tmp_path, text: str, client):
+    (tmp_path / "image.toml").write_text("[image]\n" + text)
+    return imagebuild.build(imagebuild.load_spec(tmp_path / "image.toml"), client=client)
+
+
+def test_a_failing_check_fails_the_build_naming_it_and_leaves_the_tag_as_it_was(docker_kit, name, tmp_path):
+    tag = f"ib-test/check-{name}:1"
+    (tmp_path / "app.py").write_text("print('v1')\n")
+    first = _build(tmp_path, f'tag = "{tag}"\nfiles = [{{ from = "app.py", to = "/app/" }}]\ncheck = ["python3 /app/app.py"]\n',
+                   docker_kit.client)
+    assert first.checked == ["python3 /app/app.py"]
+    (tmp_path / "app.py").write_text("print('v2')\n")
+    with pytest.raises(InfinibrainException) as err:
+        _build(tmp_path, f'tag = "{tag}"\nfiles = [{{ from = "app.py", to = "/app/" }}]\n'
+                         'check = ["python3 /app/app.py", "import no_such_module_here"]\n', docker_kit.client)
+    assert err.value.code == 302 and "import no_such_module_here" in str(err.value) and "ModuleNotFoundError" in str(err.value)
+    assert docker_kit.client.images.get(tag).id == first.image_id  # the tag still names the image that passed
+    assert not [t for i in docker_kit.client.images.list("ib-test/check-" + name) for t in i.tags if "candidate" in t]
+    docker_kit.client.images.remove(tag)
+
+
+@pytest.mark.timeout(600)
+def test_pip_options_constraints_keep_and_what_pip_replaced(docker_kit, name, tmp_path):
+    """Debian's msgpack is in the base: pip replacing it is named; ``keep`` forbids it.
+    ``no_deps`` leaves a package's dependencies out; ``constraints`` choose versions."""
+    client, tag = docker_kit.client, f"ib-test/pip-{name}:1"
+    built = _build(tmp_path, f'tag = "{tag}"\npip = ["msgpack==1.1.0", "python-dateutil==2.9.0.post0", "packaging"]\n'
+                             'no_deps = true\nconstraints = ["packaging==24.1"]\n', client)
+    assert [(p, new) for p, _, new in built.replaced] == [("msgpack", "1.1.0")]
+    listing = client.containers.run(tag, ["python3", "-c", "import importlib.metadata as m; print(m.version('packaging'), "
+                                          "'six' in {d.metadata['Name'].lower() for d in m.distributions()})"],
+                                    remove=True, network_mode="none").decode().split()
+    assert listing == ["24.1", "False"]  # the constraint's version; dateutil's six left out (no_deps)
+    client.images.remove(tag)
+    with pytest.raises(InfinibrainException) as err:
+        _build(tmp_path, f'tag = "{tag}"\npip = ["msgpack==1.1.0"]\nkeep = ["msgpack"]\n', client)
+    assert err.value.code == 302 and "msgpack" in str(err.value)
+    with pytest.raises(InfinibrainException, match="no Python package 'tensorflow'"):
+        _build(tmp_path, f'tag = "{tag}"\npip = ["six"]\nkeep = ["tensorflow"]\n', client)
+    assert not docker_kit.has_image(tag)
+
+
 def test_bad_specs_are_refused_naming_the_key(tmp_path):
     for text, needle in (('[image]\ntag = "a:1"\ncolour = 1\n', "colour"), ("[image]\napt = []\n", "image.tag"),
                          ('[image]\ntag = "a:1"\nplatform = "linux/s390x"\n', "platform"),
                          ('[image]\ntag = "a:1"\nfiles = [{ from = "nope", to = "/app" }]\n', "nope"),
-                         ('[image]\ntag = "a:1"\npip = "six"\n', "image.pip")):
+                         ('[image]\ntag = "a:1"\npip = "six"\n', "image.pip"),
+                         ('[image]\ntag = "a:1"\nno_deps = "yes"\npip = ["six"]\n', "no_deps"),
+                         ('[image]\ntag = "a:1"\nkeep = ["numpy"]\n', "give image.pip")):
         (tmp_path / "s.toml").write_text(text)
         with pytest.raises(InfinibrainException) as err:
             imagebuild.load_spec(tmp_path / "s.toml")

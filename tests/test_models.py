@@ -120,3 +120,35 @@ def test_runner_options_are_checked_when_the_inference_is_registered(cluster, na
         cluster.unload_inference(name)
     except InfinibrainException:
         pass
+
+
+# ---- Docker boards: the runtime-onnx images (amd64, and arm64 under emulation) ----------------
+
+
+@pytest.fixture(scope="module")
+def docker_models(docker_kit, tmp_path_factory):
+    """A manager with one local Docker board, d1."""
+    from conftest import running_manager
+
+    with running_manager(tmp_path_factory.mktemp("models"), boards=("d1",)) as m:
+        yield m
+
+
+@pytest.mark.parametrize("tag", ["latest", "arm64"])
+def test_a_model_file_serves_with_no_script_on_a_docker_board(docker_kit, docker_models, name, tmp_path, tag):
+    from conftest import _unavailable, connected
+
+    image = f"infinibrain/runtime-onnx:{tag}"
+    if not docker_kit.has_image(image):
+        _unavailable(f"image {image} is missing; `make test` builds it first (scripts/prereqs.sh)")
+    onnx_models.affine(tmp_path / "affine.onnx")
+    cfg = ContainerConfig(name=name, implementation_type="docker", input="Main", output="Main", image_tag=image,
+                          script_path=str(tmp_path), ready_timeout=120_000,
+                          inference_modules=InferenceModulesConfig(sub_inference_name="m", model="affine.onnx", model_tag="7"))
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    with connected(docker_models) as c:
+        c.load_inference(cfg, "d1")
+        result = c.infer_image(name, x)
+        assert result["y"].dtype == np.float32 and result["y"].shape == (3, 3)
+        assert np.allclose(result["y"], onnx_models.in_process(tmp_path / "affine.onnx", {"x": x})[0], rtol=1e-5, atol=1e-6)
+        c.unload_inference(name, delete_image=False)

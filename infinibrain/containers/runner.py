@@ -113,7 +113,27 @@ def answer(model: Model, items: list[tuple[Any, dict, Any]]) -> list[Any]:
     return results
 
 
-def main() -> int:
+def check(path: str) -> int:
+    """``--check MODEL``: whether MODEL loads and runs here (an image's build check, or a
+    user's question before deploying); says what it takes and gives."""
+    try:
+        model = Model(path)
+        why = model.warm_up()
+    except ModelLoadError as exc:
+        print(f"infinibrain runner: {exc}", file=sys.stderr)
+        return EXIT_LOAD_FAILED
+    print(f"{path}: takes {model.describe_inputs()}; gives {', '.join(t.describe() for t in model.outputs)}; "
+          f"{'batches' if model.batchable else 'one request per run'}{f'; {why}' if why else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--check":
+        return check(argv[1])
+    if argv:
+        print("usage: python -m infinibrain.containers.runner [--check MODEL.onnx]", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s runner %(levelname)s %(message)s")
     env = dict(os.environ)
     try:
