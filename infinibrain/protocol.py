@@ -74,6 +74,7 @@ REPLY = "reply"  # manager -> client: outcome of a management command
 EVENT = "ev"  # manager -> all clients: 114 and produced results
 PING = "ping"  # manager -> container: please say hello on your response path
 PROGRESS = "prog"  # manager -> client: progress of a slow command (an image sent, loaded)
+CALL = "call"  # container -> manager: a request to another inference (Connector.infer); its answer is a RESULT on the Connector's topic
 
 # A container id a Connector gives itself when it runs without INFINIBRAIN_CONTAINER (started
 # by hand with explicit arguments): "~" and a random token. The manager attaches it to an
@@ -117,6 +118,10 @@ def topic_client(topic: bytes) -> str | None:
 
 def container_topic(container_id: str, sub_name: str) -> bytes:
     return f"q/{container_id}/{sub_name}".encode()
+
+
+def is_container_topic(topic: bytes) -> bool:
+    return topic[:2] == b"q/"
 
 
 def parse_container_topic(topic: bytes) -> tuple[str, str] | None:

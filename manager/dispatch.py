@@ -34,7 +34,7 @@ from .payloads import Payloads
 from .registry import Registration
 from .service import Service
 from .settings import resolve
-from .state import Client, Clock, Instance, Nudge, Request, State
+from .state import Client, Clock, Instance, Nudge, Origin, Request, State, caller_id
 from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager.router")
@@ -54,6 +54,7 @@ class Dispatcher:
         self.containers: dict[str, Instance] = {}  # every instance, by its wire id
         self.aging = config.priority_aging_ms / 1000
         self.retried = 0  # requests sent again because their container went away
+        self.callers: dict[str, Client] = {}  # containers that make calls, as clients (calls.py)
         self.batches = [0, 0]  # messages of two or more requests sent, and the requests in them
         self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
         # Another manager instance (before a restart) numbered its requests from elsewhere,
@@ -124,6 +125,7 @@ class Dispatcher:
 
     def remove_instance(self, c: Instance) -> None:
         self.container_lost(c, "it was removed", announce=False)
+        self.callers.pop(caller_id(c), None)
         if self.containers.get(c.id) is c:
             del self.containers[c.id]
         svc = self.services.get(c.inference)
@@ -132,11 +134,13 @@ class Dispatcher:
 
     # ---- accepting ----------------------------------------------------------------------------
 
-    def accept(self, client: Client, msg: P.Message) -> None:
-        """A client's request: refused at once, or queued (and sent if a container may take it)."""
+    def accept(self, client: Client, msg: P.Message, origin: Origin | None = None, reply: bytes = b"") -> None:
+        """A client's request: refused at once, or queued (and sent if a container may take
+        it). A container's call (calls.py) has an ``origin``, which sets its priority and
+        bounds its deadline, and a ``reply`` topic, the calling Connector's."""
         h = msg.header
         rid, name = str(h["rid"]), h.get("inf")
-        reply = P.reply_topic(client.id, h.get("to"))
+        reply = reply or P.reply_topic(client.id, h.get("to"))
         svc = self.services.get(name) if isinstance(name, str) else None
         if svc is None or not isinstance(name, str):
             return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} is not registered")
@@ -146,7 +150,7 @@ class Dispatcher:
         sub = param.get("sub_inference_name") if isinstance(param, dict) else None
         if sub and sub not in svc.modules:
             return self._refuse(reply, rid, name, 400, detail=f"inference {name!r} has no module {sub!r} (it has {', '.join(svc.modules)})")
-        priority = h.get("pri", 0)
+        priority = h.get("pri", 0) if origin is None else origin.priority
         if not P.valid_priority(priority):
             return self._refuse(reply, rid, name, 100, "priority", detail=f"priority must be a 32-bit integer, got {priority!r}")
         now = self.clock()
@@ -171,6 +175,9 @@ class Dispatcher:
         stamps = list(h.get("ts") or [])
         stamps.append(["manager_receive", P.now()])
         policy = svc.policy
+        deadline = now + policy.send_timeout + policy.answer_timeout
+        if origin is not None:  # it must end before the request that waits for it
+            deadline = min(deadline, origin.deadline)
         req = Request(
             mkey=next(self._mkeys),
             client=client.id,
@@ -183,15 +190,16 @@ class Dispatcher:
             arr=h.get("arr"),
             payload=msg.payload,
             time_stamp=stamps,
-            send_deadline=now + policy.send_timeout,
+            send_deadline=min(now + policy.send_timeout, deadline),
             answer_timeout=policy.answer_timeout,
-            deadline=now + policy.send_timeout + policy.answer_timeout,
+            deadline=deadline,
             accepted=now,
             reply=reply,
             lean=h.get("lean") is True,
             shm=ref,
             priority=priority,
             nbytes=nbytes,
+            chain=origin.chain if origin is not None else (),
         )
         client.outstanding += 1
         client.outstanding_bytes += nbytes
@@ -333,7 +341,7 @@ class Dispatcher:
 
     def _release(self, req: Request) -> None:
         """``req`` ended: no longer its client's to count."""
-        client = self.clients.get(req.client)
+        client = self.clients.get(req.client) or self.callers.get(req.client)
         if client is not None:
             client.outstanding -= 1
             client.outstanding_bytes -= req.nbytes

@@ -2,7 +2,7 @@
 
 Applications' messages (hello, heartbeat, request, command) arrive on the inference and
 management ports, their subscriptions on the results port; containers' messages (hello,
-heartbeat, results) on the container results port, their subscriptions on the requests
+heartbeat, results, calls to other inferences: calls.py) on the container results port, their subscriptions on the requests
 port (that is how containers are seen to come and go). Requests and answers go to the
 dispatcher (dispatch.py), commands to the command table (commands.py), what a
 container's messages say about its health to ``Health`` (health.py). The router also
@@ -29,6 +29,7 @@ from typing import Any, Callable
 from infinibrain import protocol as P
 
 from .auth import BY_HAND, MANAGE, Guard
+from .calls import Calls
 from .commands import Commands
 from .config import ManagerConfig
 from .dispatch import Dispatcher
@@ -61,6 +62,7 @@ class Router:
         self.clients = clients
         self.commands = commands
         self.strangers = strangers  # the reconciler's: a Connector started by hand, without a container identity
+        self.calls = Calls(dispatcher, wire)
         self.hb_interval = config.heartbeat_interval_ms / 1000
         loop.reader(wire.infer_in, self._on_client_frames, wire.dropped)
         loop.reader(wire.mgmt_in, self._on_client_frames, wire.dropped)
@@ -213,7 +215,7 @@ class Router:
         if not self._speaks_for(self.wire.user_of(frames[1]), c):
             raise P.ProtocolError(f"a message for container {c.id!r} sent with another key")
         kind = msg.kind
-        if kind not in (P.RESULT, P.RESULTS, P.TAKEN, P.HEARTBEAT, P.HELLO):
+        if kind not in (P.RESULT, P.RESULTS, P.TAKEN, P.HEARTBEAT, P.HELLO, P.CALL):
             raise P.ProtocolError(f"unknown container message kind {kind!r}")
         routable = self.health.heard(c, self.clock(), kind == P.HEARTBEAT)
         # Any message proves its response path (a producer that never receives answers no
@@ -237,6 +239,8 @@ class Router:
                 routable = self.dispatcher.answered(c, h, msg.payload[0] if msg.payload else None, taken=kind == P.TAKEN) or routable
         elif kind == P.RESULTS:
             routable = self._on_answers(c, msg) or routable
+        elif kind == P.CALL:  # a request of its own to another inference (calls.py)
+            self.calls.call(c, msg, self.clock())
         if routable:
             self.dispatcher.pump(c.inference)
 

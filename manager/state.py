@@ -72,11 +72,21 @@ class Request:
     tries: int = 0  # times it was sent again because its container went away (retries)
     lost: str = ""  # why it is waiting again: its container went away (ends with 402, not 306)
     nbytes: int = 0  # bytes of its data (frames, or in shared memory): counted against its client and board
+    chain: tuple[str, ...] = ()  # a container's call (calls.py): the inferences waiting for it, outermost first
 
     @property
     def queued_wall(self) -> float:
         """When the manager accepted it (wall clock), from its time stamps."""
         return next(t for stage, t in self.time_stamp if stage == "manager_receive")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What bounds a request a container makes while serving another (calls.py)."""
+
+    priority: int  # the request it serves (0 outside any)
+    deadline: float  # monotonic; it must end by then (inf outside any request)
+    chain: tuple[str, ...]  # the inferences waiting for it, outermost first (the caller's last)
 
 
 @dataclass(eq=False)
@@ -151,6 +161,11 @@ class Instance:
     def serving(self) -> bool:
         """Whether requests may be sent to it now."""
         return self.state is State.READY and self.hello and bool(self.subs)
+
+
+def caller_id(c: Instance) -> str:
+    """The client id a container's calls are counted under (calls.py); no SDK client's id starts with "@"."""
+    return "@" + c.id
 
 
 def instance_id(suffix: str, revision: int) -> str:

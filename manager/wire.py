@@ -102,6 +102,8 @@ class Wire:
         """Send to a client's topic, or to one of its threads' (protocol.reply_topic); after
         what already waits for it, if anything does."""
         frames = P.encode(topic, kind, header, payload)
+        if P.is_container_topic(topic):  # the answer of a container's call (calls.py)
+            return P.send(self.container_out, frames)
         if topic in self._backlog and not self._flush(topic):
             return self._hold(topic, frames)
         try:

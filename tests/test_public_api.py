@@ -96,7 +96,9 @@ DATA_CLASSES = {
                         "run_command", "run_option", "copy",
                         # ours, after the reference's (docs/DECISIONS.md, "Control plane")
                         "warmup", "ready_timeout", "max_batch_size", "max_queue_delay", "max_queue_size", "retries"],
-    "InferenceModulesConfig": ["sub_inference_name", "script_tag", "model_tag", "script", "model"],
+    "InferenceModulesConfig": ["sub_inference_name", "script_tag", "model_tag", "script", "model",
+                               # ours, after the reference's: the built-in model runner (docs/DECISIONS.md, "Models")
+                               "hooks", "providers", "threads"],
     "InferenceResponse": ["pid", "tid", "request_no", "inference_name", "metadata", "metadata_sys", "sub_inference_name",
                           "time_stamp", "elapsed_time"],
     "CoprocessorImages": ["name", "ip", "images"],

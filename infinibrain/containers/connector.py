@@ -34,8 +34,9 @@ from .. import protocol as P
 from .. import security
 from .. import shm
 from ..errors import (RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, InfinibrainException, argument_error,
-                      format_message)
+                      format_message, make_error)
 from ..types import InferenceResponse
+from .calls import DEFAULT_CALL_TIMEOUT, call_message, call_outcome
 
 log = logging.getLogger("infinibrain.containers")
 
@@ -74,6 +75,9 @@ class Connector:
         self._default_batch = _batch_default(env.get("INFINIBRAIN_MAX_BATCH_SIZE"))
         self._batch = 1  # requests per message the manager may send: more once the program asks for batches
         self._items: deque[tuple[dict, Any]] = deque()  # received requests not yet handed out
+        self._calls = 0  # calls made to other inferences (their numbers)
+        self._answers: dict[str, tuple[dict, Any] | None] = {}  # call number -> its answer (None: still waiting)
+        self._serving: InferenceResponse | None = None  # the request last handed out: a call's parent by default
         self.sub_name = sub_name
         self._shm_probe = env.get("INFINIBRAIN_SHM_PROBE")
         self._shm = shm.Reader()
@@ -168,6 +172,10 @@ class Connector:
                 self._queue(item, frame)
         elif msg.kind == P.PING:
             self._hello()
+        elif msg.kind == P.RESULT:  # the answer of one of our calls (an abandoned call's is dropped)
+            rid = msg.header.get("rid")
+            if rid in self._answers and self._answers[rid] is None:
+                self._answers[rid] = (msg.header, msg.payload[0] if msg.payload else None)
 
     def _queue(self, h: Any, frame: Any) -> None:
         """Queue one request; its data comes from the client's shared memory when the
@@ -236,14 +244,16 @@ class Connector:
 
         Returns (image, additional information, InferenceResponse); 401 on timeout.
         """
-        return self._image(*self._next(timeout))
+        image, param, self._serving = self._image(*self._next(timeout))
+        return image, param, self._serving
 
     def receive_request(self, timeout: int = 0) -> tuple[bytes, dict, InferenceResponse]:
         """Wait for a request (``timeout`` seconds, 0 = no limit).
 
         Returns (data bytes, additional information, InferenceResponse); 401 on timeout.
         """
-        return self._data(*self._next(timeout))
+        data, param, self._serving = self._data(*self._next(timeout))
+        return data, param, self._serving
 
     def receive_request_image_batch(self, timeout: int = 0, max_size: int | None = None
                                     ) -> list[tuple[np.ndarray, dict, InferenceResponse]]:
@@ -264,6 +274,7 @@ class Connector:
             self._batch = size
             self._hello()
         first = self._next(timeout)
+        self._serving = None  # several requests: a call names the one it is made for
         return [first, *self._more(size - 1)]
 
     def _batch_size(self, max_size: int | None) -> int:
@@ -272,6 +283,49 @@ class Connector:
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             raise argument_error("max_size", f"must be a number of requests >= 1, got {max_size!r}")
         return max_size
+
+    # ---- calling other inferences (not in the reference) -----------------------------
+
+    def infer(self, inference_name: str, data: bytes, param: Any = None, response: InferenceResponse | None = None,
+              timeout: float = DEFAULT_CALL_TIMEOUT) -> tuple[Any, InferenceResponse]:
+        """Ask another inference, through the manager, as ``AICluster.infer`` does: returns
+        (result, InferenceResponse), raises the same exception classes.
+
+        ``response``: the InferenceResponse of the request this call is made for (default:
+        the one the last ``receive_request``/``receive_request_image`` handed out; none
+        after a batch). The call then has that request's priority and must end by its
+        deadline; a call that would wait for an inference already waiting for it (A calls
+        B calls A) is refused with 100. ``timeout``: seconds to wait for the answer here
+        (401 after them). Requests for this module that arrive meanwhile are kept for the
+        next ``receive_request``."""
+        return self._call(inference_name, data, param, False, response, timeout)
+
+    def infer_image(self, inference_name: str, image: np.ndarray, param: Any = None,
+                    response: InferenceResponse | None = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
+        """As ``infer`` with an image (a numpy array, which arrives as one): returns the
+        result, as ``AICluster.infer_image`` does."""
+        return self._call(inference_name, image, param, True, response, timeout)[0]
+
+    def _call(self, inference_name: Any, data: Any, param: Any, image: bool, response: InferenceResponse | None,
+              timeout: float) -> tuple[Any, InferenceResponse]:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise argument_error("timeout", f"must be a number of seconds > 0, got {timeout!r}")
+        self._calls += 1
+        number = str(self._calls)
+        header, frame = call_message(number, inference_name, data, param, image, self.sub_name, response or self._serving)
+        self._answers[number] = None
+        try:
+            self._send(P.CALL, header, [frame])
+            deadline = time.monotonic() + timeout
+            while self._answers[number] is None:
+                if self._take_waiting():
+                    continue
+                if not self._wait(deadline):
+                    raise make_error(401, detail=f"no answer from {header['inf']!r} within {timeout:g} s")
+            answer, frame = self._answers[number]  # type: ignore[misc]
+        finally:
+            del self._answers[number]
+        return call_outcome(header["inf"], answer, frame)
 
     # ---- sending ---------------------------------------------------------------------
 

@@ -185,13 +185,13 @@ class Model:
             from PIL import Image
         except ImportError:
             raise self._refuse("decoding an image needs Pillow in the container (pip install infinibrain[onnx])") from None
-        channels = t.dims[1] if layout == "NCHW" else t.dims[3]
+        channels = int((t.dims[1] if layout == "NCHW" else t.dims[3]) or 3)
         height, width = (t.dims[2], t.dims[3]) if layout == "NCHW" else (t.dims[1], t.dims[2])
         try:
-            picture = Image.open(io.BytesIO(data))
+            picture: Any = Image.open(io.BytesIO(data))
             picture = picture.convert("L" if channels == 1 else "RGB")
             if height is not None and width is not None and picture.size != (width, height):
-                picture = picture.resize((width, height), Image.BILINEAR)
+                picture = picture.resize((width, height), Image.Resampling.BILINEAR)
         except Exception as exc:
             raise self._refuse(f"the bytes are not an image Pillow can decode ({exc})") from None
         pixels = np.asarray(picture).reshape(picture.size[1], picture.size[0], channels)

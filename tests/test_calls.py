@@ -1,0 +1,75 @@
+"""Models call models (issue 26): a container's Connector.infer / infer_image to another
+inference through a real manager; the caller's priority travels with it; cycles are refused."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import SCRIPTS, echo_config, wait_for
+from infinibrain import ContainerConfig, InferenceModulesConfig
+from infinibrain.errors import InvalidArgumentException, InferenceNameNotFoundException
+
+
+def relay(name: str, **kw) -> ContainerConfig:
+    return ContainerConfig(**{**dict(name=name, implementation_type="process", input="Main", output="Main",
+                                     script_path=str(SCRIPTS), run_command="python relay.py"), **kw})
+
+
+def test_a_container_calls_another_inference_and_gets_what_the_sdk_gets(cluster, name):
+    a, b = name + "a", name + "b"
+    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(relay(b), "local")
+    cluster.load_inference(echo_config(name + "e"), "local")
+    try:
+        result, _ = cluster.infer(a, b"hello", {"next": [b]})
+        assert result["via"] == [a, b] and result["inner"]["data"] == "hello" and result["inner_board"] == "local"
+        result, _ = cluster.infer(a, b"\x01\x02\x03", {"next": [name + "e"], "image": True, "arrays": True})
+        rows = result["inner"]["rows"]  # the echo's numpy answer reached the caller, and then us, as an array
+        assert isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.tolist() == [[1.0], [2.0], [3.0]]
+        with pytest.raises(InferenceNameNotFoundException) as err:
+            cluster.infer(a, b"x", {"next": ["no-such-inference"]})
+        assert err.value.code == 400 and "no-such-inference" in str(err.value)  # the inner call's error, same class
+    finally:
+        for n in (a, b, name + "e"):
+            cluster.unload_inference(n)
+
+
+def test_a_cycle_of_calls_is_refused_not_deadlocked(cluster, name):
+    a, b = name + "a", name + "b"
+    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(relay(b), "local")
+    try:
+        with pytest.raises(InvalidArgumentException) as err:
+            cluster.infer(a, b"loop", {"next": [b, a, b]})
+        assert "cycle" in str(err.value) and f"{a} -> {b} -> {a}" in str(err.value)
+        assert cluster.infer(a, b"ok", {"next": [b]})[0]["via"] == [a, b]  # both serve on
+    finally:
+        for n in (a, b):
+            cluster.unload_inference(n)
+
+
+def test_a_call_has_the_priority_of_the_request_it_serves(cluster, name):
+    a, b = name + "a", name + "b"
+    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(echo_config(b, max_send_num=1), "local")
+    try:
+        busy = threading.Thread(target=cluster.infer, args=(b, b"busy", {"sleep": 1.5}), daemon=True)
+        busy.start()  # b's only slot is taken: a's call waits in b's queue, where its priority shows
+        wait_for(lambda: cluster.get_queue_info(b) == [] and in_flight(cluster, b))
+        answers: list = []
+        caller = threading.Thread(target=lambda: answers.append(cluster.infer(a, b"x", {"next": [b]}, priority=7)[0]), daemon=True)
+        caller.start()
+        waiting = wait_for(lambda: cluster.get_queue_info(b))
+        assert [q.priority for q in waiting] == [7]  # the call, queued with the priority of the request it serves
+        caller.join(10)
+        busy.join(10)
+        assert answers and answers[0]["inner"]["sum"] == sum(b"x")  # then served by b, and answered through a
+    finally:
+        for n in (a, b):
+            cluster.unload_inference(n)
+
+
+def in_flight(cluster, name: str) -> bool:
+    return any(k.startswith(name) for k in cluster.stats()["in_flight"])
