@@ -79,3 +79,6 @@ fi
 # The real-model example's image (OpenCV from PyPI) and its photograph (from scikit-image's wheel).
 "$PY" -m infinibrain.cli image build examples/face_detection/image.toml --quiet >/dev/null || fatal "the face detector's image could not be built"
 "$PY" examples/face_detection/photo.py >/dev/null || fatal "the example photograph could not be fetched"
+# PP-OCR's detector and recognizer, from the rapidocr-onnxruntime wheel (examples/ocr).
+"$PY" examples/ocr/ppocr.py >/dev/null || fatal "PP-OCR's models could not be fetched"
+"$PY" -m infinibrain.cli image build examples/ocr/image.toml --quiet >/dev/null || fatal "the OCR example's image could not be built"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SCRIPTS, echo_config, wait_for
-from infinibrain import ContainerConfig, InferenceModulesConfig
+from infinibrain import ContainerConfig
 from infinibrain.errors import InvalidArgumentException, InferenceNameNotFoundException
 
 

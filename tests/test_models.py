@@ -152,3 +152,82 @@ def test_a_model_file_serves_with_no_script_on_a_docker_board(docker_kit, docker
         assert result["y"].dtype == np.float32 and result["y"].shape == (3, 3)
         assert np.allclose(result["y"], onnx_models.in_process(tmp_path / "affine.onnx", {"x": x})[0], rtol=1e-5, atol=1e-6)
         c.unload_inference(name, delete_image=False)
+
+
+# ---- real networks from a PyPI wheel: PP-OCR (examples/ocr) -----------------------------------
+
+
+def ppocr() -> Path:
+    from conftest import ROOT
+
+    folder = __import__("infinibrain.imagebuild", fromlist=["cache_dir"]).cache_dir() / "ppocr"
+    if not (folder / "det.onnx").exists():
+        pytest.skip(f"PP-OCR's models are not in {folder}; `make test` fetches them (python {ROOT}/examples/ocr/ppocr.py)")
+    return folder
+
+
+def test_a_real_network_answers_as_onnx_runtime_does_in_process(cluster, name, tmp_path):
+    models = ppocr()
+    cfg = ContainerConfig(name=name, implementation_type="process", input="Main", output="Main",
+                          copy={"From": str(models / "det.onnx"), "To": "/"},
+                          inference_modules=InferenceModulesConfig(sub_inference_name="det", model="det.onnx"))
+    cluster.load_inference(cfg, "local")
+    rng = np.random.default_rng(26)
+    image = rng.uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    served = cluster.infer_image(name, image)
+    expected = onnx_models.in_process(models / "det.onnx", {"x": image})[0]
+    (output,) = served.values()
+    assert output.dtype == expected.dtype and output.shape == expected.shape == (1, 1, 224, 224)
+    assert np.allclose(output, expected, rtol=1e-4, atol=1e-5)  # the same runtime; thread counts may differ
+    cluster.unload_inference(name)
+
+
+def test_the_ocr_example_reads_text_through_models_calling_models(cluster, name):
+    import sys
+
+    from conftest import ROOT
+
+    models = ppocr()
+    sys.path.insert(0, str(ROOT / "examples" / "ocr"))
+    try:
+        import run as ocr
+        from ppocr import text_image
+    finally:
+        sys.path.pop(0)
+    configs = ocr.configs("process", models, prefix=name)
+    for cfg in configs:
+        cluster.load_inference(cfg, "local")
+    try:
+        result = cluster.infer_image(name, text_image("HELLO 2026"))
+        assert [line["text"] for line in result["lines"]] == ["HELLO 2026"]
+        assert result["lines"][0]["score"] > 0.9
+        assert cluster.infer_image(name, text_image("infinibrain"))["lines"][0]["text"] == "infinibrain"
+    finally:
+        for cfg in configs:
+            cluster.unload_inference(cfg.name)
+
+
+def test_the_ocr_example_on_a_docker_board_from_its_image(docker_kit, docker_models, name):
+    import sys
+
+    from conftest import ROOT, _unavailable, connected
+
+    if not docker_kit.has_image("infinibrain/ocr:1"):
+        _unavailable("image infinibrain/ocr:1 is missing; `make test` builds it first (examples/ocr/image.toml)")
+    image = docker_kit.client.images.get("infinibrain/ocr:1")
+    assert image.attrs["Size"] < 947e6 / 2  # the first try weighed 947 MB
+    sys.path.insert(0, str(ROOT / "examples" / "ocr"))
+    try:
+        import run as ocr
+        from ppocr import text_image
+    finally:
+        sys.path.pop(0)
+    configs = ocr.configs("docker", Path("/unused"), prefix=name)
+    with connected(docker_models) as c:
+        for cfg in configs:
+            c.load_inference(cfg, "d1")
+        try:
+            assert [line["text"] for line in c.infer_image(name, text_image("HELLO 2026"))["lines"]] == ["HELLO 2026"]
+        finally:
+            for cfg in configs:
+                c.unload_inference(cfg.name, delete_image=False)

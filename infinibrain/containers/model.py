@@ -73,10 +73,17 @@ def _tensor(arg: Any) -> Tensor:
 
 
 class Hooks:
-    """The optional ``preprocess(data, param)`` and ``postprocess(outputs, param)`` of a
-    module's hooks file (a plain Python file of functions, not a loop)."""
+    """The optional functions of a module's hooks file (a plain Python file, not a loop):
+    ``setup(session)`` once, with the ONNX Runtime session, before the warm-up (to read
+    the model's metadata, say); ``preprocess(data, param)`` returns the model's input (an
+    array, or a dict of them by input name) from a request's data (an image array from
+    infer_image, bytes from infer); ``postprocess(outputs, param)`` returns the answer
+    from the dict of output arrays. Both see the same ``param`` dict of one request, so
+    preprocess may leave notes there for postprocess (a scale, the original size)."""
 
     def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.setup: Callable | None = None
         self.preprocess: Callable | None = None
         self.postprocess: Callable | None = None
         if not path:
@@ -88,6 +95,7 @@ class Hooks:
             exec(code, namespace)  # noqa: S102 - the user's own hooks file, as a script would run
         except Exception as exc:
             raise ModelLoadError(f"hooks file {path!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
+        self.setup = namespace.get("setup")
         self.preprocess = namespace.get("preprocess")
         self.postprocess = namespace.get("postprocess")
         if self.preprocess is None and self.postprocess is None:
@@ -123,6 +131,11 @@ class Model:
         self.path = path
         self.threads = threads
         self.hooks = hooks or Hooks(None)
+        if self.hooks.setup is not None:
+            try:
+                self.hooks.setup(self.session)
+            except Exception as exc:
+                raise ModelLoadError(f"hooks file {self.hooks.path!r}: setup(session) failed: {type(exc).__name__}: {exc}") from None
         self.inputs = [_tensor(a) for a in self.session.get_inputs()]
         self.outputs = [_tensor(a) for a in self.session.get_outputs()]
         self.output_names = [t.name for t in self.outputs]
