@@ -181,4 +181,6 @@ def runner_environment(settings: InferenceSettings, peers: int) -> dict[str, str
             spec["hooks"] = path(m["hooks"])
         spec.update({k: m[k] for k in ("providers", "threads") if m.get(k)})
         modules.append(spec)
-    return {"INFINIBRAIN_MODELS": json.dumps(modules), "INFINIBRAIN_MODEL_PEERS": str(max(peers, 1))}
+    return {"INFINIBRAIN_MODELS": json.dumps(modules), "INFINIBRAIN_MODEL_PEERS": str(max(peers, 1)),
+            # max_batch_size set: the runner batches at that size; else it decides (runner.batching)
+            "INFINIBRAIN_MODEL_BATCH": "fixed" if settings.max_batch_size else "auto"}

@@ -55,20 +55,43 @@ def default_threads(env: dict[str, str], modules: int) -> int:
     return max(len(os.sched_getaffinity(0)) // (peers * max(modules, 1)), 1)
 
 
-def load(spec: dict, threads: int | None) -> Model:
+def load(spec: dict, threads: int | None, env: dict[str, str]) -> tuple[Model, bool]:
+    """The module's model, warmed up, and whether it takes batches."""
     model = Model(spec["model"], providers=spec.get("providers"), threads=spec.get("threads") or threads,
                   hooks=Hooks(spec.get("hooks")))
     why = model.warm_up()
-    log.info("module %s: %s loaded (inputs %s; %s; intra-op threads %s)%s", spec["sub"], spec["model"],
-             model.describe_inputs(), "batches" if model.batchable else "one request per run",
-             model.threads or "ONNX Runtime's default", f"; {why}" if why else "")
-    return model
+    batches, because = batching(model, spec, env)
+    log.info("module %s: %s loaded (inputs %s; intra-op threads %s; %s: %s)%s", spec["sub"], spec["model"],
+             model.describe_inputs(), model.threads or "ONNX Runtime's default",
+             "batches" if batches else "one request per run", because, f"; {why}" if why else "")
+    return model, batches
 
 
-def serve(connector: Connector, model: Model) -> None:
+def batching(model: Model, spec: dict, env: dict[str, str]) -> tuple[bool, str]:
+    """Whether the runner asks for batches, and why (docs/DECISIONS.md, "Models"): a model
+    whose first dimension is open batches when max_batch_size was set; else when a run of
+    several costs each request at most 80% of a run of its own (timed at load when the
+    other dimensions are fixed), or, when they are open, on an accelerator's provider
+    (on the CPU a batch of large inputs measured slower per request: benchmarks/bench_models.py)."""
+    if not model.batchable:
+        return False, "its first dimension is fixed"
+    size = int(env.get("INFINIBRAIN_MAX_BATCH_SIZE") or 1)
+    if size < 2:
+        return False, "max_batch_size is 1"
+    if env.get("INFINIBRAIN_MODEL_BATCH") == "fixed":
+        return True, f"max_batch_size {size} was set"
+    gain = model.batch_gain(size)
+    if gain is not None:
+        return gain <= 0.8, f"a request in a run of {size} costs x{gain:.2f} of one alone"
+    first = (spec.get("providers") or ["CPUExecutionProvider"])[0]
+    name = first if isinstance(first, str) else first[0]
+    return name != "CPUExecutionProvider", f"open dimensions, provider {name}"
+
+
+def serve(connector: Connector, model: Model, batches: bool) -> None:
     """Answer the module's requests until the program ends (the worker thread's loop)."""
     while True:
-        if model.batchable:
+        if batches:
             items = connector.receive_request_image_batch()
         else:
             items = [connector.receive_request_image()]
@@ -139,21 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = module_specs(env)
         threads = default_threads(env, len(specs))
-        models = [load(spec, threads) for spec in specs]
+        models = [load(spec, threads, env) for spec in specs]
     except ModelLoadError as exc:
         print(f"infinibrain runner: {exc}", file=sys.stderr, flush=True)
         return EXIT_LOAD_FAILED
     failed = threading.Event()
 
-    def worker(spec: dict, model: Model) -> None:
+    def worker(spec: dict, model: Model, batches: bool) -> None:
         try:
-            serve(Connector(sub_name=spec["sub"]), model)
+            serve(Connector(sub_name=spec["sub"]), model, batches)
         except BaseException:
             log.exception("module %s stopped", spec["sub"])
             failed.set()
 
-    for spec, model in zip(specs, models):
-        threading.Thread(target=worker, args=(spec, model), name=f"module-{spec['sub']}", daemon=True).start()
+    for spec, (model, batches) in zip(specs, models):
+        threading.Thread(target=worker, args=(spec, model, batches), name=f"module-{spec['sub']}", daemon=True).start()
     failed.wait()
     return 1
 
