@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo prereqs test faults soak bench bench-perf bench-routing bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo prereqs test faults soak bench bench-perf bench-routing bench-models bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ bench-perf: setup
 bench-routing: setup
 	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_routing.py'; \
 	else $(PY) benchmarks/bench_routing.py; fi
+
+# Models served from their files (issue 26), on PP-OCR's networks, against ONNX Runtime
+# in one process: per request, replicas and threads, batching, a two-stage pipeline.
+bench-models: setup
+	$(PY) examples/ocr/ppocr.py >/dev/null  # the models, fetched before the network goes
+	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_models.py'; \
+	else $(PY) benchmarks/bench_models.py; fi
 
 bench-docker: setup images
 	$(PY) benchmarks/bench_infer.py --docker
