@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples" / "ocr"))
-from conftest import ManagerProcess  # noqa: E402
+from conftest import connected, running_manager  # noqa: E402
 from ppocr import fetch, text_image  # noqa: E402
 import run as ocr  # noqa: E402
 
@@ -167,17 +167,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
     models = fetch()
-    with tempfile.TemporaryDirectory() as folder:
-        m = ManagerProcess(Path(folder), boards=("local", "b2"), log_level="WARNING", metrics_port=-1).start()
-        try:
-            c = m.client()
-            per_request(c, models, args.requests)
-            replicas(c, models, args.requests)
-            pipeline(c, models, args.requests)
-            c.release()
-        finally:
-            m.stop()
-            m.cleanup()
+    with tempfile.TemporaryDirectory() as folder, \
+            running_manager(Path(folder), boards=("local", "b2"), log_level="WARNING", metrics_port=-1) as m, connected(m) as c:
+        per_request(c, models, args.requests)
+        replicas(c, models, args.requests)
+        pipeline(c, models, args.requests)
     return 0
 
 

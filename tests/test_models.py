@@ -231,3 +231,15 @@ def test_the_ocr_example_on_a_docker_board_from_its_image(docker_kit, docker_mod
         finally:
             for cfg in configs:
                 c.unload_inference(cfg.name, delete_image=False)
+
+
+def test_a_script_path_that_holds_the_managers_state_is_refused(fresh_manager, name, tmp_path):
+    """Its copy would copy itself until paths grew too long (seen: a 999 kilobytes long)."""
+    from conftest import connected
+
+    m = fresh_manager().start()
+    onnx_models.affine(tmp_path / "affine.onnx")
+    with connected(m) as c:
+        with pytest.raises(InfinibrainException) as err:
+            c.load_inference(model_config(name, tmp_path, "affine.onnx"), "local")  # tmp_path holds the manager's folder
+        assert err.value.code == 302 and "state_dir" in str(err.value) and len(str(err.value)) < 1000

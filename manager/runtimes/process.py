@@ -49,6 +49,11 @@ def safe_join(root: Path, inside: str) -> Path:
     return root / rel
 
 
+def _inside(path: str, folder: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip("/") + "/")
+
+
 class ProcessRuntime:
     kind = "process"
 
@@ -62,6 +67,11 @@ class ProcessRuntime:
 
     def prepare(self, spec: ContainerSpec) -> None:
         host, work = self.host, str(spec.work_dir)
+        if spec.config.script_path and isinstance(host, LocalHost) and _inside(work, spec.config.script_path):
+            # Copying it would copy the copy into itself until paths grow too long.
+            raise make_error(302, detail=f"script_path {spec.config.script_path!r} holds the folder of the board's "
+                                         f"containers ({os.path.dirname(work)}): give a folder that does not contain "
+                                         "the manager's state_dir (or set the board's work_dir elsewhere)")
         fresh = host.make_fresh(os.path.dirname(work), f".{spec.container_id}.")
         try:
             if spec.config.script_path:
