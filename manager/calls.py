@@ -16,6 +16,10 @@ three rules taken from what the manager knows rather than from what the call say
 - **Its answer** goes to the calling Connector's own topic on the container side, as a
   ``RESULT`` with the call's number; each calling instance counts as one client for the
   per-client bounds (max_client_requests, max_client_bytes).
+- **Its data** may be in the caller's shared memory (a Connector that shares /dev/shm
+  with the manager): segments of the owner ``shm.caller_owner(instance)``, made from the
+  instance the caller's key proves, checked like a client's (its probe, read here); the
+  manager passes the name on to a container that reads them, else reads them itself.
 
 Router thread.
 """
@@ -71,6 +75,5 @@ class Calls:
             caller = self.callers[caller_id(c)] = Client(caller_id(c), 0, now, role="infer")
         caller.last_seen = now
         header = dict(h, rid=rid, lean=False, ts=[["container_call", P.now()]])
-        header.pop("shm", None)  # a container's data travels in the message (its shared memory is not proven)
         origin = Origin(parent.priority, parent.deadline, chain) if parent is not None else Origin(0, math.inf, chain)
         self.dispatcher.accept(caller, P.Message(msg.topic, header, msg.payload), origin, reply)

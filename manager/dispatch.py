@@ -125,7 +125,8 @@ class Dispatcher:
 
     def remove_instance(self, c: Instance) -> None:
         self.container_lost(c, "it was removed", announce=False)
-        self.callers.pop(caller_id(c), None)
+        if self.callers.pop(caller_id(c), None) is not None:
+            self.payloads.forget(caller_id(c))
         if self.containers.get(c.id) is c:
             del self.containers[c.id]
         svc = self.services.get(c.inference)

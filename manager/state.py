@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from infinibrain import shm
+
 from .runtimes.base import ContainerSpec, Runtime
 
 log = logging.getLogger("infinibrain.manager.state")
@@ -164,8 +166,9 @@ class Instance:
 
 
 def caller_id(c: Instance) -> str:
-    """The client id a container's calls are counted under (calls.py); no SDK client's id starts with "@"."""
-    return "@" + c.id
+    """The client id a container's calls are counted under (calls.py), which is also the
+    owner of the shared memory segments its calls name (shm.caller_owner)."""
+    return shm.caller_owner(c.id)
 
 
 def instance_id(suffix: str, revision: int) -> str:

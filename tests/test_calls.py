@@ -73,3 +73,22 @@ def test_a_call_has_the_priority_of_the_request_it_serves(cluster, name):
 
 def in_flight(cluster, name: str) -> bool:
     return any(k.startswith(name) for k in cluster.stats()["in_flight"])
+
+
+def test_a_large_call_passes_through_the_manager_by_name_in_shared_memory(cluster, name):
+    """Both containers share this host's /dev/shm with the manager: the caller's data goes
+    in a segment of its own, whose name the manager checks (its probe) and passes on."""
+    a, e = name + "a", name + "e"
+    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(echo_config(e), "local")
+    try:
+        data = np.arange(300_000, dtype=np.uint32).astype(np.uint8).tobytes()  # above shm.MIN_BYTES
+        before = cluster.stats()["shared_memory"]
+        for _ in range(3):  # the segment is reused once each call has ended
+            result, _ = cluster.infer(a, data, {"next": [e], "image": True})
+            assert result["inner"]["sum"] == sum(data) and result["inner"]["shape"] == [len(data)]
+        after = cluster.stats()["shared_memory"]
+        assert after["passed"] - before["passed"] >= 3  # the echo read the caller's segment itself: the manager passed the name
+    finally:
+        for n in (a, e):
+            cluster.unload_inference(n)

@@ -78,6 +78,9 @@ class Connector:
         self._calls = 0  # calls made to other inferences (their numbers)
         self._answers: dict[str, tuple[dict, Any] | None] = {}  # call number -> its answer (None: still waiting)
         self._serving: InferenceResponse | None = None  # the request last handed out: a call's parent by default
+        self._shares_shm = False  # it read the manager's probe: its calls' data may go in shared memory
+        self._call_pool: shm.Pool | None = None  # made at the first call that uses it, with its probe
+        self._call_probe: shm.Probe | None = None
         self.sub_name = sub_name
         self._shm_probe = env.get("INFINIBRAIN_SHM_PROBE")
         self._shm = shm.Reader()
@@ -103,6 +106,9 @@ class Connector:
         """Close the sockets (the manager sees the container leave)."""
         self._sub.close()
         self._pub.close()
+        if self._call_pool is not None and self._call_probe is not None:
+            self._call_pool.close()
+            self._call_probe.close()
 
     def _send(self, kind: str, header: dict, payload: list | tuple = ()) -> None:
         header["cont"] = self._wire_id
@@ -119,6 +125,7 @@ class Connector:
         token = shm.read_probe(self._shm_probe) if self._shm_probe else None
         if token:
             header["shm"] = token
+        self._shares_shm = bool(token)
         self._send(P.HELLO, header)
 
     # ---- receiving -------------------------------------------------------------------
@@ -313,19 +320,42 @@ class Connector:
         self._calls += 1
         number = str(self._calls)
         header, frame = call_message(number, inference_name, data, param, image, self.sub_name, response or self._serving)
+        segment = self._call_segment(header, frame)
         self._answers[number] = None
         try:
-            self._send(P.CALL, header, [frame])
+            self._send(P.CALL, header, [] if segment is not None else [frame])
             deadline = time.monotonic() + timeout
             while self._answers[number] is None:
                 if self._take_waiting():
                     continue
                 if not self._wait(deadline):
+                    segment = None  # the manager may still read it: not reused
                     raise make_error(401, detail=f"no answer from {header['inf']!r} within {timeout:g} s")
             answer, frame = self._answers[number]  # type: ignore[misc]
         finally:
             del self._answers[number]
+            if segment is not None and self._call_pool is not None:
+                self._call_pool.give(segment)
         return call_outcome(header["inf"], answer, frame)
+
+    def _call_segment(self, header: dict, data: Any) -> shm.Segment | None:
+        """A call's data of ``shm.MIN_BYTES`` or more in a segment of ours, named in
+        ``header`` (when this Connector shares /dev/shm with the manager), else None."""
+        view = memoryview(data)
+        if not self._shares_shm or view.nbytes < shm.MIN_BYTES or not view.c_contiguous:
+            return None
+        if self._call_pool is None:
+            owner = shm.caller_owner(self._wire_id)
+            try:
+                self._call_probe = shm.Probe(shm.probe_name(owner), owner)
+            except OSError:
+                self._shares_shm = False
+                return None
+            self._call_pool = shm.Pool(owner)
+        segment = self._call_pool.take(view.nbytes)
+        if segment is not None:
+            header["shm"] = segment.write(view)
+        return segment
 
     # ---- sending ---------------------------------------------------------------------
 

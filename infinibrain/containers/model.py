@@ -156,7 +156,8 @@ class Model:
             return None
 
         def timed(rows: int) -> float:
-            feed = {t.name: np.zeros((rows, *t.dims[1:]), dtype=t.dtype or np.float32) for t in self.inputs}  # type: ignore[misc]
+            feed = {t.name: np.zeros((rows, *(d or 1 for d in t.dims[1:])), dtype=np.dtype(t.dtype or np.float32))
+                    for t in self.inputs}
             times = []
             for _ in range(3):
                 start = time.perf_counter()
