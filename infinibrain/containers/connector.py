@@ -16,6 +16,12 @@ is idle and alive every ``INFINIBRAIN_HEARTBEAT_MS`` (default 2500, the manager'
 ``container_heartbeat_ms`` default) if it has sent nothing else meanwhile. A module stuck
 in its own code sends nothing; the manager then stops sending it requests
 (docs/OPERATIONS.md, "Container lifecycle").
+
+Calls (not in the reference): ``infer``/``infer_image`` ask another inference through
+the manager and wait for its answer here, keeping this module's requests that arrive
+meanwhile for the next receive (calls.py; manager/calls.py).
+
+Owned by the program's thread that made it (one Connector per thread).
 """
 from __future__ import annotations
 

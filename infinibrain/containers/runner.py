@@ -26,7 +26,6 @@ import sys
 import threading
 from typing import Any
 
-from ..errors import InfinibrainException
 from .connector import Connector
 from .model import Hooks, Model, ModelLoadError
 
@@ -111,10 +110,7 @@ def answer(model: Model, items: list[tuple[Any, dict, Any]]) -> list[Any]:
         sent_array = bool(response.metadata_sys.get("arr"))  # infer_image; else infer's bytes
         try:
             feed, had_batch = model.feed(data, param, image=sent_array)
-        except InfinibrainException as exc:
-            results[i] = exc
-            continue
-        except Exception as exc:  # the preprocess hook's own failure
+        except Exception as exc:  # 100 for data the model cannot take; a preprocess hook's own failure (999)
             results[i] = exc
             continue
         feeds.append(feed)
