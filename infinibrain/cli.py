@@ -93,10 +93,18 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
          "in_flight": r["send_data_num"], "cpu": r["cpu_proc"], "memory": r["mem_usage"]}
         for r in rows
     ]
+    telemetry = c.get_board_telemetry()
+    for row in boards:
+        row.update(_board_row(telemetry["boards"].get(row["board"]) or {}))
     if args.json:
-        dump({"boards": boards, "containers": containers})
+        dump({"boards": boards, "containers": containers, "energy": telemetry["energy"]})
         return 0
-    table(boards, ["board", "address"])
+    print("BOARDS")
+    table(boards, ["board", "address", "state", "cpu", "memory", "load", "temp", "gpu", "power"])
+    if telemetry["energy"]:
+        print()
+        table([{**e, "J/request": f"{e['joules_per_request']:.3f}"} for e in telemetry["energy"]],
+              ["inference", "board", "J/request", "requests"])
     print()
     if containers:
         table(containers, ["inference", "container", "board", "type", "state", "status", "connect", "distribution",
@@ -104,6 +112,22 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
     else:
         print("no inferences deployed")
     return 0
+
+
+def _board_row(t: dict) -> dict:
+    """A board's telemetry for ``status`` (its JSON keeps every figure under ``telemetry``)."""
+    if t.get("state") != "ok":
+        return {"state": f"{t.get('state', '?')}" + (f" ({t['why']})" if t.get("why") else ""), "telemetry": t}
+    temps = t.get("temperatures") or {}
+    return {
+        "state": "ok", "telemetry": t,
+        "cpu": f"{t['cpu'].get('all', 0) * 100:.0f}%" if t.get("cpu") else "",
+        "memory": f"{t['memory_used'] / 2**30:.1f}/{t['memory_total'] / 2**30:.1f} GiB" if t.get("memory_total") else "",
+        "load": f"{t['load'][0]:.2f}" if t.get("load") else "",
+        "temp": f"{max(temps.values()):.0f}C" if temps else "",
+        "gpu": f"{t['gpu'] * 100:.0f}%" if t.get("gpu") is not None else "",
+        "power": f"{t['watts']:.1f} W" if t.get("watts") is not None else "",
+    }
 
 
 def load_deployment(path: Path) -> list[tuple[dict, Any]]:

@@ -367,6 +367,15 @@ class AICluster(_Inference):
         dropped frames by port, refused keys, clients, loop errors, its memory)."""
         return self._run(lambda: Call("stats", "stats", {}, safe=True))
 
+    def get_board_telemetry(self) -> dict:
+        """Not in the reference: what each board is doing, as its sampler last said
+        (``{"boards": {name: {...}}, "energy": [...]}``): CPU per core and in all (0..1),
+        memory (bytes), load, temperatures (°C); on a Jetson GPU and EMC load (0..1) and
+        each power rail (W); ``state`` "ok", or "silent" (no figures) with ``why``. ``energy``
+        lists the joules per request of each inference on a board that reports its power
+        (docs/OPERATIONS.md, "Boards")."""
+        return self._run(lambda: Call("boards", "boards", {}, safe=True))
+
     def get_container_logs(self, suffix_name: str, coprocessor_name: str, lines: int = 100) -> str:
         """The last ``lines`` lines a container wrote (not in the reference)."""
         return self._run(lambda: Call("logs", "logs", {"suffix_name": suffix_name, "board": coprocessor_name,

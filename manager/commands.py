@@ -123,6 +123,7 @@ class Commands:
             "container_distribution": Spec(self.container_distribution, manage=True),
             "ping": Spec(lambda ctx, a: {"instance": self.wire.instance}),
             "stats": Spec(lambda ctx, a: self.figures.stats()),
+            "boards": Spec(lambda ctx, a: self.figures.boards()),
         }
 
     # ---- running a command -------------------------------------------------------------------

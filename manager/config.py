@@ -87,6 +87,7 @@ class ManagerConfig:
     max_client_bytes: int = 512 * 1024 * 1024  # bytes of request data one client may have waiting or in flight
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
+    telemetry_interval_ms: int = 1_000  # each board's sampler prints this often (manager/telemetry.py); 0 = off
     registry_port: int = 0  # the image registry boards pull from, on 127.0.0.1; 0 = base port + 6
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json" (one JSON object a line, for log collectors)
@@ -184,6 +185,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     _check_address(cfg.metrics_host, "manager.metrics_host")
     if not 1 <= cfg.registry_port <= 65535:
         raise ConfigError(f"manager.registry_port must be a port number or 0 (base port + 6), got {cfg.registry_port}")
+    if not 0 <= cfg.telemetry_interval_ms <= 3_600_000 or 0 < cfg.telemetry_interval_ms < 100:
+        raise ConfigError(f"manager.telemetry_interval_ms must be 0 (off) or from 100 to 3600000, got {cfg.telemetry_interval_ms}")
     if not (cfg.metrics_port == -1 or 1 <= cfg.metrics_port <= 65535):
         raise ConfigError(f"manager.metrics_port must be a port number, 0 (base port + 5) or -1 (off), got {cfg.metrics_port}")
     if not 1 <= cfg.port <= 65535 - 8:

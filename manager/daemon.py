@@ -33,6 +33,7 @@ from .commands import Commands
 from .config import ConfigError, ManagerConfig, exposed_listeners, is_loopback, load_config
 from .deadlines import Deadlines
 from .dispatch import Dispatcher
+from .energy import Energy
 from .figures import Figures, rss_bytes
 from .health import Health
 from .loop import Loop
@@ -43,6 +44,7 @@ from .reconciler import Reconciler
 from .registry import Registry
 from .router import Clients, Router
 from .state import RUNNING_STATES, Nudge
+from .telemetry import Telemetry
 from .views import Views
 from .wire import Wire
 
@@ -79,7 +81,10 @@ class Manager:
         self.operations = Operations()
         self.reconciler = Reconciler(config, self.loop, self.wire, self.dispatcher, health, self.registry, self.boards,
                                      self.operations, self.guard, nudge, metrics, clock)
-        self.figures = Figures(config, self.loop, self.wire, self.dispatcher, self.payloads, self.guard, clients)
+        self.telemetry = Telemetry(self.boards, config.telemetry_interval_ms / 1000)
+        energy = Energy(self.loop, self.dispatcher, self.telemetry.watts, config.telemetry_interval_ms / 1000, clock)
+        self.figures = Figures(config, self.loop, self.wire, self.dispatcher, self.payloads, self.guard, clients,
+                               self.telemetry, energy)
         views = Views(self.dispatcher, self.reconciler, self.boards, config, self.operations)
         changes = Changes(self.reconciler, self.registry, self.dispatcher)
         commands = Commands(self.loop, self.wire, self.dispatcher, self.figures, self.reconciler, changes, views, self.boards,
@@ -93,6 +98,7 @@ class Manager:
         self._trimmed_rss = 0
         self.loop.every(self._trim, TRIM_EVERY)
         self.reconciler.restore()
+        self.telemetry.start()
 
     def _trim(self, now: float) -> None:
         """After a burst of large messages (or a flood), give the kernel back what malloc
@@ -129,6 +135,7 @@ class Manager:
             for c, outcome in zip(stoppers, pool.map(_stop_quietly, stoppers)):
                 if outcome:
                     log.warning("could not stop %s: %s", c.id, outcome)
+        self.telemetry.close()
         self.operations.close()
         self.registry.close()
         if self.metrics_server is not None:

@@ -16,6 +16,7 @@ Router thread, all of it.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -55,6 +56,9 @@ class Dispatcher:
         self.aging = config.priority_aging_ms / 1000
         self.retried = 0  # requests sent again because their container went away
         self.callers: dict[str, Client] = {}  # containers that make calls, as clients (calls.py)
+        # (inference, board) -> seconds its containers spent on answered requests, and how many (energy.py)
+        self.busy: collections.defaultdict[tuple[str, str], float] = collections.defaultdict(float)
+        self.served: collections.Counter[tuple[str, str]] = collections.Counter()
         self.batches = [0, 0]  # messages of two or more requests sent, and the requests in them
         self._no_input: list[str] = []  # inferences registered with input=None (clients are told)
         # Another manager instance (before a restart) numbered its requests from elsewhere,
@@ -286,6 +290,7 @@ class Dispatcher:
         now = self.clock()
         req.container = c.id
         req.batch = batch
+        req.sent = now
         deadline = now + req.answer_timeout
         req.answer_deadline = deadline if deadline < req.deadline else req.deadline
         c.in_flight[req.mkey] = req
@@ -320,6 +325,9 @@ class Dispatcher:
             return self.health.answered(c, mkey)
         if frame is not None:
             c.rx_bytes += len(frame)
+        where = (c.inference, c.board)
+        self.busy[where] += self.clock() - req.sent
+        self.served[where] += 1
         code = 0 if taken else int(h.get("code") or 0)
         if not req.client:
             self._warmed(c, req, code, h.get("detail") or h.get("msg") or "")

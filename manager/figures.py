@@ -11,13 +11,15 @@ from .config import ManagerConfig
 from .dispatch import Dispatcher
 from .loop import Loop
 from .payloads import Payloads
+from .energy import Energy
 from .state import Client
+from .telemetry import Telemetry
 from .wire import Wire
 
 
 class Figures:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, dispatcher: Dispatcher, payloads: Payloads,
-                 guard: Guard, clients: dict[str, Client]) -> None:
+                 guard: Guard, clients: dict[str, Client], telemetry: Telemetry, energy: Energy) -> None:
         self.config = config
         self.loop = loop
         self.wire = wire
@@ -25,10 +27,24 @@ class Figures:
         self.payloads = payloads
         self.guard = guard
         self.clients = clients
+        self.telemetry = telemetry
+        self.energy = energy
+
+    def boards(self) -> dict:
+        """Each board's telemetry, and the energy per request of each inference where its
+        board reports power (the ``boards`` command, the metrics, ``status``)."""
+        return {
+            "boards": {name: r.as_dict() for name, r in self.telemetry.readings().items()},
+            "energy": [{"inference": inference, "board": board, "joules_per_request": round(j, 6),
+                        "joules": round(self.energy.joules[(inference, board)], 3),
+                        "requests": self.energy.counted[(inference, board)]}
+                       for (inference, board), j in sorted(self.energy.per_request().items())],
+        }
 
     def live(self) -> dict:
         """What the metrics' gauges show (manager/metrics.py)."""
         return {
+            **self.boards(),
             "queues": {n: len(svc.queue) for n, svc in self.dispatcher.services.items()},
             "containers": [
                 {"id": c.id, "suffix": c.suffix, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),

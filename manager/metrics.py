@@ -174,6 +174,49 @@ class _Live(Collector):
         for where, n in snap["loop_errors"].items():
             errors.add_metric([where], n)
         yield from (depth, flying, up, state, moved, dropped, refused, clients, errors)
+        yield from board_families(snap.get("boards") or {}, snap.get("energy") or [])
+
+
+def board_families(boards: dict[str, dict], energy: list[dict]) -> list[Any]:
+    """The ``infinibrain_board_*`` gauges (telemetry.py): base units (ratios 0..1, bytes,
+    degrees Celsius, watts), a ``board`` label on each; a board whose sampler is silent has
+    only ``infinibrain_board_up 0``. And ``infinibrain_inference_energy_joules_per_request``."""
+    def gauge(name: str, text: str, *labels: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, text, labels=["board", *labels])
+
+    up = gauge("infinibrain_board_up", "1 while the board's telemetry sampler answers")
+    cpu = gauge("infinibrain_board_cpu_utilization_ratio", "Busy share of each CPU (cpu=\"all\": the whole board), 0..1", "cpu")
+    used = gauge("infinibrain_board_memory_used_bytes", "Memory in use (MemTotal - MemAvailable)")
+    total = gauge("infinibrain_board_memory_total_bytes", "Memory in all")
+    load = gauge("infinibrain_board_load1", "Load average over 1 minute")
+    temp = gauge("infinibrain_board_temperature_celsius", "Temperature of each sensor (thermal zones; tegra_*: tegrastats)", "sensor")
+    gpu = gauge("infinibrain_board_gpu_utilization_ratio", "GPU (GR3D) load from tegrastats, 0..1")
+    emc = gauge("infinibrain_board_emc_utilization_ratio", "External memory controller load from tegrastats, 0..1")
+    rail = gauge("infinibrain_board_power_watts", "Power of each rail from tegrastats, now", "rail")
+    rail_avg = gauge("infinibrain_board_power_average_watts", "Power of each rail from tegrastats, averaged by tegrastats", "rail")
+    watts = gauge("infinibrain_board_input_power_watts", "The board's input power (its input rail, else the sum of its rails)")
+    for name, b in boards.items():
+        up.add_metric([name], 1 if b["state"] == "ok" else 0)
+        if b["state"] != "ok":
+            continue
+        for core, ratio in b["cpu"].items():
+            cpu.add_metric([name, core], ratio)
+        used.add_metric([name], b["memory_used"])
+        total.add_metric([name], b["memory_total"])
+        load.add_metric([name], b["load"][0])
+        for sensor, degrees in b["temperatures"].items():
+            temp.add_metric([name, sensor], degrees)
+        for family, key in ((gpu, "gpu"), (emc, "emc"), (watts, "watts")):
+            if b[key] is not None:
+                family.add_metric([name], b[key])
+        for r, figures in b["rails"].items():
+            rail.add_metric([name, r], figures["watts"])
+            rail_avg.add_metric([name, r], figures["average_watts"])
+    joules = GaugeMetricFamily("infinibrain_inference_energy_joules_per_request",
+                               "Estimated energy of one request of the inference on the board (energy.py)", labels=["inference", "board"])
+    for e in energy:
+        joules.add_metric([e["inference"], e["board"]], e["joules_per_request"])
+    return [up, cpu, used, total, load, temp, gpu, emc, rail, rail_avg, watts, joules]
 
 
 def per_container(instances: list[dict]) -> list[dict]:

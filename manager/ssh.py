@@ -209,6 +209,18 @@ class SSHLink:
             raise self.failed(f"running {script.split()[0]!r}", exc) from None
         return status, out.decode(errors="replace"), err.decode(errors="replace")
 
+    def stream(self, script: str, timeout: float | None = None) -> paramiko.Channel:
+        """Start a long-lived ``sh`` script on the board and return its channel, to read its
+        output as it comes (the telemetry sampler); a read that waits ``timeout`` seconds
+        (the command timeout) raises. Closing the channel ends the script (SIGPIPE)."""
+        try:
+            channel = self.client().get_transport().open_session(timeout=self.connect_timeout)
+            channel.settimeout(timeout or self.command_timeout)
+            channel.exec_command(f"sh -c {shlex.quote(script)}")
+        except LINK_ERRORS as exc:
+            raise self.failed("starting a long-lived command", exc) from None
+        return channel
+
     def check(self, script: str, what: str, timeout: float | None = None) -> str:
         """``run`` that turns a failing script into 302 naming ``what``."""
         status, out, err = self.run(script, timeout)

@@ -75,6 +75,7 @@ class Request:
     lost: str = ""  # why it is waiting again: its container went away (ends with 402, not 306)
     nbytes: int = 0  # bytes of its data (frames, or in shared memory): counted against its client and board
     chain: tuple[str, ...] = ()  # a container's call (calls.py): the inferences waiting for it, outermost first
+    sent: float = 0.0  # when it was last sent to a container (its service time: energy.py)
 
     @property
     def queued_wall(self) -> float:
