@@ -93,8 +93,13 @@ class Manager:
                              commands, self.reconciler.stranger, clock)
         self.metrics_server = None
         if isinstance(metrics, RequestMetrics):
+            def page() -> dict:  # router thread: what the status page shows
+                return {**self.figures.live(), "instance": self.wire.instance, "summary": metrics.summary(),
+                        "recent": list(metrics.recent)}
+
             self.metrics_server = MetricsServer(metrics, lambda: self.loop.call(self.figures.live, timeout=5),
-                                                config.metrics_host, config.metrics_port)
+                                                lambda: self.loop.call(page, timeout=5), config.metrics_host,
+                                                config.metrics_port)
         self._trimmed_rss = 0
         self.loop.every(self._trim, TRIM_EVERY)
         self.reconciler.restore()

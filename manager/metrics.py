@@ -24,16 +24,26 @@ The HTTP server runs on a thread of its own.
 | infinibrain_refused_keys_total | counter | domain (CURVE) |
 | infinibrain_clients | gauge | – |
 | infinibrain_loop_errors_total | counter | where (the router went on after an exception there) |
+| infinibrain_board_up, infinibrain_board_cpu_utilization_ratio, ..._memory_used_bytes, ..._memory_total_bytes, ..._load1, ..._temperature_celsius, ..._gpu_utilization_ratio, ..._emc_utilization_ratio, ..._power_watts, ..._power_average_watts, ..._input_power_watts | gauge | board (+ cpu, sensor, rail): board telemetry (telemetry.py) |
+| infinibrain_inference_energy_joules_per_request | gauge | inference, board (energy.py) |
+
+``/`` on the same listener is a status page (status_page.py) for people.
 """
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .status_page import render
 
 if TYPE_CHECKING:
     from .state import Request
@@ -43,6 +53,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DEPLOY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 UNKNOWN = ""  # the inference label of a request for an unregistered name (no unbounded labels)
+RECENT = 20  # errors the status page lists
 
 
 class NullMetrics:
@@ -87,6 +98,34 @@ class RequestMetrics(NullMetrics):
         self.retries = Counter("infinibrain_request_retries", "Requests sent again because their container went away",
                                ["inference"], registry=self.registry)
         self._children: dict[tuple, Any] = {}  # (metric, *labels) -> its labelled child
+        self.recent: collections.deque[dict] = collections.deque(maxlen=RECENT)  # the last errors, for the status page
+
+    def _error(self, what: str, inference: str, code: int | str, board: str = "") -> None:
+        self.recent.appendleft({"at": time.strftime("%H:%M:%S"), "what": what, "inference": inference, "board": board,
+                                "code": code})
+
+    def summary(self) -> dict[str, dict]:
+        """Per inference: requests ended, how many with an error, mean seconds to the answer
+        (for the status page; router thread)."""
+        out: dict[str, dict] = collections.defaultdict(lambda: {"requests": 0, "errors": 0, "mean_seconds": None})
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    row = out[s.labels["inference"]]
+                    row["requests"] += int(s.value)
+                    if s.labels["code"] != "0":
+                        row["errors"] += int(s.value)
+        sums: dict[str, float] = {}
+        for family in self.total.collect():
+            for s in family.samples:
+                if s.name.endswith("_sum"):
+                    sums[s.labels["inference"]] = s.value
+                elif s.name.endswith("_count") and s.value:
+                    out[s.labels["inference"]]["count"] = s.value
+        for name, row in out.items():
+            if row.get("count"):
+                row["mean_seconds"] = sums.get(name, 0.0) / row.pop("count")
+        return dict(out)
 
     # The request path calls these for every request: a labelled child is looked up once
     # per metric and labels and kept, not through ``labels()`` each time.
@@ -99,6 +138,7 @@ class RequestMetrics(NullMetrics):
 
     def refused(self, inference: str, code: int) -> None:
         self._child(self.requests, inference, str(code)).inc()
+        self._error("request refused", inference, code)
 
     def dispatched(self, req: "Request") -> None:
         self._child(self.queue_wait, req.inference).observe(time.monotonic() - req.accepted)
@@ -106,6 +146,8 @@ class RequestMetrics(NullMetrics):
     def ended(self, req: "Request", code: int) -> None:
         self._child(self.requests, req.inference, str(code)).inc()
         self._child(self.total, req.inference).observe(time.monotonic() - req.accepted)
+        if code:
+            self._error("request", req.inference, code, req.container or "")
 
     def retried(self, req: "Request") -> None:
         self._child(self.retries, req.inference).inc()
@@ -114,22 +156,50 @@ class RequestMetrics(NullMetrics):
         self.outcomes.labels(inference, board, outcome).inc()
         if outcome == "ready":
             self.deployments.labels(inference, board).observe(seconds)
+        else:
+            self._error("deployment", inference, outcome, board)
 
     def sent_to_board(self, board: str, nbytes: int) -> None:
         self.board_bytes.labels(board).inc(nbytes)
 
 
 class MetricsServer:
-    """The HTTP listener of ``metrics``, with the gauges ``live()`` gives at each scrape."""
+    """The HTTP listener of ``metrics``, with the gauges ``live()`` gives at each scrape, and
+    the status page at ``/`` (status_page.py) from ``page()``. Its own threads (one per
+    request); what they read comes from the router thread through ``Loop.call``."""
 
-    def __init__(self, metrics: RequestMetrics, live: Callable[[], dict], host: str, port: int) -> None:
+    def __init__(self, metrics: RequestMetrics, live: Callable[[], dict], page: Callable[[], dict], host: str,
+                 port: int) -> None:
         metrics.registry.register(_Live(live))
-        self.server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+        scrape = make_wsgi_app(metrics.registry)
+
+        def app(environ: dict, start_response: Callable) -> list[bytes]:
+            if environ.get("PATH_INFO") in ("/", "/index.html"):
+                try:
+                    body = render(page()).encode()
+                    status = "200 OK"
+                except Exception as exc:  # the router is stopping: say so
+                    body, status = f"the manager is not answering: {exc}".encode(), "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")])
+                return [body]
+            if environ.get("PATH_INFO") == "/metrics":
+                return scrape(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: / is the status page, /metrics the metrics"]
+
+        self.server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics, the status page on http://%s:%d/", host, port, host, port)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
 
 
 class _Live(Collector):

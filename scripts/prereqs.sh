@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 
-PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support python3-zmq python3-msgpack python3-numpy)
+PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support python3-zmq python3-msgpack python3-numpy chromium)
 have() {
   case "$1" in
     docker.io) command -v dockerd >/dev/null && command -v docker >/dev/null ;;
