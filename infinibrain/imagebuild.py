@@ -62,6 +62,7 @@ from .errors import make_error
 KEYS = {"tag", "from", "platform", "apt", "pip", "files", "env", "workdir", "command", "save",
         "no_deps", "constraints", "keep", "check"}
 PIP = "/opt/infinibrain/pip.whl/pip"
+CHECK_TIMEOUT = 600  # seconds one of a spec's checks may run (under emulation a model's first run is slow)
 
 
 def host_platform_name() -> str:
@@ -272,11 +273,19 @@ def _checked(client: Any, spec: Spec, candidate: str, say: Callable[[str], None]
     for check in spec.check:
         argv = ["python3", "-c", check] if check.split()[0] in ("import", "from") else ["sh", "-c", check]
         say(f"check: {check}")
+        container = client.containers.run(candidate, argv, detach=True, network_mode="none", platform=spec.platform,
+                                          entrypoint=[])
         try:
-            client.containers.run(candidate, argv, remove=True, network_mode="none", platform=spec.platform,
-                                  entrypoint=[], stderr=True)
-        except docker.errors.ContainerError as exc:
-            raise _check_failed(spec, check, exc.exit_status, (exc.stderr or b"").decode(errors="replace")) from None
+            try:
+                status = container.wait(timeout=CHECK_TIMEOUT)["StatusCode"]
+            except Exception:  # the engine's wait timed out: the check hangs
+                container.kill()
+                raise make_error(302, detail=f"{spec.tag}: check {check!r} did not end within {CHECK_TIMEOUT} s; "
+                                             f"{spec.tag} was left as it was") from None
+            if status != 0:
+                raise _check_failed(spec, check, status, container.logs(stdout=True, stderr=True).decode(errors="replace"))
+        finally:
+            container.remove(force=True)
     repository, tag = docker.utils.parse_repository_tag(spec.tag)
     client.images.get(candidate).tag(repository, tag or "latest")
     return client.images.get(spec.tag)

@@ -181,13 +181,13 @@ class Segment:
 class Pool:
     """A client's segments: one per request in flight, reused once its request has ended."""
 
-    def __init__(self, owner: str, limit: int = LIMIT_BYTES) -> None:
+    def __init__(self, owner: str, limit: int = LIMIT_BYTES, first: int = 0) -> None:
         self.owner = owner
         self.limit = limit
         self._free: list[Segment] = []
         self._names: list[str] = []  # every segment made, removed at close or exit
         self._total = 0
-        self._count = 0
+        self._count = first  # a Connector starts at a random number: its owner outlives its process (caller_owner)
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _unlink, self._names, os.getpid())
 

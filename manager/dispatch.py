@@ -119,6 +119,7 @@ class Dispatcher:
         program started by hand, whose Connector named itself)."""
         old = c.id
         self.container_lost(c, "another program took its place", announce=False)
+        self._forget_caller(caller_id(c))
         self.containers.pop(old, None)
         c.id = wire_id
         self.containers[wire_id] = c
@@ -127,10 +128,17 @@ class Dispatcher:
             svc.instances.pop(old, None)
             svc.instances[wire_id] = c
 
+    def _forget_caller(self, cid: str) -> None:
+        """A calling instance is gone: its calls still waiting are dropped (their answers
+        would go nowhere), its segments no longer read."""
+        if self.callers.pop(cid, None) is not None:
+            for req in self.take_waiting(lambda r: r.client == cid):
+                self.end(req, 402, "the container that made this call went away")
+            self.payloads.forget(cid)
+
     def remove_instance(self, c: Instance) -> None:
         self.container_lost(c, "it was removed", announce=False)
-        if self.callers.pop(caller_id(c), None) is not None:
-            self.payloads.forget(caller_id(c))
+        self._forget_caller(caller_id(c))
         if self.containers.get(c.id) is c:
             del self.containers[c.id]
         svc = self.services.get(c.inference)
@@ -350,7 +358,7 @@ class Dispatcher:
 
     def _release(self, req: Request) -> None:
         """``req`` ended: no longer its client's to count."""
-        client = self.clients.get(req.client) or self.callers.get(req.client)
+        client = (self.callers if req.chain else self.clients).get(req.client)
         if client is not None:
             client.outstanding -= 1
             client.outstanding_bytes -= req.nbytes

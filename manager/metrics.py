@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -187,7 +188,9 @@ class MetricsServer:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found: / is the status page, /metrics the metrics"]
 
-        self.server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family})  # ::1 as well as 127.0.0.1
+        self.server: ThreadingWSGIServer = make_server(host, port, app, server_class, handler_class=_Quiet)
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics, the status page on http://%s:%d/", host, port, host, port)

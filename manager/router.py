@@ -36,7 +36,7 @@ from .dispatch import Dispatcher
 from .health import Health
 from .loop import Loop
 from .payloads import Payloads
-from .state import Client, Clock, Instance
+from .state import CALLER_PREFIX, Client, Clock, Instance
 from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager.router")
@@ -84,6 +84,8 @@ class Router:
         to that key; ProtocolError when another key owns it, or the key is not allowed."""
         client = self.clients.get(cid)
         if client is None:
+            if cid.startswith(CALLER_PREFIX):
+                raise P.ProtocolError(f"client id {cid!r}: ids starting {CALLER_PREFIX!r} are containers' (calls.py)")
             role = MANAGE if user == "" else self.guard.role_of(user or "")
             if role is None:
                 raise P.ProtocolError("a message of a key that is no longer allowed")

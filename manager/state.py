@@ -166,6 +166,9 @@ class Instance:
         return self.state is State.READY and self.hello and bool(self.subs)
 
 
+CALLER_PREFIX = "0-"  # no process is pid 0: no SDK client's id starts so (the router refuses one that does)
+
+
 def caller_id(c: Instance) -> str:
     """The client id a container's calls are counted under (calls.py), which is also the
     owner of the shared memory segments its calls name (shm.caller_owner)."""

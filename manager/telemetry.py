@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -138,12 +139,13 @@ class Telemetry:
 
     def _open(self, board: Board) -> tuple[Any, Iterator[str]]:
         script = sampler(self.interval)
+        patience = max(STALE * self.interval * 2, 5.0)  # a sampler silent this long is ended and started again
         if board.link is None:
             proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
             assert proc.stdout is not None
-            return proc, _lines(proc.stdout)
-        channel = board.link.stream(script, timeout=max(STALE * self.interval * 2, 5.0))
+            return proc, _fd_lines(proc.stdout.fileno(), patience)
+        channel = board.link.stream(script, timeout=patience)
         return channel, _lines(channel.makefile("r"))
 
     def _follow(self, name: str, lines: Iterator[str]) -> str:
@@ -202,12 +204,31 @@ def _lines(fh: IO) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
+def _fd_lines(fd: int, patience: float) -> Iterator[str]:
+    """A local sampler's lines; TimeoutError after ``patience`` seconds with nothing (a hung
+    sampler is then ended and started again, not waited for)."""
+    pending = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], patience)
+        if not ready:
+            raise TimeoutError(f"the sampler printed nothing for {patience:g} s")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
 def _end(stream: Any) -> None:
     """End a sampler: the local process group, or the SSH channel (the remote loop dies of SIGPIPE)."""
     try:
         if isinstance(stream, subprocess.Popen):
-            os.killpg(stream.pid, signal.SIGTERM)
+            if stream.poll() is None:  # not reaped yet: its pid (and group) is still its own
+                os.killpg(stream.pid, signal.SIGKILL)  # a shell loop: nothing to clean up, and a stopped one ends too
             stream.wait(5)
+            if stream.stdout is not None:
+                stream.stdout.close()
         else:
             stream.close()
     except (OSError, subprocess.TimeoutExpired):

@@ -26,6 +26,7 @@ Owned by the program's thread that made it (one Connector per thread).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -81,7 +82,8 @@ class Connector:
         self._default_batch = _batch_default(env.get("INFINIBRAIN_MAX_BATCH_SIZE"))
         self._batch = 1  # requests per message the manager may send: more once the program asks for batches
         self._items: deque[tuple[dict, Any]] = deque()  # received requests not yet handed out
-        self._calls = 0  # calls made to other inferences (their numbers)
+        self._calls = 0  # calls made to other inferences (their numbers, after this Connector's own token)
+        self._call_token = uuid.uuid4().hex[:8]  # a restarted container's late answers never match a new call
         self._answers: dict[str, tuple[dict, Any] | None] = {}  # call number -> its answer (None: still waiting)
         self._serving: InferenceResponse | None = None  # the request last handed out: a call's parent by default
         self._shares_shm = False  # it read the manager's probe: its calls' data may go in shared memory
@@ -207,18 +209,21 @@ class Connector:
                 return
         self._items.append((h, frame))
 
-    def _wait(self, deadline: float | None) -> bool:
-        """Wait for a message until ``deadline`` (None: no limit), beating while idle;
-        False when the deadline passed with nothing to receive."""
+    def _wait(self, deadline: float | None, beat: bool = True) -> bool:
+        """Wait for a message until ``deadline`` (None: no limit), beating while idle (not
+        while a call waits: the module is busy then); False when the deadline passed with
+        nothing to receive."""
         while True:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return bool(self._poller.poll(0))
-            beat_at = self._last_sent + self._beat_every
+            beat_at = self._last_sent + self._beat_every if beat else math.inf
             if now >= beat_at:  # idle: say so
                 self._send(P.HEARTBEAT, {"sub": self.sub_name})
                 beat_at = now + self._beat_every
             until = beat_at if deadline is None else min(beat_at, deadline)
+            if until == math.inf:
+                until = now + 3600  # no deadline, no beats: wake now and then anyway
             if self._poller.poll(max(0, int((until - now) * 1000)) + 1):
                 return True
 
@@ -324,9 +329,13 @@ class Connector:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise argument_error("timeout", f"must be a number of seconds > 0, got {timeout!r}")
         self._calls += 1
-        number = str(self._calls)
+        number = f"{self._call_token}-{self._calls}"
         header, frame = call_message(number, inference_name, data, param, image, self.sub_name, response or self._serving)
         segment = self._call_segment(header, frame)
+        size = memoryview(frame).nbytes
+        if segment is None and size > self.max_message_size:
+            raise argument_error("image_data" if image else "in_data",
+                                 f"it is {size} bytes, more than the manager's max_message_size of {self.max_message_size}")
         self._answers[number] = None
         try:
             self._send(P.CALL, header, [] if segment is not None else [frame])
@@ -334,7 +343,7 @@ class Connector:
             while self._answers[number] is None:
                 if self._take_waiting():
                     continue
-                if not self._wait(deadline):
+                if not self._wait(deadline, beat=False):  # busy, not idle: no idle beats meanwhile
                     segment = None  # the manager may still read it: not reused
                     raise make_error(401, detail=f"no answer from {header['inf']!r} within {timeout:g} s")
             answer, frame = self._answers[number]  # type: ignore[misc]
@@ -353,11 +362,14 @@ class Connector:
         if self._call_pool is None:
             owner = shm.caller_owner(self._wire_id)
             try:
+                shm.sweep_once()  # segments of processes that were killed
                 self._call_probe = shm.Probe(shm.probe_name(owner), owner)
             except OSError:
                 self._shares_shm = False
                 return None
-            self._call_pool = shm.Pool(owner)
+            # Numbered from a random start: the owner is the instance's, and a restarted
+            # process must not reuse a name a reader still has mapped.
+            self._call_pool = shm.Pool(owner, first=int.from_bytes(os.urandom(3), "big") << 8)
         segment = self._call_pool.take(view.nbytes)
         if segment is not None:
             header["shm"] = segment.write(view)
@@ -377,6 +389,8 @@ class Connector:
         (not in the reference).
         """
         answer = self._answer(result, response)
+        if response is self._serving:
+            self._serving = None  # answered: a later call is made for no request
         if answer is not None:
             self._send(P.RESULT, answer[0], [answer[1]])
 

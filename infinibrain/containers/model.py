@@ -225,7 +225,7 @@ class Model:
             picture: Any = Image.open(io.BytesIO(data))
             picture = picture.convert("L" if channels == 1 else "RGB")
             if height is not None and width is not None and picture.size != (width, height):
-                picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+                picture = picture.resize((width, height), getattr(Image, "Resampling", Image).BILINEAR)  # Pillow < 9.1 too
         except Exception as exc:
             raise self._refuse(f"the bytes are not an image Pillow can decode ({exc})") from None
         pixels = np.asarray(picture).reshape(picture.size[1], picture.size[0], channels)
