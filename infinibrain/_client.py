@@ -29,6 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import allocator
 from . import protocol as P
+from .tracing import current_traceparent
 from . import security
 from ._callbacks import CallbackThread
 from ._direct import DirectReplies, DirectReply, arrived
@@ -231,6 +232,9 @@ class ClusterClient:
             header["lean"] = True  # a result needs no InferenceResponse fields
         if priority:
             header["pri"] = priority
+        parent = current_traceparent()
+        if parent is not None:
+            header["tp"] = parent  # the manager's and the container's spans join the application's trace
         frames = self._outbox.frames(p, header, payload, detached)
         self._waiting.add(p)
         try:

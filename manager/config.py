@@ -88,6 +88,8 @@ class ManagerConfig:
     metrics_host: str = "127.0.0.1"  # Prometheus metrics (manager/metrics.py)
     metrics_port: int = 0  # 0 = base port + 5; -1 = no metrics
     telemetry_interval_ms: int = 1_000  # each board's sampler prints this often (manager/telemetry.py); 0 = off
+    otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (manager/tracing.py); "" = off
+    trace_slow_ms: int = 1_000  # a traced request slower than this is exported even when its trace was not sampled
     registry_port: int = 0  # the image registry boards pull from, on 127.0.0.1; 0 = base port + 6
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json" (one JSON object a line, for log collectors)

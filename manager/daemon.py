@@ -45,6 +45,7 @@ from .registry import Registry
 from .router import Clients, Router
 from .state import RUNNING_STATES, Nudge
 from .telemetry import Telemetry
+from .tracing import make_tracing
 from .views import Views
 from .wire import Wire
 
@@ -76,7 +77,9 @@ class Manager:
         clock = time.monotonic
         health = Health(config.liveness_timeout_ms / 1000, nudge, clock)
         clients: Clients = {}
-        self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock, clients)
+        self.tracing = make_tracing(config.otlp_endpoint, config.trace_slow_ms, f"infinibrain-manager:{config.port}")
+        self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock, clients,
+                                     self.tracing)
         Deadlines(self.loop, self.wire, health, self.dispatcher)
         self.operations = Operations()
         self.reconciler = Reconciler(config, self.loop, self.wire, self.dispatcher, health, self.registry, self.boards,
@@ -141,6 +144,7 @@ class Manager:
                 if outcome:
                     log.warning("could not stop %s: %s", c.id, outcome)
         self.telemetry.close()
+        self.tracing.close()
         self.operations.close()
         self.registry.close()
         if self.metrics_server is not None:

@@ -36,13 +36,15 @@ from .registry import Registration
 from .service import Service
 from .settings import resolve
 from .state import Client, Clock, Instance, Nudge, Origin, Request, State, caller_id
+from .tracing import NullTracing
 from .wire import Wire
 
 log = logging.getLogger("infinibrain.manager.router")
 
 class Dispatcher:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, payloads: Payloads, health: Health, nudge: Nudge,
-                 metrics: NullMetrics, clock: Clock, clients: dict[str, Client]) -> None:
+                 metrics: NullMetrics, clock: Clock, clients: dict[str, Client], tracing: NullTracing | None = None) -> None:
+        self.tracing = tracing or NullTracing()
         self.config = config
         self.clock = clock
         self.clients = clients  # every client the manager hears from (the router's): their outstanding requests
@@ -216,6 +218,8 @@ class Dispatcher:
         )
         client.outstanding += 1
         client.outstanding_bytes += nbytes
+        if self.tracing.enabled and "tp" in h:
+            self.tracing.accepted(req, h["tp"])
         if not svc.queue:  # the usual case: nothing waits, so it goes first if a container may take it
             c = svc.pick(req.sub)
             if c is not None and svc.batch_size(c, req.sub) == 1:
@@ -277,7 +281,10 @@ class Dispatcher:
             self._send_one(c, req, payload, svc)
 
     def _send_one(self, c: Instance, req: Request, payload: list, svc: Service | None) -> None:
-        self.wire.to_container(c.id, req.sub, P.REQUEST, _request_header(c, req, svc is None or svc.replies), payload)
+        header = _request_header(c, req, svc is None or svc.replies)
+        if req.trace is not None:
+            header["tp"] = self.tracing.sent(req)
+        self.wire.to_container(c.id, req.sub, P.REQUEST, header, payload)
         self._sent(c, req, req.mkey, svc)
 
     def _dispatch_batch(self, c: Instance, batch: list[Request], svc: Service) -> None:
@@ -286,6 +293,9 @@ class Dispatcher:
         if len(items) <= 1:
             return self._send_one(c, *items[0], svc) if items else None
         header = {"items": [_request_header(c, req, svc.replies) for req, _ in items]}
+        for req, item in zip((r for r, _ in items), header["items"]):
+            if req.trace is not None:
+                item["tp"] = self.tracing.sent(req)
         frames = [payload[0] if payload else b"" for _, payload in items]  # one frame per item
         self.wire.to_container(c.id, batch[0].sub, P.REQUESTS, header, frames)
         self.batches[0] += 1
@@ -340,6 +350,8 @@ class Dispatcher:
         if not req.client:
             self._warmed(c, req, code, h.get("detail") or h.get("msg") or "")
             return True
+        if req.trace is not None:
+            self.tracing.ended(req, code, h.get("cs"), {"infinibrain.container": c.suffix, "infinibrain.board": c.board})
         if code == 0 and req.lean:  # the caller wants the result alone (protocol: "lean")
             header = {"rid": req.rid, "code": 0}
         else:
@@ -386,6 +398,8 @@ class Dispatcher:
             if c is not None:
                 self._warmed(c, req, code, detail or format_message(code))
             return
+        if req.trace is not None:
+            self.tracing.ended(req, code)
         self.wire.fail(req.reply, req.rid, code, detail=detail)
         self.metrics.ended(req, code)
         self._release(req)

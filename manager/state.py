@@ -76,6 +76,7 @@ class Request:
     nbytes: int = 0  # bytes of its data (frames, or in shared memory): counted against its client and board
     chain: tuple[str, ...] = ()  # a container's call (calls.py): the inferences waiting for it, outermost first
     sent: float = 0.0  # when it was last sent to a container (its service time: energy.py)
+    trace: Any = None  # its spans, when its application traces it (tracing.py)
 
     @property
     def queued_wall(self) -> float:

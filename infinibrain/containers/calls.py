@@ -36,6 +36,8 @@ def call_message(number: str, inference_name: Any, data: Any, param: Any, image:
         mkey = (parent.metadata_sys or {}).get("mkey")
         if mkey is not None:
             header["parent"] = mkey
+        if (parent.metadata_sys or {}).get("tp"):
+            header["tp"] = parent.metadata_sys["tp"]  # the call joins the trace of the request it serves
     return header, data
 
 

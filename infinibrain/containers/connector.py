@@ -238,7 +238,8 @@ class Connector:
             request_no=str(h.get("rid") or ""),
             inference_name=h.get("inf") or "",
             metadata=h.get("param") or {},
-            metadata_sys={"mkey": h.get("mkey"), "container": self.container_id, "noreply": noreply, "arr": h.get("arr")},
+            metadata_sys={"mkey": h.get("mkey"), "container": self.container_id, "noreply": noreply, "arr": h.get("arr"),
+                          **({"tp": h["tp"], "rx": time.time_ns()} if "tp" in h else {})},
             sub_inference_name=h.get("sub") or self.sub_name,
             time_stamp=[stamp],
         )
@@ -433,6 +434,8 @@ class Connector:
         stamps = [list(s) for s in (response.time_stamp or [])] + [["container_send", P.now()]]
         header = {"mkey": meta.get("mkey"), "code": code, "msg": message or (format_message(code) if code else ""),
                   "detail": detail, "ts": stamps}
+        if "rx" in meta:  # a traced request: its span in this container, as timed here
+            header["cs"] = [meta["rx"], time.time_ns()]
         if meta.get("mkey") is None:
             header["resp"] = {"sub_inference_name": self.sub_name, "metadata": response.metadata or {}, "time_stamp": stamps}
         return header, packed
