@@ -9,8 +9,11 @@ Each traced request gets, in the application's trace:
   (a child of dispatch; the container's clock), and a container's calls to other
   inferences are children of the request they serve.
 Sampling: parent-based (the application's sampled flag), and a request that failed or
-took longer than ``trace_slow_ms`` is kept whatever the flag said: its spans are made as
-it goes and exported only when it ends, once the outcome is known.
+took longer than ``trace_slow_ms`` is kept whatever the flag said. A sampled request's
+spans are made as it goes; an unsampled one records only its times (a few integers) and
+its spans are made at its end if it is kept, so tracing at 1% costs the other 99% almost
+nothing. The spans of an unsampled request kept at its end have ids of their own: its
+container's calls, which carried a made-up parent id, show in the trace without a parent.
 
 Router thread (the exporter has a thread of its own). Needs ``opentelemetry-sdk`` and
 ``opentelemetry-exporter-otlp-proto-http`` (the ``tracing`` extra); without them a
@@ -19,6 +22,7 @@ configured endpoint is logged once and ignored.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -43,12 +47,32 @@ class NullTracing:
         pass
 
 
-class _Trace:
-    __slots__ = ("sampled", "queue", "dispatch", "sent_ns", "accepted_ns")
+_HEX = frozenset("0123456789abcdef")
 
-    def __init__(self, sampled: bool, queue: Any, accepted_ns: int) -> None:
-        self.sampled, self.queue, self.sent_ns, self.accepted_ns = sampled, queue, 0, accepted_ns
-        self.dispatch: Any = None  # the span from sending to the answer, once sent
+
+def parse_traceparent(value: Any) -> tuple[str, str, bool] | None:
+    """(trace id, parent span id, sampled) of a W3C ``traceparent``, or None for one that is not."""
+    if not isinstance(value, str) or len(value) != 55:
+        return None
+    version, trace_id, span_id, flags = value.split("-") if value.count("-") == 3 else ("", "", "", "")
+    if version != "00" or len(trace_id) != 32 or len(span_id) != 16 or len(flags) != 2 \
+            or not _HEX.issuperset(trace_id + span_id + flags) or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+class _Trace:
+    """A traced request's spans: made as it goes when its trace is sampled; otherwise only
+    its times, and the spans made at its end if it is kept (failed or slow)."""
+
+    __slots__ = ("traceparent", "trace_id", "sampled", "queue", "dispatch", "accepted_ns", "sent_ns", "handed")
+
+    def __init__(self, traceparent: str, trace_id: str, sampled: bool, accepted_ns: int) -> None:
+        self.traceparent, self.trace_id, self.sampled, self.accepted_ns = traceparent, trace_id, sampled, accepted_ns
+        self.queue: Any = None
+        self.dispatch: Any = None
+        self.sent_ns = 0
+        self.handed = ""  # the traceparent the container was given
 
 
 class Tracing(NullTracing):
@@ -64,88 +88,90 @@ class Tracing(NullTracing):
 
         self.slow_ns = slow_ms * 1_000_000
         self._propagator = TraceContextTextMapPropagator()
-        # Every traced request's spans are made; which are exported is decided when it ends (_KeptOnly).
+        # The sampling decision is ours (sampled, failed or slow): every span made is recorded.
         self.provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=ALWAYS_ON)
         self._batch = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=500)
-        self.provider.add_span_processor(_kept_only(self._batch))
+        self.provider.add_span_processor(self._batch)
         self.tracer = self.provider.get_tracer("infinibrain.manager")
         log.info("traces of traced requests go to %s (kept: sampled, failed, or slower than %d ms)", endpoint, slow_ms)
 
+    # Each entry point is guarded: a fault in tracing leaves the request untraced, never lost.
+
     def accepted(self, req: Any, traceparent: Any) -> None:
-        if not isinstance(traceparent, str) or len(traceparent) > 128:
+        parsed = parse_traceparent(traceparent)
+        if parsed is None:
             return
-        try:
-            self._accepted(req, traceparent)
-        except Exception:  # tracing never costs a request: it goes on untraced
-            log.debug("tracing: a request left untraced", exc_info=True)
-            req.trace = None
-
-    def _accepted(self, req: Any, traceparent: str) -> None:
-        from opentelemetry import trace
-
-        parent = self._propagator.extract({"traceparent": traceparent})
-        context = trace.get_current_span(parent).get_span_context()
-        if not context.is_valid:
-            return
-        now = time.time_ns()
-        queue = self.tracer.start_span("infinibrain.queue", context=parent, start_time=now,
-                                       attributes={"infinibrain.inference": req.inference, "infinibrain.priority": req.priority})
-        req.trace = _Trace(bool(context.trace_flags.sampled), queue, now)
+        req.trace = t = _Trace(traceparent, parsed[0], parsed[2], time.time_ns())
+        if t.sampled:
+            try:
+                t.queue = self.tracer.start_span("infinibrain.queue", context=self._parent(t), start_time=t.accepted_ns,
+                                                 attributes={"infinibrain.inference": req.inference})
+            except Exception:
+                log.debug("tracing: a request left untraced", exc_info=True)
+                req.trace = None
 
     def sent(self, req: Any) -> str | None:
-        """The request goes to a container: the queue span's time is over, the dispatch
-        span starts; its traceparent, for the container."""
+        """The request goes to a container: the traceparent it hands on (its calls join the
+        trace with it). A sampled trace's dispatch span starts now."""
         t = req.trace
         if t is None:
             return None
-        try:
-            return self._sent(t)
-        except Exception:
-            log.debug("tracing: a request left untraced", exc_info=True)
-            req.trace = None
-            return None
+        if not t.sent_ns:
+            t.sent_ns = time.time_ns()
+            if t.sampled:
+                try:
+                    from opentelemetry import trace
 
-    def _sent(self, t: _Trace) -> str | None:
-        from opentelemetry import trace
-
-        now = time.time_ns()
-        if t.dispatch is None:
-            t.sent_ns = now
-            parent = trace.set_span_in_context(t.queue)
-            t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=parent, start_time=now)
-        carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, context=trace.set_span_in_context(t.dispatch))
-        return carrier.get("traceparent")
+                    t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=trace.set_span_in_context(t.queue),
+                                                        start_time=t.sent_ns)
+                    carrier: dict[str, str] = {}
+                    self._propagator.inject(carrier, context=trace.set_span_in_context(t.dispatch))
+                    t.handed = carrier.get("traceparent", "")
+                except Exception:
+                    log.debug("tracing: a request left untraced", exc_info=True)
+                    req.trace = None
+                    return None
+            else:  # not sampled: the container and its calls still carry the trace id
+                t.handed = f"00-{t.trace_id}-{os.urandom(8).hex()}-00"
+        return t.handed
 
     def ended(self, req: Any, code: int, container: Any = None, where: dict | None = None) -> None:
-        """The request ended with ``code``: its spans end, and are exported if kept."""
+        """The request ended with ``code``: its spans end, exported if it is kept."""
         t = req.trace
         if t is None:
             return
         req.trace = None
+        now = time.time_ns()
+        if not (t.sampled or code != 0 or now - t.accepted_ns > self.slow_ns):
+            return  # neither sampled, failed nor slow: nothing was made, nothing to send
         try:
-            self._ended(t, code, container, where)
+            self._finish(t, req.inference, code, container, where or {}, now)
         except Exception:
             log.debug("tracing: a request's spans were lost", exc_info=True)
 
-    def _ended(self, t: _Trace, code: int, container: Any, where: dict | None) -> None:
+    def _parent(self, t: _Trace) -> Any:
+        return self._propagator.extract({"traceparent": t.traceparent})
+
+    def _finish(self, t: _Trace, inference: str, code: int, container: Any, where: dict, now: int) -> None:
         from opentelemetry import trace
         from opentelemetry.trace import Status, StatusCode
 
-        now = time.time_ns()
-        keep = t.sampled or code != 0 or now - t.accepted_ns > self.slow_ns
+        if t.queue is None:  # kept at its end: its spans are made now, with the times it recorded
+            t.queue = self.tracer.start_span("infinibrain.queue", context=self._parent(t), start_time=t.accepted_ns,
+                                             attributes={"infinibrain.inference": inference})
+            if t.sent_ns:
+                t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=trace.set_span_in_context(t.queue),
+                                                    start_time=t.sent_ns)
         spans = [t.queue] + ([t.dispatch] if t.dispatch is not None else [])
         if t.dispatch is not None and isinstance(container, list) and len(container) == 2 \
                 and all(isinstance(x, int) for x in container) and container[0] <= container[1]:
             inner = self.tracer.start_span("infinibrain.container", context=trace.set_span_in_context(t.dispatch),
-                                           start_time=container[0], attributes=dict(where or {}))
-            inner.set_attribute("infinibrain.keep", keep)
+                                           start_time=container[0], attributes=dict(where))
             inner.set_attribute("infinibrain.code", code)
             inner.end(end_time=container[1])
         for span in spans:
-            span.set_attribute("infinibrain.keep", keep)
             span.set_attribute("infinibrain.code", code)
-            for k, v in (where or {}).items():
+            for k, v in where.items():
                 span.set_attribute(k, v)
             if code:
                 span.set_status(Status(StatusCode.ERROR, f"code {code}"))
@@ -155,25 +181,6 @@ class Tracing(NullTracing):
 
     def close(self) -> None:
         self.provider.shutdown()
-
-
-def _kept_only(inner: Any) -> Any:
-    """A span processor that hands on to ``inner`` only the spans of requests kept
-    (sampled, failed or slow: the ``infinibrain.keep`` attribute)."""
-    from opentelemetry.sdk.trace import SpanProcessor
-
-    class KeptOnly(SpanProcessor):
-        def on_end(self, span: Any) -> None:
-            if (span.attributes or {}).get("infinibrain.keep"):
-                inner.on_end(span)
-
-        def shutdown(self) -> None:
-            inner.shutdown()
-
-        def force_flush(self, timeout_millis: int = 30000) -> bool:
-            return inner.force_flush(timeout_millis)
-
-    return KeptOnly()
 
 
 def make_tracing(endpoint: str, slow_ms: int, service: str) -> NullTracing:
