@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from ppocr import fetch, text_image  # noqa: E402
 import run as ocr  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # noqa: E402
+from infinibrain.containers.model import Hooks  # noqa: E402
+from infinibrain.containers.runner import default_threads  # noqa: E402
 
 TIME_LIMIT = 60.0  # seconds for any one measured loop
 
@@ -82,7 +83,7 @@ def session(path: Path, threads: int):
 def per_request(c: AICluster, models: Path, count: int) -> None:
     x = np.random.default_rng(26).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     c.load_inference(det_config("bench-det", models), "local")
-    threads = len(os.sched_getaffinity(0))  # the runner's default with one model container on this machine
+    threads = default_threads({"INFINIBRAIN_MODEL_PEERS": "1"}, 1)  # the runner's default, one model container here
     local = session(models / "det.onnx", threads)
     for _ in range(5):
         c.infer_image("bench-det", x), local.run(None, {"x": x})
@@ -129,16 +130,17 @@ def pipeline(c: AICluster, models: Path, count: int) -> None:
     configs = ocr.configs("process", models, prefix="bench-ocr")
     for cfg in configs:
         c.load_inference(cfg, "local")
-    hooks = {n: _hooks(ROOT / "examples" / "ocr" / f"{n}_hooks.py") for n in ("det", "rec")}
+    hooks = {n: Hooks(str(ROOT / "examples" / "ocr" / f"{n}_hooks.py")) for n in ("det", "rec")}
     # The runner's default: this machine's cores shared by the two model containers.
-    sessions = {n: session(models / f"{n}.onnx", max(len(os.sched_getaffinity(0)) // 2, 1)) for n in ("det", "rec")}
-    hooks["rec"]["setup"](sessions["rec"])
+    threads = default_threads({"INFINIBRAIN_MODEL_PEERS": "2"}, 1)
+    sessions = {n: session(models / f"{n}.onnx", threads) for n in ("det", "rec")}
+    hooks["rec"].setup(sessions["rec"])  # type: ignore[misc]
 
     def stage(n: str, data: np.ndarray) -> Any:
         param: dict = {}
-        feed = hooks[n]["preprocess"](data, param)
+        feed = hooks[n].preprocess(data, param)  # type: ignore[misc]
         out = sessions[n].run(None, {"x": feed})
-        return hooks[n]["postprocess"]({"y": out[0]}, param)
+        return hooks[n].postprocess({"y": out[0]}, param)  # type: ignore[misc]
 
     def in_process() -> list:
         found = stage("det", picture)
@@ -154,12 +156,6 @@ def pipeline(c: AICluster, models: Path, count: int) -> None:
     print(f"3. pipeline on 224x224x3 ({stages} stages: detector, then recognizer per line, read {in_process()}): "
           f"in this process {alone:.2f} ms, through the cluster {served:.2f} ms: "
           f"+{(served - alone) / stages:.2f} ms per stage (target: at most 2 ms; the client's own hop counted in)")
-
-
-def _hooks(path: Path) -> dict:
-    namespace: dict = {"__file__": str(path)}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - the example's own hooks
-    return namespace
 
 
 def main() -> int:

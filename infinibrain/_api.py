@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
+from . import protocol as P
 from .errors import InfinibrainException, argument_error, make_error
 from .retry import RetryPolicy
 
@@ -161,3 +164,30 @@ def parse_param(param: Any) -> dict:
     if not isinstance(param, dict):
         raise argument_error("param", "must be a JSON object (a dict)")
     return param
+
+
+def request_data(data: Any, image: bool) -> tuple[Any, dict | None]:
+    """(payload, array description or None) of an inference's data, as infer_image (a
+    numpy array of numbers) and infer (bytes) take it; 100 naming the argument."""
+    what = "image_data" if image else "in_data"
+    if data is None:
+        raise argument_error(what)
+    if not image:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise argument_error(what, f"must be bytes, got {type(data).__name__}")
+        return data, None
+    if not isinstance(data, np.ndarray):
+        raise argument_error(what, f"must be a numpy.ndarray, got {type(data).__name__}")
+    if data.dtype.hasobject:
+        raise argument_error(what, "an array of Python objects cannot be sent")
+    array = np.ascontiguousarray(data)
+    return array, P.array_meta(array)
+
+
+def check_size(payload: Any, image: bool, limit: int) -> None:
+    """100 when ``payload`` is more than the manager's max_message_size."""
+    size = memoryview(payload).nbytes
+    if size > limit:
+        raise argument_error("image_data" if image else "in_data",
+                             f"it is {size} bytes, more than the manager's max_message_size of {limit}")
+

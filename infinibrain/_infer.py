@@ -52,24 +52,8 @@ class _Inference:
         pending call's future carries the result alone."""
         client = self._connected_client()
         name = _api.require_str(inference_name, "inference_name")
-        what = "image_data" if image else "in_data"
-        payload: Any
-        if data is None:
-            raise argument_error(what)
-        if image:
-            if not isinstance(data, np.ndarray):
-                raise argument_error(what, f"must be a numpy.ndarray, got {type(data).__name__}")
-            if data.dtype.hasobject:
-                raise argument_error(what, "an array of Python objects cannot be sent")
-            array = np.ascontiguousarray(data)
-            payload, arr = array, P.array_meta(array)
-        else:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise argument_error(what, f"must be bytes, got {type(data).__name__}")
-            payload, arr = data, None
-        size = memoryview(payload).nbytes
-        if size > client.max_message_size:
-            raise argument_error(what, f"it is {size} bytes, more than the manager's max_message_size of {client.max_message_size}")
+        payload, arr = _api.request_data(data, image)
+        _api.check_size(payload, image, client.max_message_size)
         return client.infer(name, payload, arr, _api.parse_param(param), on_done, result_only, direct, detached,
                             check_priority(priority))
 

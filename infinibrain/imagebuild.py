@@ -287,8 +287,10 @@ def _checked(client: Any, spec: Spec, candidate: str, say: Callable[[str], None]
         finally:
             container.remove(force=True)
     repository, tag = docker.utils.parse_repository_tag(spec.tag)
-    client.images.get(candidate).tag(repository, tag or "latest")
-    return client.images.get(spec.tag)
+    image = client.images.get(candidate)
+    image.tag(repository, tag or "latest")
+    image.reload()  # its tags now name spec.tag (save(named=True) writes them)
+    return image
 
 
 def _check_failed(spec: Spec, check: str, status: int, output: str) -> Exception:
@@ -371,7 +373,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 PROBE = ("import importlib.metadata as m, json, platform, sys; print(json.dumps({'python': '%d%d' % sys.version_info[:2], "
-         "'glibc': platform.libc_ver()[1], 'dists': {d.metadata['Name'].lower().replace('_', '-').replace('.', '-'): d.version "
+         "'glibc': platform.libc_ver()[1], 'dists': {d.metadata['Name']: d.version "
          "for d in m.distributions() if d.metadata['Name']}}))")
 
 
@@ -379,7 +381,9 @@ def _probe(client: Any, image: str, platform: str) -> dict:
     """An image's Python ("311"), glibc and Python packages (name: version), asked of it (no network)."""
     out = client.containers.run(image, ["python3", "-c", PROBE], remove=True, network_mode="none", platform=platform,
                                 entrypoint=[])
-    return json.loads(out.decode().strip().splitlines()[-1])
+    probed = json.loads(out.decode().strip().splitlines()[-1])
+    probed["dists"] = {_dist_key(name): version for name, version in probed["dists"].items()}
+    return probed
 
 
 def cache_dir() -> Path:

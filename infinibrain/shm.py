@@ -58,11 +58,14 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK | os.X_OK)
 
 
+CALLER_PREFIX = "0-"  # no process is pid 0: no client's id starts so (the manager's router refuses one that does)
+
+
 def caller_owner(wire_id: str) -> str:
     """The segment owner of a container's calls (manager/calls.py): made from its identity
     on the wire, which its key proves, so the manager knows it without being told; "0-"
     because no process is pid 0, so it is never a client's."""
-    return "0-" + hashlib.sha256(wire_id.encode()).hexdigest()[:20]
+    return CALLER_PREFIX + hashlib.sha256(wire_id.encode()).hexdigest()[:20]
 
 
 def probe_name(owner: str) -> str:

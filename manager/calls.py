@@ -70,9 +70,10 @@ class Calls:
         if len(chain) >= MAX_DEPTH:
             return self.wire.fail(reply, rid, 100, "inference_name", detail=(
                 f"a chain of calls deeper than {MAX_DEPTH} inferences ({' -> '.join(chain)})"))
-        caller = self.callers.get(caller_id(c))
+        cid = caller_id(c)
+        caller = self.callers.get(cid)
         if caller is None:
-            caller = self.callers[caller_id(c)] = Client(caller_id(c), 0, now, role="infer")
+            caller = self.callers[cid] = Client(cid, 0, now, role="infer")
         caller.last_seen = now
         header = dict(h, rid=rid, lean=False, ts=[["container_call", P.now()]])
         # It must end while its parent may still be answered (the parent's container's deadline).

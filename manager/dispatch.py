@@ -280,11 +280,15 @@ class Dispatcher:
         if payload is not None:
             self._send_one(c, req, payload, svc)
 
-    def _send_one(self, c: Instance, req: Request, payload: list, svc: Service | None) -> None:
-        header = _request_header(c, req, svc is None or svc.replies)
+    def _header(self, c: Instance, req: Request, replies: bool) -> dict:
+        """``req``'s header for ``c``, with the trace context it hands on when it is traced."""
+        header = _request_header(c, req, replies)
         if req.trace is not None:
             header["tp"] = self.tracing.sent(req)
-        self.wire.to_container(c.id, req.sub, P.REQUEST, header, payload)
+        return header
+
+    def _send_one(self, c: Instance, req: Request, payload: list, svc: Service | None) -> None:
+        self.wire.to_container(c.id, req.sub, P.REQUEST, self._header(c, req, svc is None or svc.replies), payload)
         self._sent(c, req, req.mkey, svc)
 
     def _dispatch_batch(self, c: Instance, batch: list[Request], svc: Service) -> None:
@@ -292,10 +296,7 @@ class Dispatcher:
         items = [(req, payload) for req in batch if (payload := self._frames(c, req)) is not None]
         if len(items) <= 1:
             return self._send_one(c, *items[0], svc) if items else None
-        header = {"items": [_request_header(c, req, svc.replies) for req, _ in items]}
-        for req, item in zip((r for r, _ in items), header["items"]):
-            if req.trace is not None:
-                item["tp"] = self.tracing.sent(req)
+        header = {"items": [self._header(c, req, svc.replies) for req, _ in items]}
         frames = [payload[0] if payload else b"" for _, payload in items]  # one frame per item
         self.wire.to_container(c.id, batch[0].sub, P.REQUESTS, header, frames)
         self.batches[0] += 1

@@ -34,7 +34,7 @@ class Figures:
         """Each board's telemetry, and the energy per request of each inference where its
         board reports power (the ``boards`` command, the metrics, ``status``)."""
         return {
-            "boards": {name: r.as_dict() for name, r in self.telemetry.readings().items()},
+            "boards": self.telemetry.readings(),
             "energy": [{"inference": inference, "board": board, "joules_per_request": round(j, 6),
                         "joules": round(self.energy.joules[(inference, board)], 3),
                         "requests": self.energy.counted[(inference, board)]}
@@ -43,8 +43,11 @@ class Figures:
 
     def live(self) -> dict:
         """What the metrics' gauges show (manager/metrics.py)."""
+        return {**self.boards(), **self._request_path()}
+
+    def _request_path(self) -> dict:
+        """The gauges of the request path (what ``stats`` reads too: no board telemetry)."""
         return {
-            **self.boards(),
             "queues": {n: len(svc.queue) for n, svc in self.dispatcher.services.items()},
             "containers": [
                 {"id": c.id, "suffix": c.suffix, "inference": c.inference, "board": c.board, "in_flight": len(c.in_flight),
@@ -61,7 +64,7 @@ class Figures:
     def stats(self) -> dict:
         """What the manager has dropped and holds (the ``stats`` command): the metrics'
         figures, the non-zero ones only, plus its memory."""
-        live = self.live()
+        live = self._request_path()
         return {
             "instance": self.wire.instance,
             "dropped_frames": self.wire.dropped_frames,

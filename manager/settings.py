@@ -12,6 +12,7 @@ Pure: any thread.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -80,6 +81,12 @@ class InferenceSettings:
     @property
     def modules(self) -> list[dict]:
         return one_or_many(self.inference_modules)
+
+    @functools.cached_property
+    def module_tags(self) -> dict[str, dict]:
+        """Each module's ``model_tag``/``script_tag`` that are set (every answer's
+        metadata_sys: worked out once per settings object, not per answer)."""
+        return {m["sub_inference_name"]: {k: m[k] for k in ("model_tag", "script_tag") if m.get(k)} for m in self.modules}
 
     @property
     def module_names(self) -> list[str]:

@@ -196,9 +196,7 @@ class SSHLink:
         cannot be reached or says nothing for ``timeout`` seconds (the command timeout)."""
         timeout = timeout or self.command_timeout
         try:
-            channel = self.client().get_transport().open_session(timeout=self.connect_timeout)
-            channel.settimeout(timeout)
-            channel.exec_command(f"sh -c {shlex.quote(script)}")
+            channel = self._exec(script, timeout)
             out = channel.makefile("rb").read()
             err = channel.makefile_stderr("rb").read()
             if not channel.status_event.wait(timeout):
@@ -214,11 +212,15 @@ class SSHLink:
         output as it comes (the telemetry sampler); a read that waits ``timeout`` seconds
         (the command timeout) raises. Closing the channel ends the script (SIGPIPE)."""
         try:
-            channel = self.client().get_transport().open_session(timeout=self.connect_timeout)
-            channel.settimeout(timeout or self.command_timeout)
-            channel.exec_command(f"sh -c {shlex.quote(script)}")
+            return self._exec(script, timeout or self.command_timeout)
         except LINK_ERRORS as exc:
             raise self.failed("starting a long-lived command", exc) from None
+
+    def _exec(self, script: str, timeout: float) -> paramiko.Channel:
+        """A new channel on the connection running ``script`` with ``sh``; reads wait ``timeout`` s."""
+        channel = self.client().get_transport().open_session(timeout=self.connect_timeout)
+        channel.settimeout(timeout)
+        channel.exec_command(f"sh -c {shlex.quote(script)}")
         return channel
 
     def check(self, script: str, what: str, timeout: float | None = None) -> str:

@@ -156,9 +156,9 @@ class Instance:
         ``model_tag`` and ``script_tag`` when its settings give them (what was deployed,
         not what the container says)."""
         out = {"board": self.board, "container": self.suffix, "instance": self.id}
-        for module in self.spec.config.modules:
-            if module["sub_inference_name"] == sub:
-                out.update({k: module[k] for k in ("model_tag", "script_tag") if module.get(k)})
+        tags = self.spec.config.module_tags.get(sub) if sub is not None else None
+        if tags:
+            out.update(tags)
         return out
 
     @property
@@ -167,7 +167,7 @@ class Instance:
         return self.state is State.READY and self.hello and bool(self.subs)
 
 
-CALLER_PREFIX = "0-"  # no process is pid 0: no SDK client's id starts so (the router refuses one that does)
+CALLER_PREFIX = shm.CALLER_PREFIX
 
 
 def caller_id(c: Instance) -> str:

@@ -1,15 +1,16 @@
 """Board telemetry: what each board is doing, with no agent installed on it.
 
-One sampler per board (board_stats.SAMPLER, a shell loop): on this machine a child process
-of the manager, on an ssh board one long-lived command on the board's existing SSH
-connection (not a command per sample). Each board has a reader thread of its own that
+One sampler per machine (board_stats.SAMPLER, a shell loop; boards on one machine share
+it and its reading): on this machine a child process of the manager, on an ssh board one
+long-lived command on the board's existing SSH connection (not a command per sample).
+Each sampler has a reader thread of its own that
 turns the sampler's output into a ``Reading`` (CPU per core and in all, memory, load,
 temperatures; on a Jetson GPU and EMC load and each power rail from tegrastats). A sampler
 that ends or says nothing for ``STALE`` intervals makes the board "silent": its figures
 are dropped, never shown stale; it is started again after a pause (at most one attempt
 per ``RETRY`` seconds).
 
-Threads: one reader per board writes; ``readings()`` (the router thread: commands, the
+Threads: one reader per machine writes; ``readings()`` (the router thread: commands, the
 metrics) reads through ``_lock``, the one door; ``watts()`` (the router thread's energy
 timer) reads one attribute of one reading without it (a float, replaced whole).
 """
@@ -71,18 +72,21 @@ class Telemetry:
     def __init__(self, boards: dict[str, Board], interval: float, clock: Any = time.monotonic) -> None:
         self.interval = interval
         self.clock = clock
-        self._boards = boards
+        # One sampler per machine: boards that share one (local boards: this machine) share
+        # its reading, and /proc is read once for them.
+        self._host_of = {name: board.host_key for name, board in boards.items()}
+        self._sampled_through = {board.host_key: board for board in boards.values()}  # a board reaching each machine
         self._lock = threading.Lock()
-        self._readings = {name: Reading() for name in boards}
+        self._readings = {host: Reading() for host in self._sampled_through}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._streams: dict[str, Any] = {}  # board -> what to close to end its sampler
+        self._streams: dict[str, Any] = {}  # machine -> what to close to end its sampler
 
     def start(self) -> None:
         if self.interval <= 0:
             return
-        for name, board in self._boards.items():
-            t = threading.Thread(target=self._run, args=(board,), name=f"telemetry-{name}", daemon=True)
+        for host, board in self._sampled_through.items():
+            t = threading.Thread(target=self._run, args=(host, board), name=f"telemetry-{board.name}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -97,42 +101,46 @@ class Telemetry:
 
     # ---- reading (any thread) --------------------------------------------------------------
 
-    def readings(self) -> dict[str, Reading]:
-        """Every board's reading; one whose sampler fell silent has no figures."""
+    def readings(self) -> dict[str, dict]:
+        """Every board's reading (``Reading.as_dict``); one whose sampler fell silent has no figures."""
         now = self.clock()
         with self._lock:
             for r in self._readings.values():
-                if r.state == "ok" and now - r.at > STALE * self.interval:
+                if r.state == "ok" and not self._fresh(r, now):
                     r.state, r.why = "silent", f"no sample for {now - r.at:.1f} s"
-            return {name: _copy(r) for name, r in self._readings.items()}
+            machines = {host: r.as_dict() for host, r in self._readings.items()}
+        return {name: machines[host] for name, host in self._host_of.items()}
 
     def watts(self, board: str) -> float | None:
         """The board's input power now, where it reports one (the request path asks)."""
-        r = self._readings.get(board)
-        return r.watts if r is not None and r.state == "ok" and self.clock() - r.at <= STALE * self.interval else None
+        r = self._readings.get(self._host_of.get(board, ""))
+        return r.watts if r is not None and r.state == "ok" and self._fresh(r, self.clock()) else None
 
-    # ---- the board's reader thread -------------------------------------------------------------
+    def _fresh(self, r: Reading, now: float) -> bool:
+        return now - r.at <= STALE * self.interval
 
-    def _run(self, board: Board) -> None:
+    # ---- a machine's reader thread -------------------------------------------------------------
+
+    def _run(self, host: str, board: Board) -> None:
         while not self._stop.is_set():
             started = self.clock()
             try:
                 stream, lines = self._open(board)
                 with self._lock:
-                    self._streams[board.name] = stream
-                    self._readings[board.name].sampler_starts += 1
-                why = self._follow(board.name, lines)
+                    self._streams[host] = stream
+                    self._readings[host].sampler_starts += 1
+                why = self._follow(self._readings[host], lines)
             except Exception as exc:  # a board that cannot be reached: said, and tried again later
                 why = f"sampler cannot start: {exc}"
             finally:
                 with self._lock:
-                    stream = self._streams.pop(board.name, None)
+                    stream = self._streams.pop(host, None)
                 if stream is not None:
                     _end(stream)
             if self._stop.is_set():
                 return
             with self._lock:
-                r = self._readings[board.name]
+                r = self._readings[host]
                 r.state, r.why = "silent", why
             log.info("board %s: telemetry %s", board.name, why)
             self._stop.wait(max(RETRY - (self.clock() - started), 0.5))
@@ -148,8 +156,8 @@ class Telemetry:
         channel = board.link.stream(script, timeout=patience)
         return channel, _lines(channel.makefile("r"))
 
-    def _follow(self, name: str, lines: Iterator[str]) -> str:
-        """Read blocks until the sampler ends; why it ended."""
+    def _follow(self, r: Reading, lines: Iterator[str]) -> str:
+        """Read blocks into ``r`` until the sampler ends; why it ended."""
         block: list[str] | None = None
         previous: Block | None = None
         tegra_at = 0.0
@@ -160,14 +168,13 @@ class Telemetry:
                 tegra = parse_tegrastats(line[6:])
                 tegra_at = self.clock()
                 with self._lock:
-                    _apply_tegra(self._readings[name], tegra)
+                    _apply_tegra(r, tegra)
             elif line.startswith("@sample"):
                 block = []
             elif line.startswith("@end") and block is not None:
                 current = parse_block(block)
                 block = None
                 with self._lock:
-                    r = self._readings[name]
                     _apply_block(r, current, previous, self.clock())
                     if r.jetson and self.clock() - tegra_at > STALE * self.interval:
                         r.jetson, r.gpu, r.emc, r.rails, r.watts = False, None, None, {}, None
@@ -193,10 +200,6 @@ def _apply_tegra(r: Reading, t: Tegra) -> None:
     r.gpu, r.emc, r.rails, r.watts = t.gpu, t.emc, t.rails, t.board_watts
     for sensor, degrees in t.temperatures.items():
         r.temperatures[f"tegra_{sensor}"] = degrees
-
-
-def _copy(r: Reading) -> Reading:
-    return Reading(**{**r.__dict__, "cpu": dict(r.cpu), "temperatures": dict(r.temperatures), "rails": dict(r.rails)})
 
 
 def _lines(fh: IO) -> Iterator[str]:

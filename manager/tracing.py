@@ -93,6 +93,11 @@ class Tracing(NullTracing):
         self._batch = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=500)
         self.provider.add_span_processor(self._batch)
         self.tracer = self.provider.get_tracer("infinibrain.manager")
+        from opentelemetry import trace
+        from opentelemetry.trace import Status, StatusCode
+
+        self._in = trace.set_span_in_context  # imported once, not per request
+        self._error = lambda code: Status(StatusCode.ERROR, f"code {code}")
         log.info("traces of traced requests go to %s (kept: sampled, failed, or slower than %d ms)", endpoint, slow_ms)
 
     # Each entry point is guarded: a fault in tracing leaves the request untraced, never lost.
@@ -104,8 +109,7 @@ class Tracing(NullTracing):
         req.trace = t = _Trace(traceparent, parsed[0], parsed[2], time.time_ns())
         if t.sampled:
             try:
-                t.queue = self.tracer.start_span("infinibrain.queue", context=self._parent(t), start_time=t.accepted_ns,
-                                                 attributes={"infinibrain.inference": req.inference})
+                self._queue_span(t, req.inference)
             except Exception:
                 log.debug("tracing: a request left untraced", exc_info=True)
                 req.trace = None
@@ -120,12 +124,9 @@ class Tracing(NullTracing):
             t.sent_ns = time.time_ns()
             if t.sampled:
                 try:
-                    from opentelemetry import trace
-
-                    t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=trace.set_span_in_context(t.queue),
-                                                        start_time=t.sent_ns)
+                    self._dispatch_span(t)
                     carrier: dict[str, str] = {}
-                    self._propagator.inject(carrier, context=trace.set_span_in_context(t.dispatch))
+                    self._propagator.inject(carrier, context=self._in(t.dispatch))
                     t.handed = carrier.get("traceparent", "")
                 except Exception:
                     log.debug("tracing: a request left untraced", exc_info=True)
@@ -149,23 +150,23 @@ class Tracing(NullTracing):
         except Exception:
             log.debug("tracing: a request's spans were lost", exc_info=True)
 
-    def _parent(self, t: _Trace) -> Any:
-        return self._propagator.extract({"traceparent": t.traceparent})
+    def _queue_span(self, t: _Trace, inference: str) -> None:
+        parent = self._propagator.extract({"traceparent": t.traceparent})
+        t.queue = self.tracer.start_span("infinibrain.queue", context=parent, start_time=t.accepted_ns,
+                                         attributes={"infinibrain.inference": inference})
+
+    def _dispatch_span(self, t: _Trace) -> None:
+        t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=self._in(t.queue), start_time=t.sent_ns)
 
     def _finish(self, t: _Trace, inference: str, code: int, container: Any, where: dict, now: int) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace import Status, StatusCode
-
         if t.queue is None:  # kept at its end: its spans are made now, with the times it recorded
-            t.queue = self.tracer.start_span("infinibrain.queue", context=self._parent(t), start_time=t.accepted_ns,
-                                             attributes={"infinibrain.inference": inference})
+            self._queue_span(t, inference)
             if t.sent_ns:
-                t.dispatch = self.tracer.start_span("infinibrain.dispatch", context=trace.set_span_in_context(t.queue),
-                                                    start_time=t.sent_ns)
+                self._dispatch_span(t)
         spans = [t.queue] + ([t.dispatch] if t.dispatch is not None else [])
         if t.dispatch is not None and isinstance(container, list) and len(container) == 2 \
                 and all(isinstance(x, int) for x in container) and container[0] <= container[1]:
-            inner = self.tracer.start_span("infinibrain.container", context=trace.set_span_in_context(t.dispatch),
+            inner = self.tracer.start_span("infinibrain.container", context=self._in(t.dispatch),
                                            start_time=container[0], attributes=dict(where))
             inner.set_attribute("infinibrain.code", code)
             inner.end(end_time=container[1])
@@ -174,7 +175,7 @@ class Tracing(NullTracing):
             for k, v in where.items():
                 span.set_attribute(k, v)
             if code:
-                span.set_status(Status(StatusCode.ERROR, f"code {code}"))
+                span.set_status(self._error(code))
         t.queue.end(end_time=t.sent_ns or now)
         if t.dispatch is not None:
             t.dispatch.end(end_time=now)

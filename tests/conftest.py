@@ -220,6 +220,26 @@ def echo_config(name: str, **kw):
     return ContainerConfig(**base)
 
 
+def relay_config(name: str, **kw):
+    """A process inference running tests/scripts/relay.py, which calls other inferences."""
+    from infinibrain import ContainerConfig
+
+    return ContainerConfig(**{**dict(name=name, implementation_type="process", input="Main", output="Main",
+                                     script_path=str(SCRIPTS), run_command="python relay.py"), **kw})
+
+
+@pytest.fixture
+def jetson_path(monkeypatch):
+    """This machine as a Jetson (a device that cannot be had here): a ``tegrastats`` on PATH
+    printing a real Orin line of NVIDIA's documentation (tests/jetson, tests/data)."""
+    monkeypatch.setenv("PATH", f"{Path(__file__).parent / 'jetson'}:{os.environ['PATH']}")
+
+
+def mem_total() -> int:
+    """This machine's MemTotal in bytes, as /proc says."""
+    return int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+
+
 def manager_stats(cluster: AICluster) -> dict:
     """The manager's own figures (the ``stats`` command): dropped frames, queues, memory."""
     return cluster.stats()

@@ -7,20 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import SCRIPTS, echo_config, wait_for
-from infinibrain import ContainerConfig
+from conftest import echo_config, relay_config, wait_for
 from infinibrain.errors import InvalidArgumentException, InferenceNameNotFoundException
-
-
-def relay(name: str, **kw) -> ContainerConfig:
-    return ContainerConfig(**{**dict(name=name, implementation_type="process", input="Main", output="Main",
-                                     script_path=str(SCRIPTS), run_command="python relay.py"), **kw})
 
 
 def test_a_container_calls_another_inference_and_gets_what_the_sdk_gets(cluster, name):
     a, b = name + "a", name + "b"
-    cluster.load_inference(relay(a), "local")
-    cluster.load_inference(relay(b), "local")
+    cluster.load_inference(relay_config(a), "local")
+    cluster.load_inference(relay_config(b), "local")
     cluster.load_inference(echo_config(name + "e"), "local")
     try:
         result, _ = cluster.infer(a, b"hello", {"next": [b]})
@@ -38,8 +32,8 @@ def test_a_container_calls_another_inference_and_gets_what_the_sdk_gets(cluster,
 
 def test_a_cycle_of_calls_is_refused_not_deadlocked(cluster, name):
     a, b = name + "a", name + "b"
-    cluster.load_inference(relay(a), "local")
-    cluster.load_inference(relay(b), "local")
+    cluster.load_inference(relay_config(a), "local")
+    cluster.load_inference(relay_config(b), "local")
     try:
         with pytest.raises(InvalidArgumentException) as err:
             cluster.infer(a, b"loop", {"next": [b, a, b]})
@@ -52,7 +46,7 @@ def test_a_cycle_of_calls_is_refused_not_deadlocked(cluster, name):
 
 def test_a_call_has_the_priority_of_the_request_it_serves(cluster, name):
     a, b = name + "a", name + "b"
-    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(relay_config(a), "local")
     cluster.load_inference(echo_config(b, max_send_num=1), "local")
     try:
         busy = threading.Thread(target=cluster.infer, args=(b, b"busy", {"sleep": 1.5}), daemon=True)
@@ -79,7 +73,7 @@ def test_a_large_call_passes_through_the_manager_by_name_in_shared_memory(cluste
     """Both containers share this host's /dev/shm with the manager: the caller's data goes
     in a segment of its own, whose name the manager checks (its probe) and passes on."""
     a, e = name + "a", name + "e"
-    cluster.load_inference(relay(a), "local")
+    cluster.load_inference(relay_config(a), "local")
     cluster.load_inference(echo_config(e), "local")
     try:
         data = np.arange(300_000, dtype=np.uint32).astype(np.uint8).tobytes()  # above shm.MIN_BYTES

@@ -166,6 +166,21 @@ def ppocr() -> Path:
     return folder
 
 
+def ocr_example():
+    """examples/ocr's run module (its configs) and its text_image."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "examples" / "ocr"))
+    try:
+        import run as ocr
+        from ppocr import text_image
+    finally:
+        sys.path.pop(0)
+    return ocr, text_image
+
+
 def test_a_real_network_answers_as_onnx_runtime_does_in_process(cluster, name, tmp_path):
     models = ppocr()
     cfg = ContainerConfig(name=name, implementation_type="process", input="Main", output="Main",
@@ -183,18 +198,8 @@ def test_a_real_network_answers_as_onnx_runtime_does_in_process(cluster, name, t
 
 
 def test_the_ocr_example_reads_text_through_models_calling_models(cluster, name):
-    import sys
-
-    from conftest import ROOT
-
-    models = ppocr()
-    sys.path.insert(0, str(ROOT / "examples" / "ocr"))
-    try:
-        import run as ocr
-        from ppocr import text_image
-    finally:
-        sys.path.pop(0)
-    configs = ocr.configs("process", models, prefix=name)
+    ocr, text_image = ocr_example()
+    configs = ocr.configs("process", ppocr(), prefix=name)
     for cfg in configs:
         cluster.load_inference(cfg, "local")
     try:
@@ -208,20 +213,13 @@ def test_the_ocr_example_reads_text_through_models_calling_models(cluster, name)
 
 
 def test_the_ocr_example_on_a_docker_board_from_its_image(docker_kit, docker_models, name):
-    import sys
-
-    from conftest import ROOT, _unavailable, connected
+    from conftest import _unavailable, connected
 
     if not docker_kit.has_image("infinibrain/ocr:1"):
         _unavailable("image infinibrain/ocr:1 is missing; `make test` builds it first (examples/ocr/image.toml)")
     image = docker_kit.client.images.get("infinibrain/ocr:1")
     assert image.attrs["Size"] < 947e6 / 2  # the issue's first try weighed 947 MB
-    sys.path.insert(0, str(ROOT / "examples" / "ocr"))
-    try:
-        import run as ocr
-        from ppocr import text_image
-    finally:
-        sys.path.pop(0)
+    ocr, text_image = ocr_example()
     configs = ocr.configs("docker", Path("/unused"), prefix=name)
     with connected(docker_models) as c:
         for cfg in configs:

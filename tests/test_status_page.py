@@ -3,7 +3,6 @@ dashboard's expressions against the metrics a real manager serves (issue 27)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,11 +18,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # GPU, and none of its background connections (this machine reaches nothing else).
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture
-def jetson_path(monkeypatch):
-    monkeypatch.setenv("PATH", f"{Path(__file__).parent / 'jetson'}:{os.environ['PATH']}")
 
 
 def browser(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import connected, echo_config, running_manager, wait_for
+from conftest import connected, echo_config, mem_total, running_manager, wait_for
 from infinibrain.manager.board_stats import Block, cpu_busy, parse_block, parse_tegrastats, sampler
 
 DATA = Path(__file__).parent / "data"
@@ -38,7 +38,7 @@ def test_tegrastats_lines_of_orin_and_xavier_are_read():
 
 def test_the_sampler_blocks_are_read_as_proc_says():
     first, second = _two_blocks()
-    assert second.memory_total == int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    assert second.memory_total == mem_total()
     busy = cpu_busy(first, second)
     assert set(busy) == {"all", *map(str, range(os.cpu_count() or 1))} and all(0 <= v <= 1 for v in busy.values())
     assert parse_block(["load 0.50 0.40 0.30 1/100 5", "thermal x86_pkg_temp 45000", "thermal off -274000"]).temperatures == \
@@ -65,17 +65,11 @@ def _two_blocks() -> tuple[Block, Block]:
     raise AssertionError("the sampler printed fewer than two blocks")
 
 
-@pytest.fixture
-def jetson_path(monkeypatch):
-    """This machine as a Jetson: a tegrastats on PATH printing a real Orin line."""
-    monkeypatch.setenv("PATH", f"{Path(__file__).parent / 'jetson'}:{os.environ['PATH']}")
-
-
 def test_a_local_board_and_a_jetson_like_one_in_the_call_the_metrics_and_status(jetson_path, tmp_path, name):
     with running_manager(tmp_path / "m", boards=("local",), telemetry_interval_ms=300) as m, connected(m) as c:
         t = wait_for(lambda: (b := c.get_board_telemetry()["boards"]["local"])["state"] == "ok" and b["cpu"] and b)
-        mem_total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-        assert t["memory_total"] == mem_total and 0 < t["memory_used"] < mem_total
+        total = mem_total()
+        assert t["memory_total"] == total and 0 < t["memory_used"] < total
         assert set(t["cpu"]) == {"all", *map(str, range(os.cpu_count() or 1))}
         assert abs(t["load"][0] - float(Path("/proc/loadavg").read_text().split()[0])) < 2
         assert t["jetson"] and t["gpu"] == 0.0 and t["emc"] == 0.0 and t["temperatures"]["tegra_tj"] == 47.687
@@ -147,4 +141,4 @@ def _ssh_telemetry(m, name: str) -> None:
         later = c.get_board_telemetry()["boards"][name]
         assert later["samples"] >= first["samples"] + 3  # samples keep coming ...
         assert later["sampler_starts"] == 1  # ... from one long-lived command, not one per sample
-        assert later["memory_total"] == int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # the board is this machine
+        assert later["memory_total"] == mem_total()  # the board is this machine

@@ -16,8 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags  # noqa: E402
 
-from conftest import SCRIPTS, connected, echo_config, running_manager, wait_for  # noqa: E402
-from infinibrain import ContainerConfig  # noqa: E402
+from conftest import connected, echo_config, relay_config, running_manager, wait_for  # noqa: E402
 from infinibrain.errors import InfinibrainException  # noqa: E402
 
 
@@ -67,8 +66,7 @@ def receiver():
 
 def test_a_request_and_a_containers_call_in_the_applications_trace(receiver, tmp_path, name):
     tracer = TracerProvider().get_tracer("the application")  # the application's own (its spans need not be exported)
-    relay = ContainerConfig(name=name + "a", implementation_type="process", input="Main", output="Main",
-                            script_path=str(SCRIPTS), run_command="python relay.py")
+    relay = relay_config(name + "a")
     with running_manager(tmp_path / "m", boards=("local",), otlp_endpoint=receiver.url, trace_slow_ms=60_000) as m, \
             connected(m) as c:
         c.load_inference(relay, "local")

@@ -58,8 +58,9 @@ def main() -> int:
         picture = np.asarray(Image.open(io.BytesIO(args.image.read_bytes())).convert("RGB"))
     else:
         picture = text_image()
+    deployed = configs(args.type, fetch())
     with AICluster() as cluster:
-        for cfg in configs(args.type, fetch()):
+        for cfg in deployed:
             cluster.load_inference(cfg, args.board)
         try:
             started = time.perf_counter()
@@ -69,8 +70,8 @@ def main() -> int:
                 print(f"{line['text']!r}  score {line['score']:.3f}  box {line['box']}")
             print(f"{len(result['lines'])} line(s) in {took:.0f} ms")
         finally:
-            for name in ("ocr", "ocr-det", "ocr-rec"):
-                cluster.unload_inference(name)
+            for cfg in deployed:
+                cluster.unload_inference(cfg.name)
     return 0
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .. import protocol as P
-from .._api import parse_param, require_str
+from .._api import parse_param, request_data, require_str
 from ..errors import argument_error, error_from_code
 from ..types import InferenceResponse
 
@@ -22,14 +20,9 @@ def call_message(number: str, inference_name: Any, data: Any, param: Any, image:
     """(header, data frame) of a call; 100 naming a bad argument."""
     name = require_str(inference_name, "inference_name")
     header: dict[str, Any] = {"rid": number, "inf": name, "param": parse_param(param), "sub": sub}
-    what = "image_data" if image else "in_data"
-    if image:
-        if not isinstance(data, np.ndarray) or data.dtype.hasobject:
-            raise argument_error(what, f"must be a numpy.ndarray of numbers, got {type(data).__name__}")
-        data = np.ascontiguousarray(data)
-        header["arr"] = P.array_meta(data)
-    elif not isinstance(data, (bytes, bytearray, memoryview)):
-        raise argument_error(what, f"must be bytes, got {type(data).__name__}")
+    data, arr = request_data(data, image)
+    if arr is not None:
+        header["arr"] = arr
     if parent is not None:
         if not isinstance(parent, InferenceResponse):
             raise argument_error("response", f"must be the InferenceResponse of the request being served, got {type(parent).__name__}")

@@ -43,6 +43,7 @@ from .. import shm
 from ..errors import (RECEIVE_TIMEOUT_MESSAGE, ContainerReceiveTimeoutException, InfinibrainException, argument_error,
                       format_message, make_error)
 from ..types import InferenceResponse
+from .._api import check_size
 from .calls import DEFAULT_CALL_TIMEOUT, call_message, call_outcome
 
 log = logging.getLogger("infinibrain.containers")
@@ -222,8 +223,6 @@ class Connector:
                 self._send(P.HEARTBEAT, {"sub": self.sub_name})
                 beat_at = now + self._beat_every
             until = beat_at if deadline is None else min(beat_at, deadline)
-            if until == math.inf:
-                until = now + 3600  # no deadline, no beats: wake now and then anyway
             if self._poller.poll(max(0, int((until - now) * 1000)) + 1):
                 return True
 
@@ -333,10 +332,8 @@ class Connector:
         number = f"{self._call_token}-{self._calls}"
         header, frame = call_message(number, inference_name, data, param, image, self.sub_name, response or self._serving)
         segment = self._call_segment(header, frame)
-        size = memoryview(frame).nbytes
-        if segment is None and size > self.max_message_size:
-            raise argument_error("image_data" if image else "in_data",
-                                 f"it is {size} bytes, more than the manager's max_message_size of {self.max_message_size}")
+        if segment is None:
+            check_size(frame, image, self.max_message_size)
         self._answers[number] = None
         try:
             self._send(P.CALL, header, [] if segment is not None else [frame])

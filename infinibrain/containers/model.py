@@ -35,6 +35,14 @@ ORT_DTYPES = {
 }
 
 
+CPU = "CPUExecutionProvider"  # the default provider
+
+
+def provider_name(provider: Any) -> str:
+    """A provider's name: the providers setting has names and [name, {options}] pairs."""
+    return provider if isinstance(provider, str) else provider[0]
+
+
 class ModelLoadError(Exception):
     """The model file cannot be served (the runner exits with it: the deployment fails with 302)."""
 
@@ -119,10 +127,9 @@ class Model:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        wanted = providers or ["CPUExecutionProvider"]
+        wanted = providers or [CPU]
         offered = ort.get_available_providers()
-        missing = [p[0] if isinstance(p, (list, tuple)) else p for p in wanted
-                   if (p[0] if isinstance(p, (list, tuple)) else p) not in offered]
+        missing = [provider_name(p) for p in wanted if provider_name(p) not in offered]
         if missing:
             raise ModelLoadError(f"execution provider {missing[0]} is not in this ONNX Runtime (it has: {', '.join(offered)})")
         try:
@@ -130,6 +137,7 @@ class Model:
         except Exception as exc:
             raise ModelLoadError(f"model file {path!r} cannot be loaded by ONNX Runtime: {exc}") from None
         self.path = path
+        self.providers = wanted
         self.threads = threads
         self.hooks = hooks or Hooks(None)
         if self.hooks.setup is not None:

@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 from .connector import Connector
-from .model import Hooks, Model, ModelLoadError
+from .model import CPU, Hooks, Model, ModelLoadError, provider_name
 
 log = logging.getLogger("infinibrain.runner")
 
@@ -82,9 +82,8 @@ def batching(model: Model, spec: dict, env: dict[str, str]) -> tuple[bool, str]:
     gain = model.batch_gain(size)
     if gain is not None:
         return gain <= 0.8, f"a request in a run of {size} costs x{gain:.2f} of one alone"
-    first = (spec.get("providers") or ["CPUExecutionProvider"])[0]
-    name = first if isinstance(first, str) else first[0]
-    return name != "CPUExecutionProvider", f"open dimensions, provider {name}"
+    name = provider_name(model.providers[0])
+    return name != CPU, f"open dimensions, provider {name}"
 
 
 def serve(connector: Connector, model: Model, batches: bool) -> None:

@@ -49,8 +49,8 @@ def safe_join(root: Path, inside: str) -> Path:
     return root / rel
 
 
-def _inside(path: str, folder: str) -> bool:
-    real, top = os.path.realpath(path), os.path.realpath(folder)
+def within(real: str, top: str) -> bool:
+    """Whether resolved path ``real`` is resolved folder ``top`` or under it."""
     return real == top or real.startswith(top.rstrip("/") + "/")
 
 
@@ -67,7 +67,8 @@ class ProcessRuntime:
 
     def prepare(self, spec: ContainerSpec) -> None:
         host, work = self.host, str(spec.work_dir)
-        if spec.config.script_path and isinstance(host, LocalHost) and _inside(work, spec.config.script_path):
+        if spec.config.script_path and isinstance(host, LocalHost) \
+                and within(os.path.realpath(work), os.path.realpath(spec.config.script_path)):
             # Copying it would copy the copy into itself until paths grow too long.
             raise make_error(302, detail=f"script_path {spec.config.script_path!r} holds the folder of the board's "
                                          f"containers ({os.path.dirname(work)}): give a folder that does not contain "
@@ -97,9 +98,7 @@ class ProcessRuntime:
     def _inside(self, root: str, to: str) -> str:
         """``to`` under ``root``, refused (302) if it leads out, by ``..`` or by a symbolic link."""
         target = str(safe_join(Path(root), to))
-        real_root = self.host.realpath(root)
-        real = self.host.realpath(target)
-        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        if not within(self.host.realpath(target), self.host.realpath(root)):
             raise make_error(302, detail=f"path {to!r} points outside the container (through a symbolic link)")
         return target
 
@@ -110,16 +109,14 @@ class ProcessRuntime:
         self.host.put(source, target)
 
     def _check_scripts(self, spec: ContainerSpec, root: str) -> None:
-        for module in spec.config.modules:
-            for name in one_or_many(module.get("script") or None):
+        """Each file a module names is there: its scripts, and what the model runner will open."""
+        wanted = [(m, "script", "is not in script_path") for m in spec.config.modules]
+        wanted += [(m, key, "is not among the inference's files (script_path, copy or put_file bring it)")
+                   for m in spec.config.runner_modules for key in ("model", "hooks")]
+        for module, key, missing in wanted:
+            for name in one_or_many(module.get(key) or None):
                 if not self.host.is_file(str(safe_join(Path(root), name))):
-                    raise make_error(302, detail=f"inference_modules.script {name!r} is not in script_path")
-        for module in spec.config.runner_modules:  # what the model runner will open
-            for key in ("model", "hooks"):
-                for name in one_or_many(module.get(key) or None):
-                    if not self.host.is_file(str(safe_join(Path(root), name))):
-                        raise make_error(302, detail=f"inference_modules.{key} {name!r} is not among the inference's files "
-                                                     "(script_path, copy or put_file bring it)")
+                    raise make_error(302, detail=f"inference_modules.{key} {name!r} {missing}")
 
     def _write_env_file(self, spec: ContainerSpec, root: str) -> None:
         # Secrets stay in the process environment only: this file is for people to read.
