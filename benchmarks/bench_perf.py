@@ -26,12 +26,14 @@
 4. **Size**: manager CPU per request and p50 with 2 containers and with ``--containers``
    (default 200, ``Loop`` containers idle beside the model's two): two managers side by
    side, measured in alternating rounds; the manager's memory per idle container.
+5. **Tracing** (benchmarks/bench_tracing.py): small requests with tracing off, sampled at
+   1% and at 100%, against a manager as today (no ``otlp_endpoint``).
 
 Each figure of 1 and 2 is the median of ``--rounds`` alternating rounds.
 
     unshare -n sh -c 'ip link set lo up && exec .venv/bin/python benchmarks/bench_perf.py'
 
-``--only raw,batching,scaling,size`` runs some sections. Every loop is bounded in count
+``--only raw,batching,scaling,size,tracing`` runs some sections. Every loop is bounded in count
 and in time.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +59,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_control import cpu_seconds  # noqa: E402
 from bench_infer import Baseline, Finish, latency, throughput_baseline, windowed  # noqa: E402
 from conftest import ManagerProcess, free_base_port  # noqa: E402
+from bench_tracing import tracing_section  # noqa: E402
+from table import Row, print_table  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig, allocator, shm  # noqa: E402
 
@@ -272,38 +276,6 @@ def image_of(shape: tuple[int, ...]) -> np.ndarray:
     return image
 
 
-# ---- the table ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    section: str
-    measure: str
-    ours: float
-    baseline: float
-    baseline_is: str
-    goal: str = ""  # e.g. "<= 1.3": what the ratio ours / baseline should be
-    unit: str = ""
-
-    @property
-    def ratio(self) -> float:
-        return self.ours / self.baseline if self.baseline else float("nan")
-
-    @property
-    def holds(self) -> str:
-        if not self.goal:
-            return ""
-        op, bound = self.goal.split()
-        return "yes" if (self.ratio <= float(bound) if op == "<=" else self.ratio >= float(bound)) else "NO"
-
-
-def print_table(rows: list[Row]) -> None:
-    print(f"{'section':9} {'measure':44} {'infinibrain':>12} {'baseline':>12} {'':18} {'ratio':>7} {'goal':>7} {'holds':>5}")
-    for r in rows:
-        print(f"{r.section:9} {r.measure + (' (' + r.unit + ')' if r.unit else ''):44} {r.ours:12.3f} {r.baseline:12.3f} "
-              f"{r.baseline_is:18} {'x%.2f' % r.ratio:>7} {r.goal:>7} {r.holds:>5}")
-
-
 # ---- the cluster -------------------------------------------------------------------------------
 
 
@@ -515,7 +487,7 @@ def median_pairs(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-SECTIONS = ("raw", "batching", "scaling", "size")
+SECTIONS = ("raw", "batching", "scaling", "size", "tracing")
 
 
 def main() -> int:
@@ -549,6 +521,8 @@ def main() -> int:
             m.cleanup()
     if "size" in only:
         rows += size_section(args)
+    if "tracing" in only:
+        rows += tracing_section(argparse.Namespace(requests=args.requests // 2, rounds=max(args.rounds, 5), seconds=args.seconds))
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps([dict(asdict(r), ratio=r.ratio, holds=r.holds) for r in rows], indent=2))

@@ -1,10 +1,14 @@
 """The request path with tracing (issue 27): small requests to a Loop container, one at a
-time, from an application without a current span (tracing off, as today), and with one
-whose trace is sampled at 1% and at 100%, through a manager exporting to an OTLP/HTTP
-receiver in this process; each case against a raw pyzmq round trip run in the same
-process tree between them (the machine's noise), reported as ratios.
+time, median, through two managers side by side: one as today (no ``otlp_endpoint``; the
+application has no current span) and one exporting to an OTLP/HTTP receiver in this
+process, asked by an application with no current span (tracing off), with its trace
+sampled at 1% and at 100%. The four cases run in alternating rounds, in a new order each
+round (a drift of the machine weighs on all alike); each figure is the median of the
+rounds' medians, reported against today's. A raw pyzmq round trip, for scale.
 
-    .venv/bin/python benchmarks/bench_tracing.py [--requests 2000]
+    .venv/bin/python benchmarks/bench_tracing.py [--requests 2000] [--rounds 5]
+
+``make bench-perf`` runs it as its ``tracing`` section.
 """
 from __future__ import annotations
 
@@ -15,19 +19,22 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from conftest import connected, running_manager  # noqa: E402
-from test_tracing import Receiver  # noqa: E402
+from conftest import ManagerProcess  # noqa: E402
+from table import Row, print_table  # noqa: E402
 
 from infinibrain import ContainerConfig  # noqa: E402
 
+PAYLOAD = b"x" * 64
+
 
 def raw_round_trip(count: int) -> float:
-    """Median µs of a REQ/REP round trip on loopback (the baseline)."""
+    """Median µs of a REQ/REP round trip on loopback (for scale)."""
     ctx = zmq.Context()
     rep, req = ctx.socket(zmq.REP), ctx.socket(zmq.REQ)
     port = rep.bind_to_random_port("tcp://127.0.0.1")
@@ -42,7 +49,7 @@ def raw_round_trip(count: int) -> float:
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        req.send(b"x" * 64)
+        req.send(PAYLOAD)
         req.recv()
         times.append(time.perf_counter() - start)
     t.join(10)
@@ -50,56 +57,87 @@ def raw_round_trip(count: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def timed(fn, count: int) -> float:
-    """Median µs of ``fn()``, which returns the seconds of its own measured part."""
+def median_us(one: Callable[[], float], count: int, seconds: float) -> float:
+    """Median µs of ``one()``, which returns the seconds of its own measured part."""
     times = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     for _ in range(count):
-        times.append(fn())
+        times.append(one())
         if time.monotonic() > deadline:
             break
     return statistics.median(times) * 1e6
 
 
-def infer_time(c) -> float:
-    start = time.perf_counter()
-    c.infer("loop", b"x" * 64)
-    return time.perf_counter() - start
-
-
-def main() -> int:
+def tracing_section(args: argparse.Namespace) -> list[Row]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args()
+    from test_tracing import Receiver
+
     receiver = Receiver()
-    cases = {"off (no current span)": None, "sampled 1%": 0.01, "sampled 100%": 1.0}
-    try:
-        with tempfile.TemporaryDirectory() as folder, \
-                running_manager(Path(folder), boards=("local",), log_level="WARNING", metrics_port=-1,
-                                otlp_endpoint=receiver.url, telemetry_interval_ms=0) as m, connected(m) as c:
-            c.load_inference(ContainerConfig(name="loop", implementation_type="Loop", input="Main", output="Main"), "local")
-            for _ in range(200):
-                c.infer("loop", b"x" * 64)
-            for label, ratio in cases.items():
-                base = raw_round_trip(args.requests)
-                if ratio is None:
-                    took = timed(lambda: infer_time(c), args.requests)
-                else:
+    spans_before = 0
+    with tempfile.TemporaryDirectory(prefix="ib-bench-tracing-") as folder:
+        managers = {"today": ManagerProcess(Path(folder) / "today", boards=("local",), log_level="WARNING", metrics_port=-1,
+                                            telemetry_interval_ms=0),
+                    "traced": ManagerProcess(Path(folder) / "traced", boards=("local",), log_level="WARNING", metrics_port=-1,
+                                             telemetry_interval_ms=0, otlp_endpoint=receiver.url)}
+        try:
+            for m in managers.values():
+                m.start()
+            with managers["today"].client() as today, managers["traced"].client() as traced:
+                for c in (today, traced):
+                    c.load_inference(ContainerConfig(name="loop", implementation_type="Loop", input="Main", output="Main"), "local")
+                    for _ in range(200):
+                        c.infer("loop", PAYLOAD)
+
+                def plain(c) -> Callable[[], float]:
+                    def one() -> float:
+                        start = time.perf_counter()
+                        c.infer("loop", PAYLOAD)
+                        return time.perf_counter() - start
+                    return one
+
+                def sampled(ratio: float) -> Callable[[], float]:
                     tracer = TracerProvider(sampler=TraceIdRatioBased(ratio)).get_tracer("bench")
+                    timed = plain(traced)
 
                     def one() -> float:  # the application's own span is not the request path's cost
                         with tracer.start_as_current_span("request"):
-                            return infer_time(c)
+                            return timed()
+                    return one
 
-                    took = timed(one, args.requests)
-                print(f"{label}: {took:.0f} µs per request (median of {args.requests}), raw pyzmq round trip {base:.0f} µs: "
-                      f"x{took / base:.2f}")
-            print(f"spans received: {len(receiver.spans)}")
-    finally:
-        receiver.close()
+                cases = {"today": plain(today), "off": plain(traced), "1%": sampled(0.01), "100%": sampled(1.0)}
+                figures: dict[str, list[float]] = {k: [] for k in cases}
+                order = list(cases)
+                for r in range(args.rounds):
+                    for key in order[r % len(order):] + order[:r % len(order)]:
+                        figures[key].append(median_us(cases[key], args.requests, args.seconds))
+                spans_before = len(receiver.spans)
+                for c in (today, traced):
+                    c.unload_inference("")
+        finally:
+            for m in managers.values():
+                m.stop()
+                m.cleanup()
+            receiver.close()
+    base = raw_round_trip(args.requests)
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    print(f"tracing: rounds (µs) {', '.join(f'{k} {[round(x) for x in v]}' for k, v in figures.items())}; "
+          f"raw pyzmq round trip {base:.0f} µs; spans received {spans_before}")
+    return [
+        Row("tracing", "p50 small request, tracing off", med["off"], med["today"], "today (no endpoint)", "<= 1.01", "us"),
+        Row("tracing", "p50 small request, 1% sampled", med["1%"], med["today"], "today (no endpoint)", "<= 1.03", "us"),
+        Row("tracing", "p50 small request, 100% sampled", med["100%"], med["today"], "today (no endpoint)", "", "us"),
+        Row("tracing", "p50 small request, today", med["today"], base, "raw pyzmq REQ/REP", "", "us"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=30.0, help="bound on each measurement")
+    print_table(tracing_section(parser.parse_args()))
     return 0
 
 

@@ -106,3 +106,17 @@ def test_a_failed_requests_trace_is_kept_when_sampling_would_drop_it(receiver, t
         assert sorted(s[3] for s in kept) == ["infinibrain.container", "infinibrain.dispatch", "infinibrain.queue"]
         assert {s[4].get("infinibrain.code") for s in kept} == {999}  # the failed request's spans, not the other's
         c.unload_inference(name)
+
+
+def test_the_sdks_traceparent_is_what_opentelemetrys_propagator_writes():
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from infinibrain.tracing import current_traceparent
+
+    assert current_traceparent() is None  # no current span: no header
+    for flags in (TraceFlags(0), TraceFlags(1)):
+        span = SpanContext(trace_id=0xABC << 80 | 7, span_id=0x1F, is_remote=False, trace_flags=flags)
+        with trace.use_span(NonRecordingSpan(span)):
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+            assert current_traceparent() == carrier["traceparent"]
