@@ -48,6 +48,7 @@ class ClusterClient:
     def __init__(self, host: str, port: int, connect_timeout: float,
                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
         self.host, self.port = host, port
+        self.hosts = P.manager_hosts(host)  # a manager group's: connected to all, the leader answers
         self._logger = logger or log
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:10]}"
         self.pid = os.getpid()
@@ -95,13 +96,12 @@ class ClusterClient:
 
     def _open_sockets(self) -> None:
         try:
-            keys = security.client_keys(self.host, self.port)
+            keys = security.client_keys(self.hosts[0], self.port)  # a group has one server key
         except security.KeyFileError as exc:
             raise make_error(110, detail=f"CURVE keys: {exc}") from None
         self._keys = keys
         self._ctx = zmq.Context()
-        base = f"tcp://{self.host}:"
-        self._client_out = base + str(self.port + P.CLIENT_OUT)
+        self._client_out = (self.hosts, self.port + P.CLIENT_OUT)
 
         def pub(offset: int) -> zmq.Socket:
             s = self._ctx.socket(zmq.PUB)
@@ -109,7 +109,7 @@ class ClusterClient:
             security.arm_client(s, keys)
             s.sndhwm = 0  # never drop silently; the manager's queue bound answers with 305
             s.copy_threshold = COPY_THRESHOLD
-            s.connect(base + str(self.port + offset))
+            P.connect_managers(s, self.hosts, self.port + offset)
             return s
 
         self._paths = {"infer": pub(P.INFER_IN), "mgmt": pub(P.MGMT_IN)}
@@ -123,7 +123,7 @@ class ClusterClient:
         )
         for topic in (P.client_topic(self.id), P.TOPIC_HEARTBEAT, P.TOPIC_EVENT):
             self._sub.subscribe(topic)
-        self._sub.connect(base + str(self.port + P.CLIENT_OUT))
+        P.connect_managers(self._sub, self.hosts, self.port + P.CLIENT_OUT)
         self._wake_r, self._wake_w = os.pipe()
 
     def _hello(self, path: str, to: str | None = None) -> None:
@@ -177,6 +177,9 @@ class ClusterClient:
     def check_connected(self) -> None:
         if self._closed:
             raise make_error(111, detail="this AICluster was released")
+        if not self.connected and len(self.hosts) > 1 and self.manager_id is not None:
+            with self._link:  # a group between leaders: the next one is on its way
+                self._link.wait_for(lambda: self.connected or self._closed, timeout=self.connect_timeout)
         if not self.connected:
             raise make_error(111, detail=f"not connected to the manager at {self.host}:{self.port}")
 

@@ -49,7 +49,7 @@ class DirectReply:
 
     _tags = itertools.count(1)
 
-    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: tuple[list[str], int]) -> None:
         self.tag = str(next(self._tags))
         self.thread = threading.current_thread()
         self.lock = threading.Lock()
@@ -59,7 +59,7 @@ class DirectReply:
         self.sock.rcvhwm = 0
         security.arm_client(self.sock, keys)
         self.sock.subscribe(P.reply_topic(client_id, self.tag))
-        self.sock.connect(address)
+        P.connect_managers(self.sock, *address)  # (hosts, port): the manager's, or a group's
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
 
@@ -78,7 +78,7 @@ class DirectReplies:
     """The threads' answer sockets of one client. ``hello(tag)`` asks the manager to answer
     on a socket; ``on_result(msg)`` ends the call an answer belongs to."""
 
-    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: str, hello: Callable[[str], None],
+    def __init__(self, ctx: zmq.Context, keys: Any, client_id: str, address: tuple[list[str], int], hello: Callable[[str], None],
                  on_result: Callable[[P.Message], None], logger: logging.Logger | logging.LoggerAdapter) -> None:
         self._ctx, self._keys, self._client_id, self._address = ctx, keys, client_id, address
         self._hello = hello

@@ -96,9 +96,14 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
     telemetry = c.get_board_telemetry()
     for row in boards:
         row.update(_board_row(telemetry["boards"].get(row["board"]) or {}))
+    group = telemetry.get("group")
     if args.json:
-        dump({"boards": boards, "containers": containers, "energy": telemetry["energy"]})
+        dump({"boards": boards, "containers": containers, "energy": telemetry["energy"], **({"group": group} if group else {})})
         return 0
+    if group:
+        print("GROUP")
+        table(_group_rows(group), ["manager", "host", "role", "lease", "changes"])
+        print()
     print("BOARDS")
     table(boards, ["board", "address", "state", "cpu", "memory", "load", "temp", "gpu", "power"])
     if telemetry["energy"]:
@@ -112,6 +117,20 @@ def cmd_status(c: AICluster, args: argparse.Namespace) -> int:
     else:
         print("no inferences deployed")
     return 0
+
+
+def _group_rows(group: dict) -> list[dict]:
+    """The managers of a group: the leader (its lease's age, whether etcd takes changes), standbys."""
+    leader = (group.get("leader") or {}).get("id")
+    rows = []
+    for m in group.get("members") or [group.get("leader") or {}]:
+        leads = m.get("id") == leader
+        rows.append({"manager": m.get("id", "?"), "host": f"{m.get('host', '?')}:{m.get('port', '?')}",
+                     "role": "leader" if leads else "standby",
+                     "lease": f"renewed {group['lease_age_s']:.1f} s ago of {group['lease_s']} s" if leads and
+                     group.get("lease_age_s") is not None else "",
+                     "changes": group.get("changes", "") if leads else ""})
+    return rows
 
 
 def _board_row(t: dict) -> dict:

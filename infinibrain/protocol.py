@@ -55,6 +55,28 @@ DEFAULT_MAX_BATCH_SIZE = 1
 PRIORITY_LIMIT = 2**31
 
 
+# A manager group (several managers, one leading; manager/group.py): a client or container
+# connects to every manager it is told of, and only the leader binds, so ZeroMQ's own
+# reconnection follows the leader. ZMTP pings on those connections drop one to a manager
+# that stopped answering (a paused process keeps its sockets bound) within the timeout.
+GROUP_PING_MS = 1_000
+GROUP_PING_TIMEOUT_MS = 3_000
+
+
+def manager_hosts(value: str) -> list[str]:
+    """The managers ``value`` names: one host, or a group's, comma-separated."""
+    return [h.strip() for h in value.split(",") if h.strip()]
+
+
+def connect_managers(sock: zmq.Socket, hosts: Sequence[str], port: int) -> None:
+    """Connect ``sock`` to ``port`` of every manager in ``hosts`` (pinged when a group)."""
+    if len(hosts) > 1:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, GROUP_PING_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, GROUP_PING_TIMEOUT_MS)
+    for host in hosts:
+        sock.connect(f"tcp://{host}:{port}")
+
+
 def valid_priority(priority: Any) -> bool:
     return type(priority) is int and -PRIORITY_LIMIT <= priority < PRIORITY_LIMIT
 

@@ -40,7 +40,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from infinibrain import security
 
 from .config import ConfigError, ManagerConfig
-from .registry import atomic_write
+from .store import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -89,8 +89,12 @@ class Locks:
 
 class Commands:
     def __init__(self, loop: Loop, wire: Wire, dispatcher: Dispatcher, figures: Figures, reconciler: Reconciler,
-                 changes: Changes, views: Views, boards: dict[str, Board], operations: Operations, metrics: NullMetrics) -> None:
+                 changes: Changes, views: Views, boards: dict[str, Board], operations: Operations, metrics: NullMetrics,
+                 refusal: Callable[[], str] = lambda: "") -> None:
+        """``refusal()``: why changes are refused now ("" = they are not): a manager group
+        whose etcd has no quorum."""
         self.loop = loop
+        self.refusal = refusal
         self.wire = wire
         self.dispatcher = dispatcher
         self.figures = figures
@@ -144,6 +148,8 @@ class Commands:
                                              f"managing needs a key in curve_client_keys itself (docs/DEPLOYMENT.md)")
             if not isinstance(args, dict):
                 raise make_error(100, "args", detail="command arguments must be a map")
+            if spec.manage and cmd != "delete_queue" and (why := self.refusal()):
+                raise make_error(309, "the cluster", detail=f"{cmd} is refused: {why}; try again when it is back")
             wanted = spec.locks(args) if spec.locks else []
             taken = self.locks.conflicts(wanted)
             if taken:

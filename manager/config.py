@@ -101,6 +101,18 @@ class ManagerConfig:
     curve_container_keys: str = ""  # folder of allowed containers' public certificates, beside the
     # manager's own container key pair (state_dir/keys/containers.key_secret), which it hands to
     # the containers it starts
+    # A manager group (manager/group.py, docs/OPERATIONS.md "A manager group"); "" = one
+    # manager, its registry in state_dir. Every manager of a group has the same settings
+    # here and the same boards, each its own host.
+    etcd: str = ""  # etcd's client URLs, "http://127.0.0.1:2379[,...]"
+    etcd_prefix: str = "/infinibrain"  # the group's keys in etcd
+    etcd_ca_file: str = ""  # https URLs: the CA that signed etcd's certificate ("" = the system's)
+    etcd_cert_file: str = ""  # a client certificate and its key, when etcd asks for one
+    etcd_key_file: str = ""
+    etcd_user: str = ""  # etcd's authentication: a user, and a file holding its password
+    etcd_password_file: str = ""
+    group_hosts: str = ""  # every manager's host, comma-separated: what applications and containers are told
+    leader_lease_s: int = 3  # the leader's etcd lease: a standby leads within about twice this after it dies
     boards: tuple[BoardConfig, ...] = ()
 
     @property
@@ -182,6 +194,8 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
     cfg = replace(cfg, state_dir=state_dir, metrics_port=cfg.metrics_port or cfg.port + 5,
                   registry_port=cfg.registry_port or cfg.port + 6)
     _check_address(cfg.host, "manager.host")
+    if cfg.etcd:
+        cfg = _check_group(cfg)
     cfg = replace(cfg, board_host=cfg.board_host or _default_board_host(cfg))
     _check_address(cfg.board_host, "manager.board_host")
     _check_address(cfg.metrics_host, "manager.metrics_host")
@@ -234,8 +248,11 @@ def _finish(cfg: ManagerConfig) -> ManagerConfig:
         seen.add(board.name)
         if board.transport not in ("local", "ssh"):
             raise ConfigError(f"{where}: transport must be 'local' or 'ssh', got {board.transport!r}")
-        board = replace(board, manager_address=board.manager_address or cfg.board_host)
-        _check_address(board.manager_address, f"{where}.manager_address")
+        if cfg.etcd:  # a group: containers are told every manager, and reach the one that leads
+            board = replace(board, manager_address=cfg.group_hosts)
+        else:
+            board = replace(board, manager_address=board.manager_address or cfg.board_host)
+            _check_address(board.manager_address, f"{where}.manager_address")
         if board.image_transfer not in ("auto", "registry", "sftp"):
             raise ConfigError(f"{where}.image_transfer must be 'auto', 'registry' or 'sftp', got {board.image_transfer!r}")
         if board.transport == "ssh":
@@ -296,6 +313,36 @@ def _check_curve(cfg: ManagerConfig) -> ManagerConfig:
     secret = os.path.expanduser(cfg.curve_secret_key) if cfg.curve_secret_key else str(keys / "manager.key_secret")
     return replace(cfg, curve_secret_key=secret, curve_client_keys=folders["curve_client_keys"],
                    curve_container_keys=folders["curve_container_keys"])
+
+
+def _check_group(cfg: ManagerConfig) -> ManagerConfig:
+    """A group member's settings: etcd's URLs, the group's hosts (this one among them); its
+    containers' side is its own host unless board_host says otherwise."""
+    urls = [u.strip() for u in cfg.etcd.split(",") if u.strip()]
+    for url in urls:
+        if not re.match(r"^https?://[^/\s]+$", url):
+            raise ConfigError(f"manager.etcd: {url!r} is not an etcd client URL like http://127.0.0.1:2379")
+    hosts = [h.strip() for h in cfg.group_hosts.split(",") if h.strip()]
+    for h in hosts:
+        _check_address(h, "manager.group_hosts")
+    if cfg.host not in hosts:
+        raise ConfigError(f"manager.group_hosts must list every manager of the group, this one's host {cfg.host!r} "
+                          f"among them, comma-separated (got {cfg.group_hosts!r})")
+    if not 2 <= cfg.leader_lease_s <= 60:
+        raise ConfigError(f"manager.leader_lease_s must be from 2 to 60 seconds, got {cfg.leader_lease_s}")
+    if not cfg.etcd_prefix.startswith("/") or cfg.etcd_prefix.endswith("/"):
+        raise ConfigError(f"manager.etcd_prefix must start with '/' and not end with one, got {cfg.etcd_prefix!r}")
+    files = {}
+    for key in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_password_file"):
+        value = os.path.expanduser(getattr(cfg, key))
+        if value and not os.path.isfile(value):
+            raise ConfigError(f"manager.{key} {value!r} is not a file")
+        files[key] = value
+    if bool(files["etcd_cert_file"]) != bool(files["etcd_key_file"]):
+        raise ConfigError("manager.etcd_cert_file and manager.etcd_key_file go together")
+    if bool(cfg.etcd_user) != bool(files["etcd_password_file"]):
+        raise ConfigError("manager.etcd_user and manager.etcd_password_file go together")
+    return replace(cfg, etcd=",".join(urls), group_hosts=",".join(hosts), board_host=cfg.board_host or cfg.host, **files)
 
 
 def _check_ssh_board(board: BoardConfig, where: str) -> BoardConfig:

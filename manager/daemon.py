@@ -35,6 +35,7 @@ from .deadlines import Deadlines
 from .dispatch import Dispatcher
 from .energy import Energy
 from .figures import Figures, rss_bytes
+from .group import Group
 from .health import Health
 from .loop import Loop
 from .metrics import MetricsServer, NullMetrics, RequestMetrics
@@ -44,6 +45,7 @@ from .reconciler import Reconciler
 from .registry import Registry
 from .router import Clients, Router
 from .state import RUNNING_STATES, Nudge
+from .store import EtcdStore
 from .telemetry import Telemetry
 from .tracing import make_tracing
 from .views import Views
@@ -61,15 +63,19 @@ class Manager:
     the control plane (reconciler, its workers, the registry, the boards); the command
     table; the router that feeds them all from the sockets; the metrics' listener."""
 
-    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, config: ManagerConfig, ctx: zmq.Context | None = None, group: Group | None = None) -> None:
+        """``group``: this manager leads a manager group (group.py): its registry is in etcd,
+        its loop and workers stop when the lead is lost, and it leaves its containers
+        running when it stops (the next leader adopts them)."""
         ctx = ctx or zmq.Context.instance()
+        self.group = group
         instance = uuid.uuid4().hex[:12]  # this run's identity ("mid"): clients notice a restart by it
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self.config = config
         self.boards = make_boards(config)
-        self.registry = Registry(config.state_dir)
+        self.registry = Registry(config.state_dir, EtcdStore(group.writer()) if group else None)
         self.guard = Guard(config, ctx)
-        self.loop = Loop()
+        self.loop = Loop(fence=group.leading if group else None)
         self.wire = Wire(config, self.guard, ctx, instance)
         self.payloads = Payloads(config.port, f"{os.getpid()}:{instance}")
         metrics = RequestMetrics() if config.metrics_port != -1 else NullMetrics()
@@ -81,17 +87,17 @@ class Manager:
         self.dispatcher = Dispatcher(config, self.loop, self.wire, self.payloads, health, nudge, metrics, clock, clients,
                                      self.tracing)
         Deadlines(self.loop, self.wire, health, self.dispatcher)
-        self.operations = Operations()
+        self.operations = Operations(fence=group.leading if group else None)
         self.reconciler = Reconciler(config, self.loop, self.wire, self.dispatcher, health, self.registry, self.boards,
                                      self.operations, self.guard, nudge, metrics, clock)
         self.telemetry = Telemetry(self.boards, config.telemetry_interval_ms / 1000)
         energy = Energy(self.loop, self.dispatcher, self.telemetry.watts, config.telemetry_interval_ms / 1000, clock)
         self.figures = Figures(config, self.loop, self.wire, self.dispatcher, self.payloads, self.guard, clients,
-                               self.telemetry, energy)
+                               self.telemetry, energy, group.status if group else None)
         views = Views(self.dispatcher, self.reconciler, self.boards, config, self.operations)
         changes = Changes(self.reconciler, self.registry, self.dispatcher)
         commands = Commands(self.loop, self.wire, self.dispatcher, self.figures, self.reconciler, changes, views, self.boards,
-                            self.operations, metrics)
+                            self.operations, metrics, group.refusal if group else lambda: "")
         self.router = Router(config, self.loop, self.wire, self.guard, self.dispatcher, health, self.payloads, clients,
                              commands, self.reconciler.stranger, clock)
         self.metrics_server = None
@@ -137,8 +143,10 @@ class Manager:
         self.loop.stop()
 
     def shutdown(self) -> None:
+        """Everything closed; the containers stopped, unless this manager led a group (the
+        next leader adopts them)."""
         stoppers = [c for c in self.dispatcher.containers.values()
-                    if c.running and c.state in RUNNING_STATES and c.runtime.kind != "other"]
+                    if c.running and c.state in RUNNING_STATES and c.runtime.kind != "other" and self.group is None]
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             for c, outcome in zip(stoppers, pool.map(_stop_quietly, stoppers)):
                 if outcome:
@@ -155,6 +163,50 @@ class Manager:
         self.loop.close()
         close_boards(self.boards)
         log.info("manager stopped")
+
+
+def lead_or_stand_by(config: ManagerConfig) -> int:
+    """A member of a manager group (group.py): stand by until it leads, lead until it
+    loses the lead or is told to stop, and stand by again. On SIGINT/SIGTERM a leader
+    resigns (a standby takes over at once) and leaves its containers running."""
+    try:
+        group = Group(config)
+    except ImportError as exc:
+        log.error("manager.etcd is set but etcd's client is missing (%s): pip install infinibrain[group]", exc)
+        return 2
+    stop = threading.Event()
+    current: list[Manager] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+        for m in current:
+            m.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    log.info("group member %s: etcd %s, prefix %s; standing by", group.id, config.etcd, config.etcd_prefix)
+    while group.campaign(stop):
+        try:
+            manager = Manager(config, group=group)
+        except (zmq.ZMQError, OSError, ConfigError) as exc:  # e.g. a deposed leader still holds our address
+            log.error("leading failed to start (%s); giving the lead up", exc)
+            group.stop(resign=True)
+            stop.wait(1.0)
+            continue
+        current.append(manager)
+        group.start(lost=manager.stop)
+        if stop.is_set():
+            manager.stop()
+        log.info("leading the group: state in etcd, boards: %s", ", ".join(manager.boards))
+        manager.run()
+        current.clear()
+        group.stop(resign=stop.is_set())  # lost or fenced: nothing to give up
+        if stop.is_set():
+            break
+        log.info("no longer leading: standing by")
+    return 0
 
 
 def _stop_quietly(c) -> str:
@@ -214,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warn_exposure(config)
+    if config.etcd:
+        return lead_or_stand_by(config)
     try:
         manager = Manager(config)
     except ConfigError as exc:  # found while making the boards, e.g. an unusable ssh_key

@@ -1,10 +1,12 @@
-"""The manager's own figures: what the metrics' gauges show and the ``stats`` command answers.
+"""The manager's own figures: what the metrics' gauges show and the ``stats`` command answers
+(and the ``boards`` command: board telemetry, energy, a manager group's status).
 
 Router thread (a scrape reaches it through ``Loop.call``).
 """
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from .auth import Guard
 from .config import ManagerConfig
@@ -19,8 +21,11 @@ from .wire import Wire
 
 class Figures:
     def __init__(self, config: ManagerConfig, loop: Loop, wire: Wire, dispatcher: Dispatcher, payloads: Payloads,
-                 guard: Guard, clients: dict[str, Client], telemetry: Telemetry, energy: Energy) -> None:
+                 guard: Guard, clients: dict[str, Client], telemetry: Telemetry, energy: Energy,
+                 group: Callable[[], dict] | None = None) -> None:
+        """``group()``: a manager group's status (group.py), None for a single manager."""
         self.config = config
+        self.group = group
         self.loop = loop
         self.wire = wire
         self.dispatcher = dispatcher
@@ -34,6 +39,7 @@ class Figures:
         """Each board's telemetry, and the energy per request of each inference where its
         board reports power (the ``boards`` command, the metrics, ``status``)."""
         return {
+            **({"group": self.group()} if self.group is not None else {}),
             "boards": self.telemetry.readings(),
             "energy": [{"inference": inference, "board": board, "joules_per_request": round(j, 6),
                         "joules": round(self.energy.joules[(inference, board)], 3),

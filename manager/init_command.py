@@ -25,7 +25,7 @@ from infinibrain import security
 
 from . import keygen
 from .config import ConfigError, parse_config_text
-from .registry import atomic_write
+from .store import atomic_write
 
 BOARD_RE = re.compile(r"^(?P<name>[^=]+)=(?:(?P<user>[^@]+)@)?(?P<address>[^:@]+)(?::(?P<port>\d+))?$")
 

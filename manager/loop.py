@@ -38,8 +38,12 @@ Dropped = Callable[[zmq.Socket, Exception], None]
 
 
 class Loop:
-    def __init__(self, tick: float = TICK) -> None:
+    def __init__(self, tick: float = TICK, fence: Callable[[], bool] | None = None) -> None:
+        """``fence``: asked every time the loop wakes, before anything is handled; when it
+        says False the loop ends (a manager group's leader that lost the lead)."""
         self.tick = tick
+        self.fence = fence
+        self.fenced = False
         self.errors: Counter[str] = Counter()
         self._poller = zmq.Poller()
         self._readers: dict[zmq.Socket, tuple[Reader, Dropped]] = {}
@@ -110,7 +114,12 @@ class Loop:
             try:
                 due = min(self._next_tick, self._later[0][0]) if self._later else self._next_tick
                 timeout = max(0.0, due - time.monotonic())
-                for sock, _ in self._poller.poll(math.ceil(timeout * 1000)):
+                events = self._poller.poll(math.ceil(timeout * 1000))
+                if self.fence is not None and not self.fence():
+                    log.warning("router: this manager no longer leads its group: the loop ends, nothing more is routed")
+                    self.fenced = True
+                    return
+                for sock, _ in events:
                     if sock == self._wake_r:
                         self._run_calls()
                     else:

@@ -26,6 +26,7 @@ The HTTP server runs on a thread of its own.
 | infinibrain_loop_errors_total | counter | where (the router went on after an exception there) |
 | infinibrain_board_up, infinibrain_board_cpu_utilization_ratio, ..._memory_used_bytes, ..._memory_total_bytes, ..._load1, ..._temperature_celsius, ..._gpu_utilization_ratio, ..._emc_utilization_ratio, ..._power_watts, ..._power_average_watts, ..._input_power_watts | gauge | board (+ cpu, sensor, rail): board telemetry (telemetry.py) |
 | infinibrain_inference_energy_joules_per_request | gauge | inference, board (energy.py) |
+| infinibrain_group_leader, infinibrain_group_leader_transitions_total, infinibrain_group_quorum, infinibrain_group_members, infinibrain_group_lease_age_seconds | gauge, counter | – (a manager group only: group.py) |
 
 ``/`` on the same listener is a status page (status_page.py) for people.
 """
@@ -248,6 +249,23 @@ class _Live(Collector):
             errors.add_metric([where], n)
         yield from (depth, flying, up, state, moved, dropped, refused, clients, errors)
         yield from board_families(snap.get("boards") or {}, snap.get("energy") or [])
+        if snap.get("group"):
+            yield from group_families(snap["group"])
+
+
+def group_families(group: dict) -> list[Any]:
+    """A manager group's figures, as this manager sees them (group.py)."""
+    leader = GaugeMetricFamily("infinibrain_group_leader", "1 while this manager leads its group")
+    leader.add_metric([], 1 if group.get("role") == "leader" else 0)
+    transitions = CounterMetricFamily("infinibrain_group_leader_transitions", "Times the group's lead changed hands (etcd)")
+    transitions.add_metric([], group.get("transitions") or 0)
+    quorum = GaugeMetricFamily("infinibrain_group_quorum", "1 while the group's etcd takes changes")
+    quorum.add_metric([], 0 if group.get("changes", "accepted") != "accepted" else 1)
+    members = GaugeMetricFamily("infinibrain_group_members", "Managers of the group holding a lease (leader and standbys)")
+    members.add_metric([], len(group.get("members") or []))
+    age = GaugeMetricFamily("infinibrain_group_lease_age_seconds", "Seconds since the leader's lease was last renewed")
+    age.add_metric([], group.get("lease_age_s") or 0.0)
+    return [leader, transitions, quorum, members, age]
 
 
 def board_families(boards: dict[str, dict], energy: list[dict]) -> list[Any]:

@@ -45,7 +45,10 @@ class Started:
 
 
 class Operations:
-    def __init__(self) -> None:
+    def __init__(self, fence: Callable[[], bool] | None = None) -> None:
+        """``fence``: asked before each step; False (a group's leader that lost the lead)
+        refuses it, so a deposed leader's workers leave the boards alone."""
+        self.fence = fence
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="work")
 
     def close(self) -> None:
@@ -56,6 +59,8 @@ class Operations:
         """Run ``fn(*args)`` on a worker, its progress going to ``sink`` for ``board``."""
 
         def step() -> Any:
+            if self.fence is not None and not self.fence():
+                raise make_error(309, "the cluster", detail="this manager no longer leads its group")
             with progress.reporting(sink), progress.on_board(board):
                 return fn(*args)
 

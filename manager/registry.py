@@ -35,13 +35,13 @@ import logging
 import os
 import posixpath
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infinibrain.errors import InfinibrainException, make_error
 
 from .runtimes.hosts import copy_atomic
+from .store import FileStore, Store
 from .validate import normalize_config
 from .settings import InferenceSettings
 
@@ -124,25 +124,20 @@ class Registration:
 
 
 class Registry:
-    """The registrations (read and changed on the router thread) and their files."""
+    """The registrations (read and changed on the router thread), kept in a ``Store``: the
+    state_dir's files, or a manager group's etcd (manager/store.py)."""
 
-    def __init__(self, state_dir: str | os.PathLike) -> None:
-        self.dir = Path(state_dir) / "inferences"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(Path(state_dir), 0o700)
+    def __init__(self, state_dir: str | os.PathLike, store: Store | None = None) -> None:
+        self.store = store or FileStore(Path(state_dir))
         self.files = Overlay(Path(state_dir) / "files")
         self.registrations: dict[str, Registration] = {}
         # Image tags the manager brought to each board (loaded from a tar, or pulled): the only
         # ones delete_image removes again (never one built or put there by someone else).
-        self.brought_path = Path(state_dir) / "images.json"
-        self.brought: dict[str, set[str]] = self._read_brought()
+        self.brought: dict[str, set[str]] = self.store.read_brought()
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
-
-    def path(self, name: str) -> Path:
-        return self.dir / f"{name}.json"
 
     def registered(self, name: str) -> Registration:
         """The registration of ``name`` (router thread); 300 if there is none."""
@@ -154,66 +149,46 @@ class Registry:
     # ---- router thread ------------------------------------------------------------
 
     def persist(self, name: str) -> concurrent.futures.Future:
-        """Write ``name``'s registration as it is now (or delete its file if it is gone)."""
+        """Write ``name``'s registration as it is now (or delete it if it is gone)."""
         reg = self.registrations.get(name)
         if reg is None:
-            return self._writer.submit(self.remove, name)
+            return self._writer.submit(self.store.remove, name)
         # The snapshot is taken now, on the router thread, so the writes keep their order.
-        return self._writer.submit(self.write_dict, name, reg.to_dict())
+        return self._writer.submit(self.store.write, name, reg.to_dict())
 
     def bring(self, board: str, tag: str, brought: bool = True) -> None:
         """Record that the manager brought ``tag`` to ``board`` (or, ``brought=False``, that it is gone)."""
         tags = self.brought.setdefault(board, set())
         if (tag in tags) != brought:
             tags.add(tag) if brought else tags.discard(tag)
-            snapshot = json.dumps({b: sorted(t) for b, t in self.brought.items() if t}, indent=2, sort_keys=True)
-            self._writer.submit(atomic_write, self.brought_path, snapshot)
-
-    def _read_brought(self) -> dict[str, set[str]]:
-        try:
-            data = json.loads(self.brought_path.read_text())
-            return {b: set(t) for b, t in data.items() if isinstance(t, list)}
-        except (OSError, ValueError, AttributeError):
-            return {}
+            self._writer.submit(self.store.write_brought, {b: sorted(t) for b, t in self.brought.items() if t})
 
     # ---- any thread -----------------------------------------------------------------
 
     def load_all(self) -> dict[str, Registration]:
-        """Every readable registration; unreadable files are logged and left in place."""
+        """Every readable registration; unreadable ones are logged and left in place."""
         found: dict[str, Registration] = {}
-        for path in sorted(self.dir.glob("*.json")):
+        for name, where, text in self.store.load_all():
             try:
-                reg = self.read(path.stem)
+                reg = _parsed(name, where, text)
             except InfinibrainException as exc:
-                log.error("registry: skipping %s: %s", path, exc)
+                log.error("registry: skipping %s: %s", where, exc)
                 continue
             found[reg.name] = reg
         return found
 
     def read(self, name: str) -> Registration:
-        """The registration in ``name``'s file: 205 missing, 206 not JSON, 207 mismatch."""
-        path = self.path(name)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise make_error(205, detail=str(path)) from None
-        except OSError as exc:
-            raise make_error(205, detail=f"{path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise make_error(206, detail=f"{path}: {exc}") from None
-        return parse(name, path, data)
+        """The registration stored for ``name``: 205 missing, 206 not JSON, 207 mismatch."""
+        where, text = self.store.read(name)
+        return _parsed(name, where, text)
 
-    def write_dict(self, name: str, data: dict) -> None:
-        atomic_write(self.path(name), json.dumps(data, indent=2, sort_keys=True))
 
-    def remove(self, name: str) -> None:
-        try:
-            self.path(name).unlink()
-        except FileNotFoundError:
-            pass
-        _fsync_dir(self.dir)
+def _parsed(name: str, where: str, text: str) -> Registration:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise make_error(206, detail=f"{where}: {exc}") from None
+    return parse(name, Path(where), data)
 
 
 def parse(name: str, path: Path, data: object) -> Registration:
@@ -298,28 +273,3 @@ class Overlay:
 
     def drop(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -4,7 +4,8 @@
 #   (emulated SSH boards), docker-registry and skopeo (the image registry boards pull from),
 #   qemu-user-static and binfmt-support (arm64 images under emulation), python3-zmq,
 #   python3-msgpack and python3-numpy (the system's Python runs a test's container as
-#   another user, who cannot run the venv's interpreter when it lives in root's home);
+#   another user, who cannot run the venv's interpreter when it lives in root's home),
+#   etcd-server and etcd-client (manager groups: the tests run their own members on loopback);
 #   binfmt_misc mounted and qemu's arm64 entry enabled;
 #   a Docker engine (scripts/engine.sh) and the images (containers/build.py: the runtime for
 #   this machine and arm64, the bullseye runtime, the example; the face detector of
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 
-PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support python3-zmq python3-msgpack python3-numpy chromium)
+PACKAGES=(docker.io debootstrap openssh-server docker-registry skopeo qemu-user-static binfmt-support python3-zmq python3-msgpack python3-numpy chromium etcd-server etcd-client)
 have() {
   case "$1" in
     docker.io) command -v dockerd >/dev/null && command -v docker >/dev/null ;;
@@ -29,6 +30,8 @@ have() {
     python3-zmq) /usr/bin/python3 -c "import zmq" 2>/dev/null ;;
     python3-msgpack) /usr/bin/python3 -c "import msgpack" 2>/dev/null ;;
     python3-numpy) /usr/bin/python3 -c "import numpy" 2>/dev/null ;;
+    etcd-server) command -v etcd >/dev/null ;;
+    etcd-client) command -v etcdctl >/dev/null ;;
     *) command -v "$1" >/dev/null ;;
   esac
 }

@@ -101,14 +101,15 @@ class Connector:
         security.arm_client(self._sub, keys)
         self._topic = P.container_topic(self._wire_id, sub_name)
         self._sub.subscribe(self._topic)
-        self._sub.connect(f"tcp://{host_ip}:{sub}")
+        hosts = P.manager_hosts(host_ip)  # a manager group's: connected to all, the leader answers
+        P.connect_managers(self._sub, hosts, sub)
         self._poller = zmq.Poller()  # one for the Connector's life: Socket.poll makes one per call
         self._poller.register(self._sub, zmq.POLLIN)
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.linger = 1000  # let a last result leave before the program exits
         self._pub.sndhwm = 0
         security.arm_client(self._pub, keys)
-        self._pub.connect(f"tcp://{host_ip}:{pub}")
+        P.connect_managers(self._pub, hosts, pub)
         self._hello()
 
     def close(self) -> None:

@@ -1,0 +1,167 @@
+"""Real etcd members (Debian's etcd-server) and manager groups on loopback, for the tests
+and benchmarks of manager groups (manager/group.py). Each etcd member is a process of
+ours, ended by its pid; each manager of a group its own host (127.0.0.1, 127.0.0.2, ...)
+on one base port."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import ManagerProcess, free_base_port, wait_for
+
+ETCD = shutil.which("etcd")
+
+
+class EtcdCluster:
+    """``size`` etcd members on 127.0.0.1, each with its own data folder."""
+
+    def __init__(self, folder: Path, size: int = 1) -> None:
+        self.folder = folder
+        base = free_base_port()
+        self.names = [f"e{i}" for i in range(size)]
+        self.client_ports = {n: base + i for i, n in enumerate(self.names)}
+        self.peer_ports = {n: base + size + i for i, n in enumerate(self.names)}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.token = f"ib-{base}"
+
+    @property
+    def urls(self) -> str:
+        return ",".join(f"http://127.0.0.1:{self.client_ports[n]}" for n in self.names)
+
+    def start(self, *names: str) -> "EtcdCluster":
+        cluster = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
+        for n in names or self.names:
+            log = open(self.folder / f"{n}.log", "ab")
+            self.procs[n] = subprocess.Popen(
+                [ETCD, "--name", n, "--data-dir", str(self.folder / n), "--logger", "zap", "--log-outputs", "stderr",
+                 "--listen-client-urls", f"http://127.0.0.1:{self.client_ports[n]}",
+                 "--advertise-client-urls", f"http://127.0.0.1:{self.client_ports[n]}",
+                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[n]}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[n]}",
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", self.token,
+                 "--listen-metrics-urls", ""],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            log.close()
+        wait_for(self.healthy, timeout=30, interval=0.1)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_ports[self.up()[0]]}/health", timeout=1) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def up(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is None]
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            if self.procs[name].poll() is None:
+                self.kill(name)
+
+
+class GroupMember(ManagerProcess):
+    """A manager of a group: its own host, the group's port, state and etcd."""
+
+    def __init__(self, tmp: Path, host: str, port: int, etcd: EtcdCluster, hosts: list[str], work: Path,
+                 boards: tuple[str, ...] = ("local",), **manager: object) -> None:
+        super().__init__(tmp, boards=boards, board_settings={b: {"work_dir": str(work / b)} for b in boards},
+                         host=host, etcd=etcd.urls, group_hosts=",".join(hosts), metrics_port=-1,
+                         telemetry_interval_ms=0, **manager)
+        self.host = host
+        self.port = port  # every member on the group's port
+        text = self.config_path.read_text().splitlines()
+        self.config_path.write_text("\n".join(f"port = {port}" if line.startswith("port = ") else line for line in text) + "\n")
+
+    def start(self) -> "GroupMember":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([os.environ.get("PYTHON", "") or _python(), "-m", "infinibrain.manager",
+                                      "--config", str(self.config_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        wait_for(lambda: "standing by" in self.log() or self.proc.poll() is not None, timeout=20)
+        assert self.proc.poll() is None, self.log()[-2000:]
+        return self
+
+    def leads(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and "leading the group" in self.log().rsplit(
+            "standing by", 1)[-1]
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+class Group:
+    """``size`` managers of one group on 127.0.0.1, 127.0.0.2, ...; the first started leads."""
+
+    def __init__(self, folder: Path, etcd: EtcdCluster, size: int = 2, **manager: object) -> None:
+        self.port = free_base_port()
+        self.hosts = [f"127.0.0.{i + 1}" for i in range(size)]
+        self.work = folder / "work"
+        self.members = [GroupMember(folder / f"m{i}", h, self.port, etcd, self.hosts, self.work, **manager)
+                        for i, h in enumerate(self.hosts)]
+
+    @property
+    def host_ip(self) -> str:
+        return ",".join(self.hosts)
+
+    def start(self) -> "Group":
+        self.members[0].start()
+        wait_for(self.members[0].leads, timeout=20)
+        for m in self.members[1:]:
+            m.start()
+        return self
+
+    def leader(self) -> GroupMember | None:
+        leading = [m for m in self.members if m.leads()]
+        return leading[0] if len(leading) == 1 else None
+
+    def stop(self) -> None:
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                try:
+                    m.resume()
+                except ProcessLookupError:
+                    pass
+        for m in self.members:
+            m.stop()
+        kill_in(self.work)
+
+
+def kill_in(work: Path) -> None:
+    """End the container processes whose working folder is under ``work`` (left running by
+    group members, which never stop their containers)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd.startswith(str(work) + "/"):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    time.sleep(0.1)
