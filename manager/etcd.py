@@ -104,7 +104,7 @@ class Etcd:
 
     # ---- the calls the group makes ------------------------------------------------------
 
-    def txn(self, compare: list[dict], success: list[dict], failure: list[dict] = ()) -> tuple[bool, dict]:
+    def txn(self, compare: list[dict], success: list[dict], failure: tuple[dict, ...] = ()) -> tuple[bool, dict]:
         """(succeeded, etcd's answer) of a transaction."""
         answer = self.call("kv/txn", {"compare": compare, "success": success, "failure": list(failure)})
         return bool(answer.get("succeeded", False)), answer

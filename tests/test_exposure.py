@@ -166,6 +166,41 @@ def test_init_refuses_what_would_not_start_and_keeps_an_existing_file(tmp_path):
     assert out.returncode == 2 and "--force" in out.stderr and cfg.read_text() == "# mine\n"
 
 
+def test_a_group_members_settings_are_checked_naming_the_key():
+    def group(**kw):
+        return parse_config({"manager": {"etcd": "http://127.0.0.1:2379", "group_hosts": "127.0.0.1,127.0.0.2", **kw},
+                             "coprocessor": [{"name": "local"}]})
+
+    assert group().board_host == "127.0.0.1"  # a member faces its containers on its own host
+    with pytest.raises(ConfigError, match="group_hosts must list every manager"):
+        group(host="127.0.0.3")
+    with pytest.raises(ConfigError, match="not an etcd client URL"):
+        group(etcd="127.0.0.1:2379")
+    with pytest.raises(ConfigError, match="leader_lease_s"):
+        group(leader_lease_s=1)
+    with pytest.raises(ConfigError, match="etcd_user and manager.etcd_password_file"):
+        group(etcd_user="root")
+
+
+def test_init_writes_a_groups_configurations_that_the_manager_accepts(tmp_path):
+    from manager.config import load_config
+
+    cfg = tmp_path / "m.toml"
+    out = run_manager("init", "--group", "10.0.0.1,10.0.0.2", "--config", str(cfg), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 2 and "--etcd" in out.stderr  # a group needs its etcd
+    out = run_manager("init", "--group", "10.0.0.1,10.0.0.2", "--etcd", "http://10.0.0.1:2379,http://10.0.0.2:2379",
+                      "--ssh-board", "j1=u@10.0.0.11", "--config", str(cfg), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr
+    configs = [load_config(tmp_path / f"m-10.0.0.{i}.toml") for i in (1, 2)]
+    assert [c.host for c in configs] == ["10.0.0.1", "10.0.0.2"] and [c.board_host for c in configs] == ["10.0.0.1", "10.0.0.2"]
+    for c in configs:
+        assert c.curve and c.etcd == "http://10.0.0.1:2379,http://10.0.0.2:2379" and c.group_hosts == "10.0.0.1,10.0.0.2"
+        assert [b.name for b in c.boards] == ["j1"]  # no "local": it would be another board on each machine
+        assert c.boards[0].manager_address == "10.0.0.1,10.0.0.2"  # its containers are told the whole group
+    assert configs[0].curve_secret_key == configs[1].curve_secret_key  # one server key for the group
+    assert not cfg.exists()
+
+
 def test_init_makes_a_manager_that_local_applications_and_ssh_board_containers_reach(ssh_boards, tmp_path, monkeypatch):
     for key in (security.ENV_SERVER_KEY, security.ENV_CLIENT_KEY, security.ENV_PUBLIC_KEY, security.ENV_SECRET_KEY):
         monkeypatch.delenv(key, raising=False)
