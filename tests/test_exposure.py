@@ -167,6 +167,8 @@ def test_init_refuses_what_would_not_start_and_keeps_an_existing_file(tmp_path):
 
 
 def test_a_group_members_settings_are_checked_naming_the_key():
+    from manager.config import ConfigError, parse_config
+
     def group(**kw):
         return parse_config({"manager": {"etcd": "http://127.0.0.1:2379", "group_hosts": "127.0.0.1,127.0.0.2", **kw},
                              "coprocessor": [{"name": "local"}]})
