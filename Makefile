@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 BOARDS_DIR ?= /tmp/infinibrain-boards
 BOARDS ?= 2
 
-.PHONY: setup demo prereqs test faults soak bench bench-perf bench-routing bench-models bench-docker bench-ssh engine engine-stop images boards boards-stop clean
+.PHONY: setup demo prereqs test faults soak bench bench-perf bench-group bench-routing bench-models bench-docker bench-ssh engine engine-stop images boards boards-stop clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench: setup
 bench-perf: setup
 	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_perf.py'; \
 	else $(PY) benchmarks/bench_perf.py; fi
+
+# A manager group on etcd (issue 28): takeover after the leader's SIGKILL under load, and
+# the request path through a group's leader against a single manager.
+bench-group: prereqs
+	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && exec $(PY) benchmarks/bench_group.py'; \
+	else $(PY) benchmarks/bench_group.py; fi
 
 # Priorities under load and retries when a replica dies (issue 24), against the same
 # system without them.

@@ -28,12 +28,14 @@
    side, measured in alternating rounds; the manager's memory per idle container.
 5. **Tracing** (benchmarks/bench_tracing.py): small requests with tracing off, sampled at
    1% and at 100%, against a manager as today (no ``otlp_endpoint``).
+6. **Group** (benchmarks/bench_group.py): small requests through a manager group's leader
+   against a single manager (the takeover itself: ``bench_group.py``).
 
 Each figure of 1 and 2 is the median of ``--rounds`` alternating rounds.
 
     unshare -n sh -c 'ip link set lo up && exec .venv/bin/python benchmarks/bench_perf.py'
 
-``--only raw,batching,scaling,size,tracing`` runs some sections. Every loop is bounded in count
+``--only raw,batching,scaling,size,tracing,group`` runs some sections. Every loop is bounded in count
 and in time.
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_control import cpu_seconds  # noqa: E402
 from bench_infer import Baseline, Finish, latency, throughput_baseline, windowed  # noqa: E402
 from conftest import ManagerProcess, free_base_port  # noqa: E402
+from bench_group import group_section  # noqa: E402
 from bench_tracing import tracing_section  # noqa: E402
 from table import Row, print_table  # noqa: E402
 
@@ -487,7 +490,7 @@ def median_pairs(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-SECTIONS = ("raw", "batching", "scaling", "size", "tracing")
+SECTIONS = ("raw", "batching", "scaling", "size", "tracing", "group")
 
 
 def main() -> int:
@@ -523,6 +526,9 @@ def main() -> int:
         rows += size_section(args)
     if "tracing" in only:
         rows += tracing_section(argparse.Namespace(requests=args.requests // 2, rounds=max(args.rounds, 5), seconds=args.seconds))
+    if "group" in only:
+        rows += group_section(argparse.Namespace(requests=args.requests // 2, rounds_path=max(args.rounds, 6),
+                                                 seconds=args.seconds))
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps([dict(asdict(r), ratio=r.ratio, holds=r.holds) for r in rows], indent=2))

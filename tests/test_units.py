@@ -87,7 +87,7 @@ def test_registry_reads_format_1_as_revision_1(tmp_path):
     config = normalize_config({"name": "cam", "implementation_type": "process", "run_command": "python x.py"})
     old = {"format": 1, "name": "cam", "config": config.to_dict(),
            "boards": {"b1": {"distribution": "on", "running": True, "pid": 7, "pid_start": 70, "created": "t"}}}
-    reg.path("cam").write_text(json.dumps(old))
+    reg.store.path("cam").write_text(json.dumps(old))
     back = reg.read("cam")
     assert back.revision == 1 and back.next_revision == 2 and back.stable is None
     assert back.boards["b1"].instances == [InstanceRecord("cam-b1", 1, 7, 70, "t")]
