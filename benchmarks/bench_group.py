@@ -65,6 +65,7 @@ def one_takeover(c: AICluster, g: Group) -> dict:
     done: list[tuple[float, float, int]] = []  # (sent, ended, code)
     stop = threading.Event()
     lock = threading.Lock()
+    details: set[str] = set()
 
     def load() -> None:
         end = time.monotonic() + 30
@@ -77,6 +78,7 @@ def one_takeover(c: AICluster, g: Group) -> dict:
                 code = 0
             except InfinibrainException as exc:
                 code = exc.code
+                details.add(f"{exc.code}: {exc.detail}"[:160])
             with lock:
                 done.append((sent, time.monotonic(), code))
 
@@ -96,7 +98,7 @@ def one_takeover(c: AICluster, g: Group) -> dict:
     after = [code for s, e, code in done if s > killed_at and code]
     answered = sum(1 for *_, code in done if code == 0)
     return {"seconds": first - killed_at, "failed_sent_before": len(before), "failed_sent_after": len(after),
-            "codes": sorted(set(before + after)), "answered": answered}
+            "codes": sorted(details), "answered": answered}
 
 
 def request_path(args: argparse.Namespace) -> list[Row]:
@@ -104,7 +106,7 @@ def request_path(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="ib-bench-group-") as folder:
         (Path(folder) / "etcd").mkdir()
         etcd = EtcdCluster(Path(folder) / "etcd").start()
-        g = Group(Path(folder), etcd, 2, log_level="WARNING").start()
+        g = Group(Path(folder), etcd, 2, log_level="INFO").start()  # INFO: the kit reads who leads from the logs
         single = ManagerProcess(Path(folder) / "single", boards=("local",), log_level="WARNING", metrics_port=-1,
                                 telemetry_interval_ms=0).start()
         try:

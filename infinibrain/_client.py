@@ -239,6 +239,8 @@ class ClusterClient:
         if parent is not None:
             header["tp"] = parent  # the manager's and the container's spans join the application's trace
         frames = self._outbox.frames(p, header, payload, detached)
+        if len(self.hosts) > 1:  # a group: kept until accepted, to go to the next leader if need be
+            p.unacked = (header, frames)
         self._waiting.add(p)
         try:
             self._send("infer", P.REQUEST, header, frames)
@@ -329,6 +331,7 @@ class ClusterClient:
                 if recovered:
                     self.logger.info("connection to the manager restored")
                     self._event(113, format_message(113), "keepalive", None)
+                    self._send_again()
             self._link.notify_all()
 
     def _on_heartbeat(self, msg: P.Message) -> None:
@@ -422,6 +425,19 @@ class ClusterClient:
             for path in ("infer", "mgmt"):
                 self._hello(path)
 
+    def _send_again(self) -> None:
+        """A group's new leader: the requests the lost one never acknowledged go to it (I/O
+        thread). One the lost leader took and died before acknowledging (a window of
+        microseconds) may so run twice."""
+        for p in self._waiting.unacknowledged():
+            header, frames = p.unacked  # type: ignore[misc]
+            header.pop("to", None)  # its thread's socket proves itself again: the answer comes through here
+            p.deadline = time.monotonic() + ACK_TIMEOUT
+            try:
+                self._send("infer", P.REQUEST, header, frames)
+            except Exception as exc:  # e.g. released meanwhile: it ends as a lost request
+                self.logger.debug("request %s not sent again: %s", p.rid, exc)
+
     def _lost(self, why: str) -> None:
         self.logger.warning("connection to the manager lost: %s", why)
         with self._link:
@@ -429,7 +445,10 @@ class ClusterClient:
             self._acked_paths.clear()
             self._outbox.agreed(False)  # the manager that comes back proves it again
             self._generation += 1  # threads' sockets prove themselves again
-        self._waiting.fail_all(402, f"connection to the manager lost ({why})")
+        # A group's requests that no manager accepted wait for the next leader (bounded by the
+        # client's timeout); every other call ends now.
+        keep = time.monotonic() + self.connect_timeout + ACK_TIMEOUT if len(self.hosts) > 1 else None
+        self._waiting.fail_all(402, f"connection to the manager lost ({why})", keep)
         self._event(112, format_message(112), "keepalive", None)
         self._next_hello = 0.0
 

@@ -42,7 +42,7 @@ class Pending:
     (for the sync and ``_future`` forms) the future that carries it."""
 
     __slots__ = ("rid", "kind", "deadline", "future", "on_done", "on_progress", "cmd", "acked", "inference", "tid", "param",
-                 "result_only", "segment")
+                 "result_only", "segment", "unacked")
 
     def __init__(self, rid: str, kind: str, deadline: float, *, on_done: Callback | None = None,
                  on_progress: Callable[[str, dict], None] | None = None, cmd: str = "", inference: str = "", tid: int = 0,
@@ -63,6 +63,9 @@ class Pending:
         # (result, InferenceResponse): the response is then never built.
         self.result_only = result_only
         self.segment: shm.Segment | None = None  # the shared memory its payload is in, until it ends
+        # A manager group's request, until a manager accepts it: (header, frames) to send again
+        # to the next leader if the one it went to is lost before acknowledging it.
+        self.unacked: tuple[dict, list] | None = None
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""
@@ -124,6 +127,7 @@ class Waiting:
         p = self.get(rid)
         if p is not None and not p.acked:
             p.acked = True
+            p.unacked = None
             timeout = header.get("timeout")
             if p.kind == "infer" and timeout is None and "timeout" in header:
                 p.deadline = float("inf")  # no answer limit: the manager's liveness still ends it
@@ -156,11 +160,21 @@ class Waiting:
     def fail(self, p: Pending, code: int, why: str) -> None:
         self.finish(p, code, format_message(code), response=bare_response(p, self.pid), detail=why)
 
-    def fail_all(self, infer_code: int, why: str) -> None:
+    def fail_all(self, infer_code: int, why: str, keep_unacked_until: float | None = None) -> None:
+        """End every call with ``infer_code`` (a command with 111); with ``keep_unacked_until``,
+        a group's requests no manager accepted yet wait until then for the next leader."""
         for rid in list(self._calls):
+            p = self._calls.get(rid)
+            if p is not None and keep_unacked_until is not None and p.unacked is not None:
+                p.deadline = max(p.deadline, keep_unacked_until)
+                continue
             p = self.take(rid)
             if p is not None:
                 self.fail(p, infer_code if p.kind == "infer" else 111, why)
+
+    def unacknowledged(self) -> list[Pending]:
+        """A group's requests waiting to be sent again to the next leader, in request order."""
+        return [p for p in list(self._calls.values()) if p.unacked is not None]
 
     def expire(self, now: float) -> None:
         """End the calls whose deadline passed: not acknowledged (402/111), or not answered

@@ -58,7 +58,9 @@ PRIORITY_LIMIT = 2**31
 # A manager group (several managers, one leading; manager/group.py): a client or container
 # connects to every manager it is told of, and only the leader binds, so ZeroMQ's own
 # reconnection follows the leader. ZMTP pings on those connections drop one to a manager
-# that stopped answering (a paused process keeps its sockets bound) within the timeout.
+# that stopped answering (a paused process keeps its sockets bound) within the timeout;
+# ZMQ_IMMEDIATE keeps messages off a connection that is not up (without it, what was sent
+# while a manager was gone would wait for it and reach it when it comes back as a standby).
 GROUP_PING_MS = 1_000
 GROUP_PING_TIMEOUT_MS = 3_000
 
@@ -71,6 +73,7 @@ def manager_hosts(value: str) -> list[str]:
 def connect_managers(sock: zmq.Socket, hosts: Sequence[str], port: int) -> None:
     """Connect ``sock`` to ``port`` of every manager in ``hosts`` (pinged when a group)."""
     if len(hosts) > 1:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.HEARTBEAT_IVL, GROUP_PING_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, GROUP_PING_TIMEOUT_MS)
     for host in hosts:

@@ -91,7 +91,10 @@ class GroupMember(ManagerProcess):
                                       "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        wait_for(lambda: "standing by" in self.log() or self.proc.poll() is not None, timeout=20)
+        try:
+            wait_for(lambda: "standing by" in self.log() or self.proc.poll() is not None, timeout=20)
+        except AssertionError:
+            raise AssertionError(f"group member {self.host} did not start: {self.log()[-2000:]}") from None
         assert self.proc.poll() is None, self.log()[-2000:]
         return self
 
