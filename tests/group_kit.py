@@ -77,9 +77,11 @@ class GroupMember(ManagerProcess):
 
     def __init__(self, tmp: Path, host: str, port: int, etcd: EtcdCluster, hosts: list[str], work: Path,
                  boards: tuple[str, ...] = ("local",), **manager: object) -> None:
+        settings = {"metrics_port": -1, "telemetry_interval_ms": 0, **manager}
+        if settings["metrics_port"] != -1:
+            settings["metrics_host"] = host  # each member's metrics on its own address
         super().__init__(tmp, boards=boards, board_settings={b: {"work_dir": str(work / b)} for b in boards},
-                         host=host, etcd=etcd.urls, group_hosts=",".join(hosts), metrics_port=-1,
-                         telemetry_interval_ms=0, **manager)
+                         host=host, etcd=etcd.urls, group_hosts=",".join(hosts), **settings)
         self.host = host
         self.port = port  # every member on the group's port
         text = self.config_path.read_text().splitlines()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -201,8 +202,8 @@ def test_without_etcd_quorum_requests_are_served_and_changes_refused_until_it_re
         g.stop()
 
 
-def test_status_shows_the_group(tmp_path, etcd):
-    g = make_group(tmp_path, etcd)
+def test_status_and_metrics_show_the_group(tmp_path, etcd):
+    g = make_group(tmp_path, etcd, metrics_port=0)
     try:
         env = {**os.environ, "INFINIBRAIN_MANAGER": f"{g.host_ip}:{g.port}"}
         with AICluster(g.host_ip, g.port) as c:  # the standby is listed once the leader has read the members again
@@ -214,5 +215,8 @@ def test_status_shows_the_group(tmp_path, etcd):
         data = json.loads(subprocess.run([sys.executable, "-m", "infinibrain.cli", "status", "--json"], capture_output=True,
                                          text=True, timeout=60, env=env).stdout)
         assert data["group"]["role"] == "leader" and len(data["group"]["members"]) == 2
+        metrics = urllib.request.urlopen(f"http://{g.hosts[0]}:{g.port + 5}/metrics", timeout=10).read().decode()
+        assert "infinibrain_group_leader 1.0" in metrics and "infinibrain_group_members 2.0" in metrics
+        assert "infinibrain_group_quorum 1.0" in metrics and "infinibrain_group_leader_transitions_total 1.0" in metrics
     finally:
         g.stop()
