@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -38,8 +40,14 @@ def etcd3(tmp_path):
     cluster.stop()
 
 
-def make_group(tmp_path, etcd: EtcdCluster, size: int = 2, **kw) -> Group:
-    return Group(tmp_path / "group", etcd, size, **kw).start()
+@contextmanager
+def running_group(tmp_path, etcd: EtcdCluster, **kw) -> Iterator[Group]:
+    """Two managers of a group on ``etcd``, the first leading; stopped after, their containers ended."""
+    g = Group(tmp_path / "group", etcd, 2, **kw)
+    try:
+        yield g.start()
+    finally:
+        g.stop()
 
 
 def pid_of(c: AICluster, name: str) -> int:
@@ -55,8 +63,7 @@ def registry_in(etcd: EtcdCluster, name: str) -> dict:
 
 
 def test_the_standby_serves_the_same_containers_after_the_leader_is_killed(tmp_path, etcd, name):
-    g = make_group(tmp_path, etcd)
-    try:
+    with running_group(tmp_path, etcd) as g:
         first, standby = g.members
         with AICluster(g.host_ip, g.port) as c:
             c.load_inference(echo_config(name), "local")
@@ -83,8 +90,6 @@ def test_the_standby_serves_the_same_containers_after_the_leader_is_killed(tmp_p
             assert "adopted" in standby.log()
             c.unload_inference(name)
             assert registry_in(etcd, name) == {}
-    finally:
-        g.stop()
 
 
 def _try(fn):
@@ -96,8 +101,7 @@ def _try(fn):
 
 
 def test_a_standby_never_routes_while_the_leader_lives(tmp_path, etcd, name):
-    g = make_group(tmp_path, etcd)
-    try:
+    with running_group(tmp_path, etcd) as g:
         leader, standby = g.members
         with pytest.raises(InfinibrainException) as err:  # the standby binds nothing: no answer there
             AICluster(standby.host, g.port, timeout=1.0)
@@ -109,13 +113,10 @@ def test_a_standby_never_routes_while_the_leader_lives(tmp_path, etcd, name):
             c.unload_inference(name)
         assert "serving applications" not in standby.log() and "leads" not in standby.log()
         assert g.leader() is leader
-    finally:
-        g.stop()
 
 
 def test_a_paused_leader_that_lost_its_lease_changes_nothing_and_steps_down(tmp_path, etcd, name):
-    g = make_group(tmp_path, etcd)
-    try:
+    with running_group(tmp_path, etcd) as g:
         old, new = g.members
         with AICluster(g.host_ip, g.port) as c:
             c.load_inference(echo_config(name), "local")
@@ -132,8 +133,6 @@ def test_a_paused_leader_that_lost_its_lease_changes_nothing_and_steps_down(tmp_
             assert g.leader() is new
             assert set(registry_in(etcd, name + "b")["boards"]) == {"local"}  # what the new leader wrote stands
             c.unload_inference("")
-    finally:
-        g.stop()
 
 
 def test_a_deposed_leaders_writes_are_fenced(tmp_path, etcd):
@@ -161,8 +160,7 @@ def test_a_deposed_leaders_writes_are_fenced(tmp_path, etcd):
 
 
 def test_one_etcd_member_killed_changes_nothing(tmp_path, etcd3, name):
-    g = make_group(tmp_path, etcd3)
-    try:
+    with running_group(tmp_path, etcd3) as g:
         with AICluster(g.host_ip, g.port) as c:
             c.load_inference(echo_config(name), "local")
             leader = g.leader()
@@ -173,13 +171,10 @@ def test_one_etcd_member_killed_changes_nothing(tmp_path, etcd3, name):
             c.load_inference(echo_config(name + "b"), "local")
             assert g.leader() is leader and "lost the lead" not in leader.log()
             c.unload_inference("")
-    finally:
-        g.stop()
 
 
 def test_without_etcd_quorum_requests_are_served_and_changes_refused_until_it_returns(tmp_path, etcd3, name):
-    g = make_group(tmp_path, etcd3)
-    try:
+    with running_group(tmp_path, etcd3) as g:
         with AICluster(g.host_ip, g.port) as c:
             c.load_inference(echo_config(name), "local")
             leader = g.leader()
@@ -198,13 +193,10 @@ def test_without_etcd_quorum_requests_are_served_and_changes_refused_until_it_re
             assert c.infer(name + "b", b"y")[0]["sum"] == sum(b"y")
             assert g.leader() is leader
             c.unload_inference("")
-    finally:
-        g.stop()
 
 
 def test_status_and_metrics_show_the_group(tmp_path, etcd):
-    g = make_group(tmp_path, etcd, metrics_port=0)
-    try:
+    with running_group(tmp_path, etcd, metrics_port=0) as g:
         env = {**os.environ, "INFINIBRAIN_MANAGER": f"{g.host_ip}:{g.port}"}
         with AICluster(g.host_ip, g.port) as c:  # the standby is listed once the leader has read the members again
             wait_for(lambda: len(c.get_board_telemetry()["group"].get("members", [])) == 2, timeout=10)
@@ -218,5 +210,3 @@ def test_status_and_metrics_show_the_group(tmp_path, etcd):
         metrics = urllib.request.urlopen(f"http://{g.hosts[0]}:{g.port + 5}/metrics", timeout=10).read().decode()
         assert "infinibrain_group_leader 1.0" in metrics and "infinibrain_group_members 2.0" in metrics
         assert "infinibrain_group_quorum 1.0" in metrics and "infinibrain_group_leader_transitions_total 1.0" in metrics
-    finally:
-        g.stop()
