@@ -65,7 +65,7 @@ class Pending:
         self.segment: shm.Segment | None = None  # the shared memory its payload is in, until it ends
         # A manager group's request, until a manager accepts it: (header, frames) to send again
         # to the next leader if the one it went to is lost before acknowledging it.
-        self.unacked: tuple[dict, list] | None = None
+        self.unacked: tuple[dict, Any] | None = None
 
     def wait(self) -> Any:
         """The answer, or its numbered exception (bounded even if the I/O thread died)."""

@@ -106,7 +106,7 @@ class ManagerConfig:
     # here and the same boards, each its own host.
     etcd: str = ""  # etcd's client URLs, "http://127.0.0.1:2379[,...]"
     etcd_prefix: str = "/infinibrain"  # the group's keys in etcd
-    etcd_ca_file: str = ""  # https URLs: the CA that signed etcd's certificate ("" = the system's)
+    etcd_ca_file: str = ""  # https URLs: the CA that signed etcd's certificate ("" = the public CAs requests knows)
     etcd_cert_file: str = ""  # a client certificate and its key, when etcd asks for one
     etcd_key_file: str = ""
     etcd_user: str = ""  # etcd's authentication: a user, and a file holding its password

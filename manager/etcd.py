@@ -47,14 +47,20 @@ class Etcd:
     def __init__(self, urls: str, timeout: float, ca_file: str = "", cert_file: str = "", key_file: str = "",
                  user: str = "", password_file: str = "") -> None:
         import etcd3gw  # the ``group`` extra
+        import requests
 
         self._clients = []
         for url in urls.split(","):
             parts = urlsplit(url)
-            self._clients.append(etcd3gw.client(
-                host=parts.hostname or "127.0.0.1", port=parts.port or 2379, protocol=parts.scheme,
-                ca_cert=ca_file or None, cert_cert=cert_file or None, cert_key=key_file or None,
-                timeout=timeout, api_path="/v3/"))
+            # The environment is not asked: REQUESTS_CA_BUNDLE would replace etcd_ca_file, and
+            # an HTTP proxy has no business between a manager and its etcd.
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = ca_file or True
+            if cert_file:
+                session.cert = (cert_file, key_file)
+            self._clients.append(etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
+                                                protocol=parts.scheme, timeout=timeout, api_path="/v3/", session=session))
         self._exceptions = etcd3gw.exceptions
         self._user, self._password_file = user, password_file
         self._current = 0
