@@ -28,7 +28,7 @@ def render(data: dict) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='{REFRESH_SECONDS}'>",
              f"<title>infinibrain {escape(str(data.get('instance', '')))}</title><style>{STYLE}</style></head><body>",
              f"<h1>infinibrain manager <span class='muted'>{escape(str(data.get('instance', '')))}</span></h1>",
-             _boards(data.get("boards") or {}), _inferences(data), _containers(data.get("containers") or []),
+             _group(data.get("group")), _boards(data.get("boards") or {}), _inferences(data), _containers(data.get("containers") or []),
              _energy(data.get("energy") or []), _recent(data.get("recent") or []), "</body></html>"]
     return "".join(parts)
 
@@ -45,6 +45,19 @@ def _table(id_: str, head: list[str], rows: list[list[Any]], empty: str) -> str:
         out.append("</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def _group(group: dict | None) -> str:
+    """A manager group's managers (group.py); nothing for a single manager."""
+    if not group:
+        return ""
+    leader = (group.get("leader") or {}).get("id")
+    changes = group.get("changes", "")
+    rows = [[m.get("id", "?"), f"{m.get('host', '?')}:{m.get('port', '?')}",
+             ("ok", "leader") if m.get("id") == leader else "standby",
+             (("ok" if changes == "accepted" else "bad"), f"changes {changes}") if m.get("id") == leader else ""]
+            for m in group.get("members") or []]
+    return "<h2>Group</h2>" + _table("group", ["manager", "host", "role", ""], rows, "no members read yet")
 
 
 def _boards(boards: dict) -> str:

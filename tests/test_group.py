@@ -195,7 +195,7 @@ def test_without_etcd_quorum_requests_are_served_and_changes_refused_until_it_re
             c.unload_inference("")
 
 
-def test_status_and_metrics_show_the_group(tmp_path, etcd):
+def test_status_the_page_and_metrics_show_the_group(tmp_path, etcd):
     with running_group(tmp_path, etcd, metrics_port=0) as g:
         env = {**os.environ, "INFINIBRAIN_MANAGER": f"{g.host_ip}:{g.port}"}
         with AICluster(g.host_ip, g.port) as c:  # the standby is listed once the leader has read the members again
@@ -207,6 +207,8 @@ def test_status_and_metrics_show_the_group(tmp_path, etcd):
         data = json.loads(subprocess.run([sys.executable, "-m", "infinibrain.cli", "status", "--json"], capture_output=True,
                                          text=True, timeout=60, env=env).stdout)
         assert data["group"]["role"] == "leader" and len(data["group"]["members"]) == 2
+        page = urllib.request.urlopen(f"http://{g.hosts[0]}:{g.port + 5}/", timeout=10).read().decode()
+        assert "<h2>Group</h2>" in page and g.hosts[1] in page and "standby" in page
         metrics = urllib.request.urlopen(f"http://{g.hosts[0]}:{g.port + 5}/metrics", timeout=10).read().decode()
         assert "infinibrain_group_leader 1.0" in metrics and "infinibrain_group_members 2.0" in metrics
         assert "infinibrain_group_quorum 1.0" in metrics and "infinibrain_group_leader_transitions_total 1.0" in metrics
