@@ -7,11 +7,11 @@ manager started again adopts them instead of starting duplicates. While a change
 out, ``stable`` keeps the settings that were last all ready, to go back to if the change
 fails (even after a manager restart).
 
-Files are written atomically (temporary file, fsync, rename, fsync of the folder) by one
-writer thread, in the order the router thread asked, so a crash leaves either the old or
-the new version of a file, never half of one.
+The registrations are kept in a store (manager/store.py): one file per inference in the
+state_dir, written atomically, or a manager group's etcd, each write fenced by the
+leader's term. One writer thread writes, in the order the router thread asked.
 
-``<state_dir>/inferences/<name>.json``::
+``<state_dir>/inferences/<name>.json`` (or etcd's ``<prefix>/inferences/<name>``)::
 
     {"format": 2, "name": "...", "revision": 3, "next_revision": 4,
      "config": {ContainerConfig attributes},
