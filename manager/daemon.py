@@ -54,6 +54,7 @@ from .wire import Wire
 log = logging.getLogger("infinibrain.manager")
 
 TRIM_EVERY = 5.0  # seconds
+WRITE_AGAIN_EVERY = 2.0  # seconds between attempts to write what a group's etcd did not take
 TRIM_GROWTH = 32 * 1024 * 1024  # bytes malloc holds free (or, without mallinfo2, resident size gained) before a trim
 
 
@@ -111,6 +112,8 @@ class Manager:
                                                 config.metrics_port)
         self._trimmed_rss = 0
         self.loop.every(self._trim, TRIM_EVERY)
+        if group is not None:
+            self.loop.every(self.registry.write_again, WRITE_AGAIN_EVERY)
         self.reconciler.restore()
         self.telemetry.start()
 

@@ -135,6 +135,8 @@ class Registry:
         # ones delete_image removes again (never one built or put there by someone else).
         self.brought: dict[str, set[str]] = self.store.read_brought()
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+        # Names whose last write failed: added by the writer thread, taken by the router thread.
+        self._unwritten: set[str] = set()
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -149,12 +151,24 @@ class Registry:
     # ---- router thread ------------------------------------------------------------
 
     def persist(self, name: str) -> concurrent.futures.Future:
-        """Write ``name``'s registration as it is now (or delete it if it is gone)."""
+        """Write ``name``'s registration as it is now (or delete it if it is gone). A write
+        the store does not take (a group's etcd without quorum) is done again by
+        ``write_again`` until it is taken, so what runs is never left unrecorded."""
         reg = self.registrations.get(name)
-        if reg is None:
-            return self._writer.submit(self.store.remove, name)
         # The snapshot is taken now, on the router thread, so the writes keep their order.
-        return self._writer.submit(self.store.write, name, reg.to_dict())
+        fut = (self._writer.submit(self.store.remove, name) if reg is None
+               else self._writer.submit(self.store.write, name, reg.to_dict()))
+        fut.add_done_callback(lambda f: self._failed(f, name))
+        return fut
+
+    def _failed(self, fut: concurrent.futures.Future, name: str) -> None:
+        if fut.exception() is not None:  # the writer thread: a set's add is one step
+            self._unwritten.add(name)
+
+    def write_again(self, now: float = 0.0) -> None:
+        """Persist again what the store did not take (a loop timer on the router thread)."""
+        while self._unwritten:
+            self.persist(self._unwritten.pop())
 
     def bring(self, board: str, tag: str, brought: bool = True) -> None:
         """Record that the manager brought ``tag`` to ``board`` (or, ``brought=False``, that it is gone)."""

@@ -212,3 +212,29 @@ def test_status_the_page_and_metrics_show_the_group(tmp_path, etcd):
         metrics = urllib.request.urlopen(f"http://{g.hosts[0]}:{g.port + 5}/metrics", timeout=10).read().decode()
         assert "infinibrain_group_leader 1.0" in metrics and "infinibrain_group_members 2.0" in metrics
         assert "infinibrain_group_quorum 1.0" in metrics and "infinibrain_group_leader_transitions_total 1.0" in metrics
+
+
+def test_what_etcd_did_not_take_without_quorum_is_written_when_it_returns(tmp_path, etcd3, name):
+    """A container healed while etcd had no quorum (its new pid unrecorded) is recorded once
+    etcd is back, so a later leader adopts it instead of starting another."""
+    with running_group(tmp_path, etcd3) as g, AICluster(g.host_ip, g.port) as c:
+        c.load_inference(echo_config(name, run_option="--restart on-failure"), "local")
+        pid = pid_of(c, name)
+        for n in etcd3.names[1:]:
+            etcd3.kill(n)
+        wait_for(lambda: c.get_board_telemetry()["group"]["changes"] != "accepted", timeout=30)
+        os.kill(pid, 9)  # healed by a restart the registry cannot record now
+        healed = wait_for(lambda: (p := _try(lambda: pid_of(c, name))) and p != pid and p, timeout=30)
+        assert registry_in_member(etcd3, name)["boards"]["local"]["instances"][0]["pid"] == pid  # not written yet
+        etcd3.start(*etcd3.names[1:])
+        wait_for(lambda: registry_in(etcd3, name).get("boards", {}).get("local", {}).get("instances", [{}])[0].get("pid")
+                 == healed, timeout=30)
+        c.unload_inference(name)
+
+
+def registry_in_member(etcd: EtcdCluster, name: str) -> dict:
+    """What the one etcd member still up holds (serializable: it has no quorum)."""
+    out = subprocess.run(["etcdctl", f"--endpoints={etcd.urls.split(',')[0]}", "get", f"/infinibrain/inferences/{name}",
+                          "--print-value-only", "--consistency=s"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "ETCDCTL_API": "3"}).stdout
+    return json.loads(out)
