@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import ManagerProcess, free_base_port, wait_for
+from conftest import ManagerProcess, free_base_port, remove_containers, wait_for
 
 ETCD = shutil.which("etcd")
 
@@ -169,6 +169,7 @@ class Group:
         for m in self.members:
             m.stop()
         kill_in(self.work)
+        remove_containers(self.port)  # group members leave their containers running
 
 
 def kill_in(work: Path) -> None:

@@ -238,3 +238,22 @@ def registry_in_member(etcd: EtcdCluster, name: str) -> dict:
                           "--print-value-only", "--consistency=s"], capture_output=True, text=True, timeout=30,
                          env={**os.environ, "ETCDCTL_API": "3"}).stdout
     return json.loads(out)
+
+
+def test_the_new_leader_adopts_a_docker_container(tmp_path, etcd, docker_kit, name):
+    from infinibrain import ContainerConfig, InferenceModulesConfig
+
+    from conftest import SCRIPTS
+
+    config = ContainerConfig(name=name, implementation_type="docker", input="Main", output="Main",
+                             image_tag="infinibrain/runtime:latest", script_path=str(SCRIPTS), run_command="python3 echo.py",
+                             inference_modules=InferenceModulesConfig(sub_inference_name="echo", script="echo.py"))
+    with running_group(tmp_path, etcd) as g, AICluster(g.host_ip, g.port) as c:
+        c.load_inference(config, "local")
+        assert c.infer(name, b"d")[0]["sum"] == sum(b"d")
+        before = [x.id for x in docker_kit.containers(g.members[0])]
+        g.members[0].kill()
+        answer = wait_for(lambda: _try(lambda: c.infer(name, b"after")), timeout=30)
+        assert answer[0]["sum"] == sum(b"after")
+        assert [x.id for x in docker_kit.containers(g.members[1])] == before  # the same container, not another
+        c.unload_inference(name)
