@@ -193,6 +193,8 @@ class ClusterClient:
             return
         with self._send_lock:
             self._closed = True
+        with self._link:
+            self._link.notify_all()  # a call waiting for a group's next leader ends now
         os.write(self._wake_w, b"x")
         self._io.join(timeout=5)
         self._waiting.fail_all(111, "this AICluster was released")
@@ -325,13 +327,15 @@ class ClusterClient:
             self._acked_paths.add(str(h.get("path")))
             if len(self._acked_paths) == 2 and not self.connected:
                 recovered = self.manager_id is not None
+                another = recovered and h.get("mid") != self.manager_id
                 self.manager_id = h.get("mid")
                 self.connected = True
                 self._link.notify_all()
                 if recovered:
                     self.logger.info("connection to the manager restored")
                     self._event(113, format_message(113), "keepalive", None)
-                    self._send_again()
+                    if another:  # a new leader: the requests the lost one never acknowledged go to it
+                        self._send_again()
             self._link.notify_all()
 
     def _on_heartbeat(self, msg: P.Message) -> None:
@@ -431,6 +435,10 @@ class ClusterClient:
         microseconds) may so run twice."""
         for p in self._waiting.unacknowledged():
             header, frames = p.unacked  # type: ignore[misc]
+            if "shm" in header and not self._outbox.shared and self._waiting.take(p.rid) is not None:
+                self._waiting.fail(p, 402, "connection to the manager lost; its data was in shared memory the new "
+                                           "leader cannot read (another host): send it again")
+                continue
             header.pop("to", None)  # its thread's socket proves itself again: the answer comes through here
             p.deadline = time.monotonic() + ACK_TIMEOUT
             try:

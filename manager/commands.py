@@ -292,7 +292,7 @@ class Commands:
 
     def reload_inference(self, ctx: Context, args: dict) -> Step:
         name = _str(args, "inference_name", True)
-        reg = self.reconciler.registry.read(name)  # 205 / 206 / 207
+        reg = yield self.ops.submit(self.reconciler.registry.read, name)  # 205 / 206 / 207 (a worker: etcd may be slow)
         unknown = [b for b in reg.boards if b not in self.boards]
         if unknown:
             raise make_error(207, detail=f"it places {name!r} on unknown board {unknown[0]!r}")

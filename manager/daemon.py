@@ -74,7 +74,7 @@ class Manager:
         allocator.tune()  # message buffers reused, not mapped anew each time (infinibrain/allocator.py)
         self.config = config
         self.boards = make_boards(config)
-        self.registry = Registry(config.state_dir, EtcdStore(group.writer()) if group else None)
+        self.registry = Registry(config.state_dir, EtcdStore(group.writer(), group.writer()) if group else None)
         self.guard = Guard(config, ctx)
         self.loop = Loop(fence=group.leading if group else None)
         self.wire = Wire(config, self.guard, ctx, instance)
@@ -156,11 +156,16 @@ class Manager:
                     log.warning("could not stop %s: %s", c.id, outcome)
         self.telemetry.close()
         self.tracing.close()
+        if self.group is not None:  # what was asked is written while the term holds; then the lead is given up
+            self.wire.close()  # before the workers finish: a standby leads at once
+            self.registry.close()
+            self.group.stop()
         self.operations.close()
         self.registry.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        self.wire.close()
+        if self.group is None:
+            self.wire.close()
         self.guard.close()
         self.payloads.close()
         self.loop.close()
@@ -191,21 +196,28 @@ def lead_or_stand_by(config: ManagerConfig) -> int:
         signal.signal(signal.SIGTERM, on_signal)
     log.info("group member %s: etcd %s, prefix %s; standing by", group.id, config.etcd, config.etcd_prefix)
     while group.campaign(stop):
+        lost = threading.Event()
+
+        def on_lost() -> None:  # the group's thread: the lead is gone, even while the manager is being made
+            lost.set()
+            for m in current:
+                m.stop()
+
+        group.start(lost=on_lost)  # the lease is renewed while the manager is made (adoption may take a while)
         try:
             manager = Manager(config, group=group)
-        except (zmq.ZMQError, OSError, ConfigError) as exc:  # e.g. a deposed leader still holds our address
-            log.error("leading failed to start (%s); giving the lead up", exc)
-            group.stop(resign=True)
-            stop.wait(1.0)
-            continue
+        except Exception as exc:  # e.g. a deposed leader still holds our address, or etcd went away
+            log.error("leading failed to start (%s: %s); the lead is given up and this manager exits (its supervisor "
+                      "starts it again)", type(exc).__name__, exc)
+            group.stop()
+            return 1
         current.append(manager)
-        group.start(lost=manager.stop)
-        if stop.is_set():
+        if stop.is_set() or lost.is_set():
             manager.stop()
         log.info("leading the group: state in etcd, boards: %s", ", ".join(manager.boards))
-        manager.run()
+        manager.run()  # its shutdown gives the lead up once what it wrote is in etcd (Manager.shutdown)
         current.clear()
-        group.stop(resign=stop.is_set())  # lost or fenced: nothing to give up
+        group.stop()
         if stop.is_set():
             break
         log.info("no longer leading: standing by")

@@ -39,7 +39,7 @@ from typing import Callable
 from infinibrain.errors import make_error
 
 from .config import ManagerConfig
-from .etcd import Etcd, EtcdUnavailable, b64
+from .etcd import Etcd, EtcdUnavailable, b64, decoded
 
 log = logging.getLogger("infinibrain.manager.group")
 
@@ -69,6 +69,7 @@ class Group:
         self.renewed_at = 0.0
         self.snapshot: dict = {"enabled": True, "id": self.id, "role": "standby"}
         self._stop = threading.Event()
+        self._member_written = False
         self._lost: Callable[[], None] = lambda: None
         self._thread: threading.Thread | None = None
         self._members_at = 0.0
@@ -111,36 +112,48 @@ class Group:
         return False
 
     def _keep_lease(self) -> bool:
-        """This member's lease renewed (a new one, with its member key, if it expired)."""
+        """This member's lease renewed (a new one if it expired), its member key written."""
         asked = self.clock()
-        if self.lease and self.etcd.keepalive(self.lease, self.etcd.timeout) > 0:
-            self.renewed_at = asked
-            self._read_members()
-            return True
-        self.lease = self.etcd.grant(self.ttl)
+        if not (self.lease and self.etcd.keepalive(self.lease, self.etcd.timeout) > 0):
+            self.lease, self._member_written = self.etcd.grant(self.ttl), False
+            log.info("group: member %s standing by (lease %x, %d s)", self.id, self.lease, self.ttl)
         self.renewed_at = asked
-        member = {"id": self.id, "host": self.config.host, "port": self.config.port, "pid": os.getpid(), "since": time.time()}
-        self.etcd.txn([], [{"request_put": {"key": b64(self.key("members", self.id)), "value": b64(json.dumps(member)),
-                                            "lease": self.lease}}])
-        log.info("group: member %s standing by (lease %x, %d s)", self.id, self.lease, self.ttl)
+        if not self._member_written:
+            member = {"id": self.id, "host": self.config.host, "port": self.config.port, "pid": os.getpid(),
+                      "since": time.time()}
+            self.etcd.txn([], [{"request_put": {"key": b64(self.key("members", self.id)),
+                                                "value": b64(json.dumps(member)), "lease": self.lease}}])
+            self._member_written = True
+        self._read_members()
         return True
 
     def _try_lead(self) -> bool:
+        """Lead if nobody does: True when this member leads now. The leader key on this
+        member's own lease (an election whose answer was lost, or a lead given up while
+        the lease lived on) is this member's lead: it is taken up again."""
         leader, transitions = self.key("leader"), self.key("transitions")
         seen = self.etcd.range(transitions)
         count = int(seen[0]["value"] or 0) + 1 if seen else 1
         value = {"id": self.id, "host": self.config.host, "port": self.config.port, "since": time.time()}
-        asked = self.clock()
         ok, answer = self.etcd.txn(
             [{"key": b64(leader), "target": "CREATE", "result": "EQUAL", "create_revision": 0},
              {"key": b64(transitions), "target": "MOD", "result": "EQUAL", "mod_revision": seen[0]["mod_revision"] if seen else 0}],
             [{"request_put": {"key": b64(leader), "value": b64(json.dumps(value)), "lease": self.lease}},
-             {"request_put": {"key": b64(transitions), "value": b64(str(count))}}])
-        if not ok:
-            return False
-        self.term = int(answer["header"]["revision"])
+             {"request_put": {"key": b64(transitions), "value": b64(str(count))}}],
+            ({"request_range": {"key": b64(leader)}},))
+        if ok:
+            term = int(answer["header"]["revision"])
+        else:
+            kvs = [decoded(kv) for r in answer.get("responses", [])
+                   for kv in r.get("response_range", {}).get("kvs", [])]
+            if not kvs or kvs[0]["lease"] != self.lease:
+                return False  # another member leads (or the transition count moved: try again)
+            term, count = kvs[0]["create_revision"], count - 1
+            value = json.loads(kvs[0]["value"])
+            log.info("group: the leader key is on this member's lease: leading again")
+        self.term = term
         self.transitions = count
-        self.valid_until = asked + self.ttl - MARGIN
+        self.valid_until = self.renewed_at + self.ttl - MARGIN  # the lease was renewed just before
         self.no_quorum = ""
         self.snapshot = {**self.snapshot, "role": "leader", "leader": value, "term": self.term, "transitions": count}
         log.info("group: %s leads (term %d, transition %d)", self.id, self.term, count)
@@ -150,14 +163,14 @@ class Group:
 
     def start(self, lost: Callable[[], None]) -> None:
         """Keep the lead on the group's thread; ``lost()`` when it is lost (from that thread)."""
-        self._stop.clear()
+        self._stop = threading.Event()  # its own: a thread still ending from an earlier lead keeps the old one
         self._lost = lost
-        self._thread = threading.Thread(target=self.run, name="group", daemon=True)
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="group", daemon=True)
         self._thread.start()
 
-    def run(self) -> None:
+    def run(self, stop: threading.Event) -> None:
         wait = self.ttl / RENEWALS
-        while not self._stop.wait(wait):
+        while not stop.wait(wait):
             state = self._renew()
             if state == "lost" or (state == "failed" and self.clock() >= self.valid_until):
                 self.term = 0
@@ -208,11 +221,12 @@ class Group:
         self.snapshot = {**self.snapshot, "members": sorted(members, key=lambda m: m.get("id", "")),
                          "leader": json.loads(leader[0]["value"]) if leader else None}
 
-    def stop(self, resign: bool) -> None:
-        """Stop keeping the lead; ``resign``: give it up now (a standby takes over at once)."""
+    def stop(self, resign: bool = True) -> None:
+        """Stop keeping the lead and give it up (a standby takes over at once); with
+        ``resign=False`` the lease stays for a member that is about to lead again."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.etcd.timeout * 2 + 1)
+            self._thread.join(timeout=self.etcd.timeout * 4 + 1)
         if resign and self.lease:
             try:
                 self.etcd.revoke(self.lease)
@@ -236,19 +250,22 @@ class Group:
 
 
 class Writer:
-    """The registry's writes into etcd, each fenced by the leader's term (one thread: the
-    registry's writer)."""
+    """The registry's writes into etcd, each fenced by the leader's term, and its reads
+    (each Writer used by one thread: the registry's writer, or the threads that read)."""
 
     def __init__(self, group: Group, etcd: Etcd) -> None:
         self.group, self.etcd = group, etcd
+        self.term = group.term  # the lead this writer writes for: no other, even after it ends
 
     def _fenced(self, op: dict) -> None:
         g = self.group
+        if not self.term or g.term != self.term:
+            raise make_error(309, "the cluster", detail=f"this manager no longer leads its group (term {self.term})")
         if g.no_quorum:
             raise make_error(309, "the cluster", detail=g.refusal())
         try:
             ok, _ = self.etcd.txn([{"key": b64(g.key("leader")), "target": "CREATE", "result": "EQUAL",
-                                    "create_revision": g.term}], [op])
+                                    "create_revision": self.term}], [op])
         except EtcdUnavailable as exc:
             raise make_error(309, "the cluster", detail=f"the group's store (etcd) did not take the change: {exc.text}") from None
         if not ok:  # another manager leads: this one stops routing at once (the loop's fence)
@@ -263,5 +280,8 @@ class Writer:
         self._fenced({"request_delete_range": {"key": b64(self.group.key(key))}})
 
     def load(self, key: str, prefix: bool = False) -> list[dict]:
-        """What etcd holds (linearizable: the last leader's every write)."""
-        return self.etcd.range(self.group.key(key), prefix=prefix)
+        """What etcd holds (linearizable: the last leader's every write); 309 when it cannot say."""
+        try:
+            return self.etcd.range(self.group.key(key), prefix=prefix)
+        except EtcdUnavailable as exc:
+            raise make_error(309, "the cluster", detail=f"the group's store (etcd) cannot be read now: {exc.text}") from None

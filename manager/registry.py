@@ -167,8 +167,9 @@ class Registry:
 
     def write_again(self, now: float = 0.0) -> None:
         """Persist again what the store did not take (a loop timer on the router thread)."""
-        while self._unwritten:
-            self.persist(self._unwritten.pop())
+        names, self._unwritten = self._unwritten, set()  # a name failing again waits for the next call
+        for name in sorted(names):
+            self.persist(name)
 
     def bring(self, board: str, tag: str, brought: bool = True) -> None:
         """Record that the manager brought ``tag`` to ``board`` (or, ``brought=False``, that it is gone)."""

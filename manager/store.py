@@ -102,17 +102,17 @@ class EtcdStore:
     A write that etcd does not take (no quorum, fenced) raises: the command that made the
     change hears it."""
 
-    def __init__(self, writer) -> None:  # manager.group.Writer
-        self.writer = writer
+    def __init__(self, writer, reader) -> None:  # manager.group.Writer: one for the writer thread, one for reads
+        self.writer, self.reader = writer, reader
 
     def load_all(self) -> Iterator[tuple[str, str, str]]:
-        for kv in self.writer.load("inferences/", prefix=True):
+        for kv in self.reader.load("inferences/", prefix=True):
             yield kv["key"].rsplit("/", 1)[-1], f"etcd {kv['key']}", kv["value"].decode()
 
     def read(self, name: str) -> tuple[str, str]:
-        found = self.writer.load(f"inferences/{name}")
+        found = self.reader.load(f"inferences/{name}")
         if not found:
-            raise make_error(205, detail=f"etcd {self.writer.group.key('inferences', name)}")
+            raise make_error(205, detail=f"etcd {self.reader.group.key('inferences', name)}")
         return f"etcd {found[0]['key']}", found[0]["value"].decode()
 
     def write(self, name: str, data: dict) -> None:
@@ -122,7 +122,7 @@ class EtcdStore:
         self.writer.delete(f"inferences/{name}")
 
     def read_brought(self) -> dict[str, set[str]]:
-        found = self.writer.load("images")
+        found = self.reader.load("images")
         return _brought(found[0]["value"]) if found else {}
 
     def write_brought(self, brought: dict[str, list[str]]) -> None:

@@ -156,7 +156,16 @@ def test_a_deposed_leaders_writes_are_fenced(tmp_path, etcd):
     assert err.value.code == 309 and "no longer leads" in err.value.detail
     assert not a.leading()
     assert json.loads(b.writer().load("inferences/x")[0]["value"]) == {"v": 1}
-    b.stop(resign=True)
+    b_writer, term = b.writer(), b.term
+    b.stop()  # its lead given up: nobody leads now, and still its writer writes nothing
+    with pytest.raises(InfinibrainException) as err:
+        b_writer.put("inferences/x", '{"v": "after"}')
+    assert err.value.code == 309
+    assert b.campaign(stop) and b.term != term  # a new term: the old writer's fence no longer matches
+    b.term = 0  # an election whose answer was lost: the key is on b's lease, b does not know it leads
+    assert b.campaign(stop) and b.term != 0 and b.leading()  # it takes its own lead up again, not waiting forever
+    assert json.loads(b.writer().load("inferences/x")[0]["value"]) == {"v": 1}
+    b.stop()
 
 
 def test_one_etcd_member_killed_changes_nothing(tmp_path, etcd3, name):
