@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import ManagerProcess, echo_config, wait_for  # noqa: E402
+from bench_tracing import median_us, small_request  # noqa: E402
 from group_kit import ETCD, EtcdCluster, Group  # noqa: E402
 from table import Row, print_table  # noqa: E402
 
@@ -42,7 +43,6 @@ TTL = 3
 def takeover(args: argparse.Namespace) -> list[dict]:
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="ib-bench-group-") as folder:
-        (Path(folder) / "etcd").mkdir()
         etcd = EtcdCluster(Path(folder) / "etcd").start()
         g = Group(Path(folder), etcd, 2, log_level="INFO", leader_lease_s=TTL).start()
         try:
@@ -104,7 +104,6 @@ def one_takeover(c: AICluster, g: Group) -> dict:
 def request_path(args: argparse.Namespace) -> list[Row]:
     """p50 of small requests through a group's leader against a single manager."""
     with tempfile.TemporaryDirectory(prefix="ib-bench-group-") as folder:
-        (Path(folder) / "etcd").mkdir()
         etcd = EtcdCluster(Path(folder) / "etcd").start()
         g = Group(Path(folder), etcd, 2, log_level="INFO").start()  # INFO: the kit reads who leads from the logs
         single = ManagerProcess(Path(folder) / "single", boards=("local",), log_level="WARNING", metrics_port=-1,
@@ -120,7 +119,7 @@ def request_path(args: argparse.Namespace) -> list[Row]:
                 figures: dict[str, list[float]] = {k: [] for k in clients}
                 for r in range(args.rounds_path):
                     for key in (list(clients) if r % 2 == 0 else list(clients)[::-1]):
-                        figures[key].append(p50_us(clients[key], args.requests, args.seconds))
+                        figures[key].append(median_us(small_request(clients[key]), args.requests, args.seconds))
                 for c in clients.values():
                     c.unload_inference("")
         finally:
@@ -132,18 +131,6 @@ def request_path(args: argparse.Namespace) -> list[Row]:
     print(f"group: rounds (µs) {', '.join(f'{k} {[round(x) for x in v]}' for k, v in figures.items())}")
     return [Row("group", "p50 small request, through a group's leader", med["group"], med["single"], "single manager",
                 "<= 1.05", "us")]
-
-
-def p50_us(c: AICluster, count: int, seconds: float) -> float:
-    times = []
-    deadline = time.monotonic() + seconds
-    for _ in range(count):
-        start = time.perf_counter()
-        c.infer("loop", b"x" * 64)
-        times.append(time.perf_counter() - start)
-        if time.monotonic() > deadline:
-            break
-    return statistics.median(times) * 1e6
 
 
 def group_section(args: argparse.Namespace) -> list[Row]:

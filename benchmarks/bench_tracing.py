@@ -71,6 +71,15 @@ def median_us(one: Callable[[], float], count: int, seconds: float) -> float:
     return statistics.median(times) * 1e6
 
 
+def small_request(c) -> Callable[[], float]:
+    """One small request to the ``loop`` inference through ``c``: its seconds."""
+    def one() -> float:
+        start = time.perf_counter()
+        c.infer("loop", PAYLOAD)
+        return time.perf_counter() - start
+    return one
+
+
 def tracing_section(args: argparse.Namespace) -> list[Row]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
@@ -93,16 +102,9 @@ def tracing_section(args: argparse.Namespace) -> list[Row]:
                     for _ in range(200):
                         c.infer("loop", PAYLOAD)
 
-                def plain(c) -> Callable[[], float]:
-                    def one() -> float:
-                        start = time.perf_counter()
-                        c.infer("loop", PAYLOAD)
-                        return time.perf_counter() - start
-                    return one
-
                 def sampled(ratio: float, c, sends: bool = True) -> Callable[[], float]:
                     tracer = TracerProvider(sampler=TraceIdRatioBased(ratio)).get_tracer("bench")
-                    timed = plain(c)
+                    timed = small_request(c)
 
                     def one() -> float:  # the application's own span is not the request path's cost
                         with tracer.start_as_current_span("request"):
@@ -115,7 +117,7 @@ def tracing_section(args: argparse.Namespace) -> list[Row]:
                                 _client.current_traceparent = current_traceparent
                     return one
 
-                cases = {"today": plain(today), "off": plain(traced), "today, 1% spans": sampled(0.01, today, False),
+                cases = {"today": small_request(today), "off": small_request(traced), "today, 1% spans": sampled(0.01, today, False),
                          "1%": sampled(0.01, traced), "today, 100% spans": sampled(1.0, today, False),
                          "100%": sampled(1.0, traced)}
                 figures: dict[str, list[float]] = {k: [] for k in cases}

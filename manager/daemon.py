@@ -185,25 +185,21 @@ def lead_or_stand_by(config: ManagerConfig) -> int:
     stop = threading.Event()
     current: list[Manager] = []
 
+    def stop_current() -> None:  # a signal, or the group's thread when the lead is lost
+        for m in current:
+            m.stop()
+
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
-        for m in current:
-            m.stop()
+        stop_current()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
     log.info("group member %s: etcd %s, prefix %s; standing by", group.id, config.etcd, config.etcd_prefix)
     while group.campaign(stop):
-        lost = threading.Event()
-
-        def on_lost() -> None:  # the group's thread: the lead is gone, even while the manager is being made
-            lost.set()
-            for m in current:
-                m.stop()
-
-        group.start(lost=on_lost)  # the lease is renewed while the manager is made (adoption may take a while)
+        group.start(lost=stop_current)  # the lease is renewed while the manager is made (adoption may take a while)
         try:
             manager = Manager(config, group=group)
         except Exception as exc:  # e.g. a deposed leader still holds our address, or etcd went away
@@ -212,12 +208,11 @@ def lead_or_stand_by(config: ManagerConfig) -> int:
             group.stop()
             return 1
         current.append(manager)
-        if stop.is_set() or lost.is_set():
-            manager.stop()
+        if stop.is_set():
+            manager.stop()  # a lead lost meanwhile ends the loop at its first wake (its fence)
         log.info("leading the group: state in etcd, boards: %s", ", ".join(manager.boards))
         manager.run()  # its shutdown gives the lead up once what it wrote is in etcd (Manager.shutdown)
         current.clear()
-        group.stop()
         if stop.is_set():
             break
         log.info("no longer leading: standing by")

@@ -66,16 +66,11 @@ class Etcd:
         self._current = 0
         self.timeout = timeout
 
-    @property
-    def endpoint(self) -> str:
-        c = self._clients[self._current]
-        return c.base_url
-
     def call(self, path: str, body: dict, timeout: float | None = None) -> dict:
         """POST ``body`` to ``/v3/<path>`` of the first endpoint that answers; EtcdUnavailable
         when none does, or when etcd answered that it cannot (no leader, a timeout)."""
         last = ""
-        for attempt in range(len(self._clients)):
+        for _ in range(len(self._clients)):
             client = self._clients[self._current]
             try:
                 if self._user and "Authorization" not in client.session.headers:

@@ -65,7 +65,6 @@ class Group:
         self.term = 0  # the create revision of the leader key this manager made: its fence
         self.valid_until = 0.0  # leads (and routes) until then, on its own clock
         self.no_quorum = ""  # why etcd cannot take changes now ("" = it can)
-        self.transitions = 0
         self.renewed_at = 0.0
         self.snapshot: dict = {"enabled": True, "id": self.id, "role": "standby"}
         self._stop = threading.Event()
@@ -101,7 +100,8 @@ class Group:
         last_error = ""
         while not stop.is_set():
             try:
-                if self._keep_lease() and self._try_lead():
+                self._keep_lease()
+                if self._try_lead():
                     return True
                 last_error = ""
             except EtcdUnavailable as exc:
@@ -111,7 +111,7 @@ class Group:
             stop.wait(CAMPAIGN_EVERY)
         return False
 
-    def _keep_lease(self) -> bool:
+    def _keep_lease(self) -> None:
         """This member's lease renewed (a new one if it expired), its member key written."""
         asked = self.clock()
         if not (self.lease and self.etcd.keepalive(self.lease, self.etcd.timeout) > 0):
@@ -124,8 +124,6 @@ class Group:
             self.etcd.txn([], [{"request_put": {"key": b64(self.key("members", self.id)),
                                                 "value": b64(json.dumps(member)), "lease": self.lease}}])
             self._member_written = True
-        self._read_members()
-        return True
 
     def _try_lead(self) -> bool:
         """Lead if nobody does: True when this member leads now. The leader key on this
@@ -152,7 +150,6 @@ class Group:
             value = json.loads(kvs[0]["value"])
             log.info("group: the leader key is on this member's lease: leading again")
         self.term = term
-        self.transitions = count
         self.valid_until = self.renewed_at + self.ttl - MARGIN  # the lease was renewed just before
         self.no_quorum = ""
         self.snapshot = {**self.snapshot, "role": "leader", "leader": value, "term": self.term, "transitions": count}
@@ -221,13 +218,12 @@ class Group:
         self.snapshot = {**self.snapshot, "members": sorted(members, key=lambda m: m.get("id", "")),
                          "leader": json.loads(leader[0]["value"]) if leader else None}
 
-    def stop(self, resign: bool = True) -> None:
-        """Stop keeping the lead and give it up (a standby takes over at once); with
-        ``resign=False`` the lease stays for a member that is about to lead again."""
+    def stop(self) -> None:
+        """Stop keeping the lead and give it up (a standby takes over at once)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.etcd.timeout * 4 + 1)
-        if resign and self.lease:
+        if self.lease:
             try:
                 self.etcd.revoke(self.lease)
             except EtcdUnavailable as exc:

@@ -88,13 +88,18 @@ class ManagerProcess:
         self.config_path.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ManagerProcess":
+    def spawn(self) -> None:
+        """The manager's process, started (its log in ``log_path``)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "infinibrain.manager", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
+
+    def start(self) -> "ManagerProcess":
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

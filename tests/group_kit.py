@@ -26,6 +26,7 @@ class EtcdCluster:
 
     def __init__(self, folder: Path, size: int = 1, tls: dict[str, Path] | None = None) -> None:
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.scheme = "https" if tls else "http"
         base = free_base_port()
@@ -105,11 +106,7 @@ class GroupMember(ManagerProcess):
         self.config_path.write_text("\n".join(f"port = {port}" if line.startswith("port = ") else line for line in text) + "\n")
 
     def start(self) -> "GroupMember":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([os.environ.get("PYTHON", "") or _python(), "-m", "infinibrain.manager",
-                                      "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        self.spawn()  # a standby answers nobody: it is up once it says it stands by
         try:
             wait_for(lambda: "standing by" in self.log() or self.proc.poll() is not None, timeout=20)
         except AssertionError:
@@ -126,12 +123,6 @@ class GroupMember(ManagerProcess):
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 class Group:

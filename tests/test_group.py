@@ -26,7 +26,6 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (Deb
 
 @pytest.fixture
 def etcd(tmp_path):
-    (tmp_path / "etcd").mkdir()
     cluster = EtcdCluster(tmp_path / "etcd").start()
     yield cluster
     cluster.stop()
@@ -34,7 +33,6 @@ def etcd(tmp_path):
 
 @pytest.fixture
 def etcd3(tmp_path):
-    (tmp_path / "etcd3").mkdir()
     cluster = EtcdCluster(tmp_path / "etcd3", size=3).start()
     yield cluster
     cluster.stop()
@@ -50,6 +48,14 @@ def running_group(tmp_path, etcd: EtcdCluster, **kw) -> Iterator[Group]:
         g.stop()
 
 
+@contextmanager
+def serving(tmp_path, etcd: EtcdCluster, name: str) -> Iterator[tuple[Group, AICluster]]:
+    """A group (``running_group``) and an application of it, serving an echo inference ``name``."""
+    with running_group(tmp_path, etcd) as g, AICluster(g.host_ip, g.port) as c:
+        c.load_inference(echo_config(name), "local")
+        yield g, c
+
+
 def pid_of(c: AICluster, name: str) -> int:
     return c.infer(name, b"x")[0]["pid"]
 
@@ -63,33 +69,31 @@ def registry_in(etcd: EtcdCluster, name: str) -> dict:
 
 
 def test_the_standby_serves_the_same_containers_after_the_leader_is_killed(tmp_path, etcd, name):
-    with running_group(tmp_path, etcd) as g:
+    with serving(tmp_path, etcd, name) as (g, c):
         first, standby = g.members
-        with AICluster(g.host_ip, g.port) as c:
-            c.load_inference(echo_config(name), "local")
-            pid = pid_of(c, name)
-            group = wait_for(lambda: len(c.get_board_telemetry()["group"].get("members", [])) == 2
-                             and c.get_board_telemetry()["group"])
-            assert group["role"] == "leader" and group["leader"]["host"] == first.host
-            assert {m["host"] for m in group["members"]} == set(g.hosts)  # the standby is listed
-            events: list[int] = []
-            c.set_callback(manage_callback=lambda code, *rest: events.append(code))
-            first.kill()
-            killed = time.monotonic()
-            # The application follows by itself (no code change), and so does the container:
-            # the same process answers through the new leader.
-            answer = wait_for(lambda: _try(lambda: c.infer(name, b"after")), timeout=20)
-            took = time.monotonic() - killed
-            assert answer[0]["pid"] == pid and answer[0]["sum"] == sum(b"after")
-            assert took < 4 * 3, f"requests flowed again only after {took:.1f} s"
-            assert g.leader() is standby
-            assert wait_for(lambda: 112 in events and 113 in events, timeout=5)  # the keepalive codes told the application
-            group = c.get_board_telemetry()["group"]
-            assert group["leader"]["host"] == standby.host and group["transitions"] == 2
-            assert len(registry_in(etcd, name)["boards"]["local"]["instances"]) == 1  # not deployed twice
-            assert "adopted" in standby.log()
-            c.unload_inference(name)
-            assert registry_in(etcd, name) == {}
+        pid = pid_of(c, name)
+        group = wait_for(lambda: len(c.get_board_telemetry()["group"].get("members", [])) == 2
+                         and c.get_board_telemetry()["group"])
+        assert group["role"] == "leader" and group["leader"]["host"] == first.host
+        assert {m["host"] for m in group["members"]} == set(g.hosts)  # the standby is listed
+        events: list[int] = []
+        c.set_callback(manage_callback=lambda code, *rest: events.append(code))
+        first.kill()
+        killed = time.monotonic()
+        # The application follows by itself (no code change), and so does the container:
+        # the same process answers through the new leader.
+        answer = wait_for(lambda: _try(lambda: c.infer(name, b"after")), timeout=20)
+        took = time.monotonic() - killed
+        assert answer[0]["pid"] == pid and answer[0]["sum"] == sum(b"after")
+        assert took < 4 * 3, f"requests flowed again only after {took:.1f} s"
+        assert g.leader() is standby
+        assert wait_for(lambda: 112 in events and 113 in events, timeout=5)  # the keepalive codes told the application
+        group = c.get_board_telemetry()["group"]
+        assert group["leader"]["host"] == standby.host and group["transitions"] == 2
+        assert len(registry_in(etcd, name)["boards"]["local"]["instances"]) == 1  # not deployed twice
+        assert "adopted" in standby.log()
+        c.unload_inference(name)
+        assert registry_in(etcd, name) == {}
 
 
 def _try(fn):
@@ -116,23 +120,21 @@ def test_a_standby_never_routes_while_the_leader_lives(tmp_path, etcd, name):
 
 
 def test_a_paused_leader_that_lost_its_lease_changes_nothing_and_steps_down(tmp_path, etcd, name):
-    with running_group(tmp_path, etcd) as g:
+    with serving(tmp_path, etcd, name) as (g, c):
         old, new = g.members
-        with AICluster(g.host_ip, g.port) as c:
-            c.load_inference(echo_config(name), "local")
-            pid = pid_of(c, name)
-            old.pause()  # SIGSTOP: its sockets stay bound, its lease runs out
-            wait_for(new.leads, timeout=20)
-            wait_for(lambda: _try(lambda: c.infer(name, b"x")), timeout=20)
-            c.load_inference(echo_config(name + "b"), "local")  # a change through the new leader
-            old.resume()
-            wait_for(lambda: "no longer leads" in old.log() and "standing by" in old.log().rsplit("leading the group", 1)[-1],
-                     timeout=20)
-            for _ in range(20):  # the resumed manager serves nothing: every answer comes through the new one
-                assert pid_of(c, name) == pid
-            assert g.leader() is new
-            assert set(registry_in(etcd, name + "b")["boards"]) == {"local"}  # what the new leader wrote stands
-            c.unload_inference("")
+        pid = pid_of(c, name)
+        old.pause()  # SIGSTOP: its sockets stay bound, its lease runs out
+        wait_for(new.leads, timeout=20)
+        wait_for(lambda: _try(lambda: c.infer(name, b"x")), timeout=20)
+        c.load_inference(echo_config(name + "b"), "local")  # a change through the new leader
+        old.resume()
+        wait_for(lambda: "no longer leads" in old.log() and "standing by" in old.log().rsplit("leading the group", 1)[-1],
+                 timeout=20)
+        for _ in range(20):  # the resumed manager serves nothing: every answer comes through the new one
+            assert pid_of(c, name) == pid
+        assert g.leader() is new
+        assert set(registry_in(etcd, name + "b")["boards"]) == {"local"}  # what the new leader wrote stands
+        c.unload_inference("")
 
 
 def test_a_deposed_leaders_writes_are_fenced(tmp_path, etcd):
@@ -169,39 +171,35 @@ def test_a_deposed_leaders_writes_are_fenced(tmp_path, etcd):
 
 
 def test_one_etcd_member_killed_changes_nothing(tmp_path, etcd3, name):
-    with running_group(tmp_path, etcd3) as g:
-        with AICluster(g.host_ip, g.port) as c:
-            c.load_inference(echo_config(name), "local")
-            leader = g.leader()
-            etcd3.kill(etcd3.names[0])  # the member the managers talk to first
-            deadline = time.monotonic() + 3 * 3  # three lease lengths of requests and a change
-            while time.monotonic() < deadline:
-                c.infer(name, b"x")
-            c.load_inference(echo_config(name + "b"), "local")
-            assert g.leader() is leader and "lost the lead" not in leader.log()
-            c.unload_inference("")
+    with serving(tmp_path, etcd3, name) as (g, c):
+        leader = g.leader()
+        etcd3.kill(etcd3.names[0])  # the member the managers talk to first
+        deadline = time.monotonic() + 3 * 3  # three lease lengths of requests and a change
+        while time.monotonic() < deadline:
+            c.infer(name, b"x")
+        c.load_inference(echo_config(name + "b"), "local")
+        assert g.leader() is leader and "lost the lead" not in leader.log()
+        c.unload_inference("")
 
 
 def test_without_etcd_quorum_requests_are_served_and_changes_refused_until_it_returns(tmp_path, etcd3, name):
-    with running_group(tmp_path, etcd3) as g:
-        with AICluster(g.host_ip, g.port) as c:
-            c.load_inference(echo_config(name), "local")
-            leader = g.leader()
-            for n in etcd3.names[1:]:
-                etcd3.kill(n)
-            wait_for(lambda: c.get_board_telemetry()["group"]["changes"] != "accepted", timeout=30)
-            assert c.infer(name, b"still")[0]["sum"] == sum(b"still")  # requests: served
-            time.sleep(2 * 3)  # past its lease: it still leads, nobody could be elected
-            assert c.infer(name, b"still")[0]["sum"] == sum(b"still")
-            with pytest.raises(InfinibrainException) as err:
-                c.load_inference(echo_config(name + "b"), "local")
-            assert err.value.code == 309 and "cannot take changes" in err.value.detail
-            etcd3.start(*etcd3.names[1:])
-            wait_for(lambda: c.get_board_telemetry()["group"]["changes"] == "accepted", timeout=30)
-            c.load_inference(echo_config(name + "b"), "local")  # accepted again
-            assert c.infer(name + "b", b"y")[0]["sum"] == sum(b"y")
-            assert g.leader() is leader
-            c.unload_inference("")
+    with serving(tmp_path, etcd3, name) as (g, c):
+        leader = g.leader()
+        for n in etcd3.names[1:]:
+            etcd3.kill(n)
+        wait_for(lambda: c.get_board_telemetry()["group"]["changes"] != "accepted", timeout=30)
+        assert c.infer(name, b"still")[0]["sum"] == sum(b"still")  # requests: served
+        time.sleep(2 * 3)  # past its lease: it still leads, nobody could be elected
+        assert c.infer(name, b"still")[0]["sum"] == sum(b"still")
+        with pytest.raises(InfinibrainException) as err:
+            c.load_inference(echo_config(name + "b"), "local")
+        assert err.value.code == 309 and "cannot take changes" in err.value.detail
+        etcd3.start(*etcd3.names[1:])
+        wait_for(lambda: c.get_board_telemetry()["group"]["changes"] == "accepted", timeout=30)
+        c.load_inference(echo_config(name + "b"), "local")  # accepted again
+        assert c.infer(name + "b", b"y")[0]["sum"] == sum(b"y")
+        assert g.leader() is leader
+        c.unload_inference("")
 
 
 def test_status_the_page_and_metrics_show_the_group(tmp_path, etcd):

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.skipif(ETCD is None or shutil.which("openssl") is None,
 
 def test_a_group_on_etcd_with_tls_and_client_certificates(tmp_path, name):
     (tmp_path / "certs").mkdir()
-    (tmp_path / "etcd").mkdir()
     tls = certificates(tmp_path / "certs")
     etcd = EtcdCluster(tmp_path / "etcd", tls=tls).start()
     g = Group(tmp_path / "group", etcd, 2, etcd_ca_file=str(tls["ca"]), etcd_cert_file=str(tls["cert"]),
@@ -36,7 +35,6 @@ def test_a_group_on_etcd_with_tls_and_client_certificates(tmp_path, name):
 
 
 def test_a_group_on_etcd_with_authentication(tmp_path, name):
-    (tmp_path / "etcd").mkdir()
     etcd = EtcdCluster(tmp_path / "etcd").start()
     assert etcd.etcdctl("user", "add", "root", "--new-user-password=s3cret").returncode == 0
     assert etcd.etcdctl("auth", "enable").returncode == 0
