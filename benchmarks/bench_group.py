@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import ManagerProcess, echo_config, wait_for  # noqa: E402
 from bench_tracing import median_us, small_request  # noqa: E402
 from group_kit import ETCD, EtcdCluster, Group  # noqa: E402
-from table import Row, print_table  # noqa: E402
+from table import Row, print_table, rounds_of  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig  # noqa: E402
 from infinibrain.errors import InfinibrainException  # noqa: E402
@@ -116,10 +116,8 @@ def request_path(args: argparse.Namespace) -> list[Row]:
                                      "local")
                     for _ in range(200):
                         c.infer("loop", b"x" * 64)
-                figures: dict[str, list[float]] = {k: [] for k in clients}
-                for r in range(args.rounds_path):
-                    for key in (list(clients) if r % 2 == 0 else list(clients)[::-1]):
-                        figures[key].append(median_us(small_request(clients[key]), args.requests, args.seconds))
+                figures = rounds_of(args.rounds_path, {k: (lambda c=c: median_us(small_request(c), args.requests, args.seconds))
+                                                       for k, c in clients.items()}, rotate=True)
                 for c in clients.values():
                     c.unload_inference("")
         finally:

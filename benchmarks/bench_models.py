@@ -39,7 +39,7 @@ from ppocr import fetch, text_image  # noqa: E402
 import run as ocr  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig  # noqa: E402
-from infinibrain.containers.model import Hooks  # noqa: E402
+from infinibrain.containers.model import Hooks, Model  # noqa: E402
 from infinibrain.containers.runner import default_threads  # noqa: E402
 
 TIME_LIMIT = 60.0  # seconds for any one measured loop
@@ -72,19 +72,11 @@ def det_config(name: str, models: Path, **kw: Any) -> ContainerConfig:
                            inference_modules=InferenceModulesConfig(sub_inference_name="det", model="det.onnx"), **kw)
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def per_request(c: AICluster, models: Path, count: int) -> None:
     x = np.random.default_rng(26).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     c.load_inference(det_config("bench-det", models), "local")
     threads = default_threads({"INFINIBRAIN_MODEL_PEERS": "1"}, 1)  # the runner's default, one model container here
-    local = session(models / "det.onnx", threads)
+    local = Model(str(models / "det.onnx"), threads=threads).session  # the runner's session, in this process
     for _ in range(5):
         c.infer_image("bench-det", x), local.run(None, {"x": x})
     served = median_ms(lambda: c.infer_image("bench-det", x), count)
@@ -133,8 +125,7 @@ def pipeline(c: AICluster, models: Path, count: int) -> None:
     hooks = {n: Hooks(str(ROOT / "examples" / "ocr" / f"{n}_hooks.py")) for n in ("det", "rec")}
     # The runner's default: this machine's cores shared by the two model containers.
     threads = default_threads({"INFINIBRAIN_MODEL_PEERS": "2"}, 1)
-    sessions = {n: session(models / f"{n}.onnx", threads) for n in ("det", "rec")}
-    hooks["rec"].setup(sessions["rec"])  # type: ignore[misc]
+    sessions = {n: Model(str(models / f"{n}.onnx"), threads=threads, hooks=hooks[n]).session for n in ("det", "rec")}
 
     def stage(n: str, data: np.ndarray) -> Any:
         param: dict = {}

@@ -63,7 +63,7 @@ from bench_infer import Baseline, Finish, latency, throughput_baseline, windowed
 from conftest import ManagerProcess, free_base_port  # noqa: E402
 from bench_group import group_section  # noqa: E402
 from bench_tracing import tracing_section  # noqa: E402
-from table import Row, print_table  # noqa: E402
+from table import Row, median_rounds, print_table  # noqa: E402
 
 from infinibrain import AICluster, ContainerConfig, InferenceModulesConfig, allocator, shm  # noqa: E402
 
@@ -288,15 +288,6 @@ def model_config(name: str, script: str, **kw: Any) -> ContainerConfig:
                                     inference_modules=InferenceModulesConfig(sub_inference_name=name, script=script))
     settings.update(kw)
     return ContainerConfig(**settings)
-
-
-def median_rounds(rounds: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Each measure ``rounds`` times, alternating; the median of each."""
-    figures: dict[str, list[float]] = {k: [] for k in measures}
-    for _ in range(rounds):
-        for key, measure in measures.items():
-            figures[key].append(measure())
-    return {k: statistics.median(v) for k, v in figures.items()}
 
 
 # ---- 1. against the raw broker -----------------------------------------------------------------

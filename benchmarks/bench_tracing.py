@@ -28,7 +28,7 @@ import zmq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import ManagerProcess  # noqa: E402
-from table import Row, print_table  # noqa: E402
+from table import Row, print_table, rounds_of  # noqa: E402
 
 from infinibrain import ContainerConfig, _client  # noqa: E402
 from infinibrain.tracing import current_traceparent  # noqa: E402
@@ -120,11 +120,8 @@ def tracing_section(args: argparse.Namespace) -> list[Row]:
                 cases = {"today": small_request(today), "off": small_request(traced), "today, 1% spans": sampled(0.01, today, False),
                          "1%": sampled(0.01, traced), "today, 100% spans": sampled(1.0, today, False),
                          "100%": sampled(1.0, traced)}
-                figures: dict[str, list[float]] = {k: [] for k in cases}
-                order = list(cases)
-                for r in range(args.rounds):
-                    for key in order[r % len(order):] + order[:r % len(order)]:
-                        figures[key].append(median_us(cases[key], args.requests, args.seconds))
+                figures = rounds_of(args.rounds, {k: (lambda one=one: median_us(one, args.requests, args.seconds))
+                                                  for k, one in cases.items()}, rotate=True)
                 spans_before = len(receiver.spans)
                 for c in (today, traced):
                     c.unload_inference("")

@@ -11,6 +11,8 @@ Pure: any thread (OpenTelemetry's context is the calling thread's).
 """
 from __future__ import annotations
 
+from typing import Any
+
 try:
     from opentelemetry.trace import get_current_span as _current_span
 except ImportError:  # the extra is not installed: no trace context, ever
@@ -22,6 +24,9 @@ def current_traceparent() -> str | None:
     if _current_span is None:
         return None
     context = _current_span().get_span_context()
-    if not context.is_valid:
-        return None
+    return traceparent_of(context) if context.is_valid else None
+
+
+def traceparent_of(context: Any) -> str:
+    """A span context (OpenTelemetry's SpanContext) as a W3C ``traceparent``."""
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags & 0xff:02x}"

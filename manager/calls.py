@@ -74,9 +74,8 @@ class Calls:
         caller = self.callers.get(cid)
         if caller is None:
             caller = self.callers[cid] = Client(cid, 0, now, role="infer")
-        caller.last_seen = now
         header = dict(h, rid=rid, lean=False, ts=[["container_call", P.now()]])
         # It must end while its parent may still be answered (the parent's container's deadline).
-        origin = Origin(parent.priority, min(parent.deadline, parent.answer_deadline), chain) if parent is not None \
+        origin = Origin(parent.priority, parent.answer_deadline, chain) if parent is not None \
             else Origin(0, math.inf, chain)
         self.dispatcher.accept(caller, P.Message(msg.topic, header, msg.payload), origin, reply)

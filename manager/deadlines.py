@@ -50,7 +50,7 @@ class Deadlines:
                         self._ack(req)
 
     def _ack(self, req: Request) -> None:
-        if not req.acked and req.client and not req.chain:  # a container's call waits by its own deadline
+        if not req.acked and req.client:
             req.acked = True
             left = req.deadline - req.accepted
             self.wire.to_client(req.client, P.ACK, {"rid": req.rid, "timeout": left if left != float("inf") else None})

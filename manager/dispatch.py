@@ -58,7 +58,9 @@ class Dispatcher:
         self.aging = config.priority_aging_ms / 1000
         self.retried = 0  # requests sent again because their container went away
         self.callers: dict[str, Client] = {}  # containers that make calls, as clients (calls.py)
-        # (inference, board) -> seconds its containers spent on answered requests, and how many (energy.py)
+        # (inference, board) -> seconds its containers spent on answered requests, and how many, since
+        # energy.py last took them (kept only while board telemetry, which energy needs, is on)
+        self.counts_busy = config.telemetry_interval_ms > 0
         self.busy: collections.defaultdict[tuple[str, str], float] = collections.defaultdict(float)
         self.served: collections.Counter[tuple[str, str]] = collections.Counter()
         self.batches = [0, 0]  # messages of two or more requests sent, and the requests in them
@@ -215,6 +217,7 @@ class Dispatcher:
             priority=priority,
             nbytes=nbytes,
             chain=origin.chain if origin is not None else (),
+            acked=origin is not None,  # a container's call waits by its own deadline: never acknowledged
         )
         client.outstanding += 1
         client.outstanding_bytes += nbytes
@@ -344,9 +347,10 @@ class Dispatcher:
             return self.health.answered(c, mkey)
         if frame is not None:
             c.rx_bytes += len(frame)
-        where = (c.inference, c.board)
-        self.busy[where] += self.clock() - req.sent
-        self.served[where] += 1
+        if self.counts_busy:
+            where = (c.inference, c.board)
+            self.busy[where] += self.clock() - req.sent
+            self.served[where] += 1
         code = 0 if taken else int(h.get("code") or 0)
         if not req.client:
             self._warmed(c, req, code, h.get("detail") or h.get("msg") or "")

@@ -28,18 +28,17 @@ class Energy:
         self.clock = clock
         self.joules: collections.defaultdict[tuple[str, str], float] = collections.defaultdict(float)  # (inference, board) -> J
         self.counted: collections.Counter[tuple[str, str]] = collections.Counter()  # requests those joules paid for
-        self._busy: dict[tuple[str, str], float] = {}  # busy seconds at the last tick
-        self._served: collections.Counter[tuple[str, str]] = collections.Counter()
         self._last = clock()
         if interval > 0:
             loop.every(self._tick, interval)
 
     def _tick(self, now: float) -> None:
         window, self._last = now - self._last, now
-        busy, served = self.dispatcher.busy, self.dispatcher.served
+        d = self.dispatcher  # what it counted since the last tick, taken: the counters start again
+        busy, served = d.busy, d.served
+        d.busy, d.served = collections.defaultdict(float), collections.Counter()
         by_board: dict[str, dict[tuple[str, str], float]] = collections.defaultdict(dict)
-        for where, seconds in busy.items():
-            delta = seconds - self._busy.get(where, 0.0)
+        for where, delta in busy.items():
             if delta > 0:
                 by_board[where[1]][where] = delta
         for board, deltas in by_board.items():
@@ -50,8 +49,7 @@ class Energy:
             scale = min(1.0, window / total)  # overlapping requests share the board's power
             for where, delta in deltas.items():
                 self.joules[where] += watts * delta * scale
-                self.counted[where] += served[where] - self._served[where]
-        self._busy, self._served = dict(busy), collections.Counter(served)
+                self.counted[where] += served[where]
 
     def per_request(self) -> dict[tuple[str, str], float]:
         """Joules per answered request, by (inference, board), where the board told its power."""

@@ -156,9 +156,7 @@ class Instance:
         ``model_tag`` and ``script_tag`` when its settings give them (what was deployed,
         not what the container says)."""
         out = {"board": self.board, "container": self.suffix, "instance": self.id}
-        tags = self.spec.config.module_tags.get(sub) if sub is not None else None
-        if tags:
-            out.update(tags)
+        out.update(self.spec.config.module_tags.get(sub) or {})
         return out
 
     @property

@@ -26,6 +26,8 @@ import os
 import time
 from typing import Any
 
+from infinibrain.tracing import traceparent_of
+
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +67,10 @@ class _Trace:
     """A traced request's spans: made as it goes when its trace is sampled; otherwise only
     its times, and the spans made at its end if it is kept (failed or slow)."""
 
-    __slots__ = ("traceparent", "trace_id", "sampled", "queue", "dispatch", "accepted_ns", "sent_ns", "handed")
+    __slots__ = ("trace_id", "parent_id", "sampled", "queue", "dispatch", "accepted_ns", "sent_ns", "handed")
 
-    def __init__(self, traceparent: str, trace_id: str, sampled: bool, accepted_ns: int) -> None:
-        self.traceparent, self.trace_id, self.sampled, self.accepted_ns = traceparent, trace_id, sampled, accepted_ns
+    def __init__(self, trace_id: str, parent_id: str, sampled: bool, accepted_ns: int) -> None:
+        self.trace_id, self.parent_id, self.sampled, self.accepted_ns = trace_id, parent_id, sampled, accepted_ns
         self.queue: Any = None
         self.dispatch: Any = None
         self.sent_ns = 0
@@ -84,19 +86,19 @@ class Tracing(NullTracing):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.slow_ns = slow_ms * 1_000_000
-        self._propagator = TraceContextTextMapPropagator()
         # The sampling decision is ours (sampled, failed or slow): every span made is recorded.
         self.provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=ALWAYS_ON)
         self._batch = BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5), schedule_delay_millis=500)
         self.provider.add_span_processor(self._batch)
         self.tracer = self.provider.get_tracer("infinibrain.manager")
         from opentelemetry import trace
-        from opentelemetry.trace import Status, StatusCode
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
         self._in = trace.set_span_in_context  # imported once, not per request
+        self._remote = lambda t: NonRecordingSpan(SpanContext(int(t.trace_id, 16), int(t.parent_id, 16), is_remote=True,
+                                                              trace_flags=TraceFlags(1 if t.sampled else 0)))
         self._error = lambda code: Status(StatusCode.ERROR, f"code {code}")
         log.info("traces of traced requests go to %s (kept: sampled, failed, or slower than %d ms)", endpoint, slow_ms)
 
@@ -106,7 +108,7 @@ class Tracing(NullTracing):
         parsed = parse_traceparent(traceparent)
         if parsed is None:
             return
-        req.trace = t = _Trace(traceparent, parsed[0], parsed[2], time.time_ns())
+        req.trace = t = _Trace(*parsed, time.time_ns())
         if t.sampled:
             try:
                 self._queue_span(t, req.inference)
@@ -125,9 +127,7 @@ class Tracing(NullTracing):
             if t.sampled:
                 try:
                     self._dispatch_span(t)
-                    carrier: dict[str, str] = {}
-                    self._propagator.inject(carrier, context=self._in(t.dispatch))
-                    t.handed = carrier.get("traceparent", "")
+                    t.handed = traceparent_of(t.dispatch.get_span_context())
                 except Exception:
                     log.debug("tracing: a request left untraced", exc_info=True)
                     req.trace = None
@@ -151,7 +151,7 @@ class Tracing(NullTracing):
             log.debug("tracing: a request's spans were lost", exc_info=True)
 
     def _queue_span(self, t: _Trace, inference: str) -> None:
-        parent = self._propagator.extract({"traceparent": t.traceparent})
+        parent = self._in(self._remote(t))  # the application's span, from the traceparent parsed at acceptance
         t.queue = self.tracer.start_span("infinibrain.queue", context=parent, start_time=t.accepted_ns,
                                          attributes={"infinibrain.inference": inference})
 

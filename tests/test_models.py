@@ -159,8 +159,9 @@ def test_a_model_file_serves_with_no_script_on_a_docker_board(docker_kit, docker
 
 def ppocr() -> Path:
     from conftest import ROOT
+    from infinibrain.imagebuild import cache_dir
 
-    folder = __import__("infinibrain.imagebuild", fromlist=["cache_dir"]).cache_dir() / "ppocr"
+    folder = cache_dir() / "ppocr"
     if not (folder / "det.onnx").exists():
         pytest.skip(f"PP-OCR's models are not in {folder}; `make test` fetches them (python {ROOT}/examples/ocr/ppocr.py)")
     return folder

@@ -45,8 +45,6 @@ def call_outcome(inference_name: str, header: dict, frame: Any) -> tuple[Any, In
     except P.ProtocolError as exc:
         raise error_from_code(999, "unknown error", f"the answer of {inference_name!r} could not be decoded: {exc}") from None
     given = header.get("resp")
-    resp: dict = given if isinstance(given, dict) else {}
-    stamps: list = resp["time_stamp"] if isinstance(resp.get("time_stamp"), list) else []
-    return result, InferenceResponse(request_no=str(header.get("rid") or ""), inference_name=inference_name,
-                                     metadata_sys=resp.get("metadata_sys") or {},
-                                     sub_inference_name=resp.get("sub_inference_name") or "", time_stamp=stamps)
+    response = InferenceResponse.from_dict(given if isinstance(given, dict) else None)
+    response.request_no, response.inference_name = str(header.get("rid") or ""), inference_name
+    return result, response

@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import Any
 
-from .connector import Connector
+from .connector import Connector, _batch_default
 from .model import CPU, Hooks, Model, ModelLoadError, provider_name
 
 log = logging.getLogger("infinibrain.runner")
@@ -74,7 +74,7 @@ def batching(model: Model, spec: dict, env: dict[str, str]) -> tuple[bool, str]:
     (on the CPU a batch of large inputs measured slower per request: benchmarks/bench_models.py)."""
     if not model.batchable:
         return False, "its first dimension is fixed"
-    size = int(env.get("INFINIBRAIN_MAX_BATCH_SIZE") or 1)
+    size = _batch_default(env.get("INFINIBRAIN_MAX_BATCH_SIZE"))
     if size < 2:
         return False, "max_batch_size is 1"
     if env.get("INFINIBRAIN_MODEL_BATCH") == "fixed":
