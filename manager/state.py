@@ -156,7 +156,7 @@ class Instance:
         ``model_tag`` and ``script_tag`` when its settings give them (what was deployed,
         not what the container says)."""
         out = {"board": self.board, "container": self.suffix, "instance": self.id}
-        out.update(self.spec.config.module_tags.get(sub) or {})
+        out.update(self.spec.config.module_tags.get(sub or "") or {})
         return out
 
     @property
